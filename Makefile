@@ -1,0 +1,25 @@
+# Two commands: `make distill` (install, then run the embedded default job) and `make test`.
+VENV   ?= .venv
+PYTHON ?= python3
+STAMP  := $(VENV)/.installed
+
+.PHONY: distill test install clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# torch first and exactly: on CPU-only machines this picks the local CPU wheel when one is
+	# configured for pip; elsewhere it is the registry's build.
+	$(VENV)/bin/python -m pip install -q torch==2.13.0
+	$(VENV)/bin/python -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(STAMP)
+
+distill: $(STAMP)
+	$(VENV)/bin/distill $(ARGS)
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) outputs

@@ -1,0 +1,125 @@
+"""Compose the config the way Hydra users expect (`group=option`, `a.b=value`), with one-line errors.
+
+Hydra does the composition; this module only finds the config folder, validates the result against
+the typed schema and turns Hydra's multi-line exceptions into one line that names the bad key and
+the closest valid one.
+"""
+
+import difflib
+from pathlib import Path
+from typing import Iterable, List, Optional
+
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import (
+    ConfigAttributeError,
+    ConfigKeyError,
+    MissingMandatoryValue,
+    OmegaConfBaseException,
+    ValidationError,
+)
+
+from distillation.config.schema import Config
+from distillation.errors import DistillError
+
+CHOICES = {
+    "teacher.kind": ("hf", "vllm", "cached"),
+    "teacher.dtype": ("float32", "bfloat16", "float16"),
+    "student.subln": ("paper", "allnorm", "none"),
+}
+POSITIVE = ("teacher.top_k", "teacher.max_tokens_per_batch", "data.seq_len", "training.max_steps",
+            "training.batch_size", "training.grad_accum", "training.num_workers", "distillation.split_heads")
+
+ConfigStore.instance().store(name="schema", node=Config)
+
+
+def config_dir() -> Path:
+    """The packaged copy in a wheel, else the repository's `configs/`."""
+    here = Path(__file__).resolve().parent.parent
+    for candidate in (here / "_configs", here.parent.parent / "configs"):
+        if (candidate / "config.yaml").is_file():
+            return candidate
+    raise DistillError(f"no config folder found (looked for {here / '_configs'} and {here.parent.parent / 'configs'})")
+
+
+def _closest(full_key: str, cfg: DictConfig) -> str:
+    parent, _, leaf = full_key.rpartition(".")
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    valid = list(node.keys()) if isinstance(node, DictConfig) else []
+    match = difflib.get_close_matches(leaf, [str(k) for k in valid], n=1)
+    if match:
+        return f"; did you mean '{parent + '.' if parent else ''}{match[0]}'?"
+    return f"; valid keys under '{parent or '<root>'}': {', '.join(map(str, valid))}"
+
+
+def _groups() -> List[str]:
+    return sorted(p.name for p in config_dir().iterdir() if p.is_dir())
+
+
+def _explain(exc: Exception, overrides: Iterable[str]) -> str:
+    cause = exc
+    while not isinstance(cause, OmegaConfBaseException) and (cause.__cause__ or cause.__context__):
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and getattr(cause, "full_key", None):
+        base = OmegaConf.structured(Config)
+        return f"unknown config key '{cause.full_key}'{_closest(cause.full_key, base)}"
+    if isinstance(cause, ValidationError) and getattr(cause, "full_key", None):
+        first = str(cause).splitlines()[0]
+        return f"bad value for '{cause.full_key}': {first}"
+    text = str(exc)
+    if isinstance(exc, MissingConfigException) or "Could not find" in text:
+        for item in overrides:
+            group, _, option = item.partition("=")
+            if group in _groups():
+                options = sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))
+                if option not in options:
+                    return f"unknown option '{option}' for config group '{group}'; choose from {', '.join(options)}"
+    return " ".join(text.split())
+
+
+def _check(cfg: DictConfig) -> None:
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise DistillError(f"bad value for '{key}': {value!r}; expected one of {', '.join(allowed)}")
+    for key in POSITIVE:
+        value = OmegaConf.select(cfg, key)
+        if value is None or value <= 0:
+            raise DistillError(f"bad value for '{key}': {value!r}; expected a positive integer")
+    if cfg.teacher.kind == "cached" and not cfg.teacher.cache_dir:
+        raise DistillError("missing required config value 'teacher.cache_dir' (needed by teacher=cached)")
+    if not cfg.data.sources:
+        raise DistillError("data.sources is empty; expected at least one text source")
+
+
+def load_config(overrides: Optional[List[str]] = None) -> DictConfig:
+    """Compose `configs/config.yaml` with Hydra-style overrides and validate it against the schema."""
+    overrides = list(overrides or [])
+    for item in overrides:
+        if "=" not in item:
+            raise DistillError(f"bad override '{item}'; expected key=value or group=option")
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=overrides)
+    except (ConfigCompositionException, MissingConfigException, OmegaConfBaseException, ValueError) as exc:
+        raise DistillError(_explain(exc, overrides)) from None
+    finally:
+        GlobalHydra.instance().clear()
+    try:
+        OmegaConf.resolve(cfg)
+        OmegaConf.to_object(cfg)  # raises on a missing required value
+    except MissingMandatoryValue as exc:
+        raise DistillError(f"missing required config value '{exc.full_key}'") from None
+    except OmegaConfBaseException as exc:
+        raise DistillError(_explain(exc, overrides)) from None
+    _check(cfg)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)

@@ -1,0 +1,105 @@
+"""Typed configuration schema. YAML under `configs/` fills it; unknown keys and wrong types fail."""
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from omegaconf import MISSING
+
+
+@dataclass
+class TeacherConfig:
+    kind: str = "hf"  # hf (transformers on Ray Serve) | vllm | cached
+    model: str = MISSING  # a built-in name (see distillation.assets) or a local model directory
+    dtype: str = "bfloat16"  # compute dtype of the teacher forward; outputs are fp16/fp32 regardless
+    top_k: int = 32  # sparse targets: top-k log-probabilities plus one tail bucket
+    max_tokens_per_batch: int = 4096  # per forward pass; larger requests are split, never refused
+    max_batch_size: int = 8  # Serve-side batching of concurrent requests (@serve.batch)
+    batch_wait_timeout_s: float = 0.02
+    num_cpus: float = 1.0  # Ray resources per replica
+    num_gpus: float = 0.0
+    num_threads: int = 1  # torch intra-op threads per replica
+    min_replicas: int = 1
+    max_replicas: int = 1
+    target_ongoing_requests: float = 2.0
+    trust_remote_code: bool = False
+    cache_dir: Optional[str] = None  # cached teacher: where the precomputed shards live
+
+
+@dataclass
+class StudentConfig:
+    init_from: str = "${teacher.model}"  # the full-precision model converted in stage 1
+    checkpoint_path: Optional[str] = None  # start from a saved BitNet student instead
+    subln: str = "paper"  # paper (before o_proj and down_proj) | allnorm (before every BitLinear) | none
+    num_layers: Optional[int] = None  # keep only the first N decoder layers (a smaller student)
+    compile: bool = False  # torch.compile the BitNet quantizers (no gain measured on CPU; ~30 s start)
+
+
+@dataclass
+class DistillationConfig:
+    ce_weight: float = 1.0
+    logits_weight: float = 10.0  # lambda
+    attention_weight: float = 1.0e5  # gamma, calibrated to the normalisation in losses/attention.py
+    temperature: float = 5.0  # tau, applied once, by the teacher to its raw logits and here to the student's
+    temperature_squared: bool = True  # multiply L_LD by tau^2 (official code); the paper's equation omits it
+    teacher_layer: int = -6  # Q/K/V layer for attention distillation (negative counts from the end)
+    student_layer: int = -6
+    split_heads: int = 32  # relation heads each model's Q/K/V width is re-split into
+    attention_temperature: float = 1.0
+
+
+@dataclass
+class SourceConfig:
+    name: str = MISSING
+    kind: str = MISSING  # shakespeare | python_stdlib | python_docs | text (files under `path`)
+    path: Optional[str] = None
+    weight: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    sources: List[SourceConfig] = field(default_factory=list)
+    seq_len: int = 256
+    max_tokens_per_source: int = 400_000  # tokenization budget per source (the rest is never read)
+    heldout_fraction: float = 0.05  # share of each source's documents held out (chosen by name hash)
+    heldout_sequences: int = 4  # held-out sequences per source used for the summary's loss
+    teacher_batch_size: int = 4  # sequences per teacher request
+    cache_dir: str = "~/.cache/wrinklefree-distillation"
+
+
+@dataclass
+class TrainingConfig:
+    max_steps: int = 30  # optimizer updates
+    batch_size: int = 4  # sequences per worker per micro-batch
+    grad_accum: int = 1
+    lr: float = 1.0e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 3
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    num_threads: int = 2  # torch intra-op threads per worker
+    checkpoint_every: int = 0  # 0: only at the end
+    keep_checkpoints: int = 2
+    seed: int = 0
+    log_every: int = 1
+
+
+@dataclass
+class RunConfig:
+    name: Optional[str] = None  # default: distill-<timestamp>
+    output_dir: str = "outputs"
+    ray_address: Optional[str] = None  # None: join RAY_ADDRESS if set, else start a local cluster
+    num_cpus: Optional[int] = None  # local cluster only
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    distillation: DistillationConfig = field(default_factory=DistillationConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    run: RunConfig = field(default_factory=RunConfig)

@@ -1,0 +1,7 @@
+"""The 1.58-bit BitNet student: conversion from a full-precision causal LM, strict save and load."""
+
+from distillation.student.bitnet import BITNET_CONFIG_KEY, convert_to_bitnet, is_bitnet_student, ternary_weights
+from distillation.student.checkpoint import load_student, save_student
+
+__all__ = ["BITNET_CONFIG_KEY", "convert_to_bitnet", "is_bitnet_student", "ternary_weights",
+           "load_student", "save_student"]

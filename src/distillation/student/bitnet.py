@@ -1,0 +1,73 @@
+"""Stage 1 of BitDistill (modeling refinement) on transformers' own BitNet layer.
+
+Every nn.Linear except `lm_head` becomes a transformers `AutoBitLinear` in online mode: absmean
+ternary weights and per-token absmax int8 activations with a straight-through estimator, on fp32
+master weights. SubLN is that layer's optional input RMSNorm, switched on per placement:
+  paper   -> only before `o_proj` and `down_proj` (the BitDistill paper)
+  allnorm -> before every BitLinear (the official code's variant)
+  none    -> no extra norm
+Keeping the original module names means the full-precision weights map 1:1 onto the student, and
+the settings travel in `config.json` under `bitnet`, so a checkpoint rebuilds itself exactly.
+"""
+
+from typing import Optional
+
+import torch
+from torch import nn
+from transformers.integrations.bitnet import AutoBitLinear, WeightQuant
+
+BITNET_CONFIG_KEY = "bitnet"
+SUBLN_MODULES = ("o_proj", "down_proj")
+NOT_CONVERTED = ("lm_head",)
+
+
+def _wants_norm(name: str, subln: str) -> bool:
+    return subln == "allnorm" or (subln == "paper" and name.rsplit(".", 1)[-1] in SUBLN_MODULES)
+
+
+def _bitlinear_from(linear: nn.Linear, use_norm: bool, eps: float) -> AutoBitLinear:
+    with torch.device("meta"):  # no throwaway random init; the original parameters are moved in
+        layer = AutoBitLinear(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                              online_quant=True, use_rms_norm=use_norm, rms_norm_eps=eps)
+    layer.weight = linear.weight
+    layer.bias = linear.bias
+    if use_norm:
+        layer.rms_norm.weight = nn.Parameter(
+            torch.ones(linear.in_features, dtype=linear.weight.dtype, device=linear.weight.device))
+    return layer
+
+
+def convert_to_bitnet(model: nn.Module, subln: str = "paper", num_layers: Optional[int] = None) -> nn.Module:
+    """Convert a transformers causal LM in place into a BitNet student and record the settings."""
+    if subln not in ("paper", "allnorm", "none"):
+        raise ValueError(f"subln must be paper, allnorm or none, not {subln!r}")
+    if num_layers is not None:
+        _truncate_layers(model, num_layers)
+    eps = getattr(model.config, "rms_norm_eps", 1e-6)
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.Linear and name.rsplit(".", 1)[-1] not in NOT_CONVERTED:
+            model.set_submodule(name, _bitlinear_from(module, _wants_norm(name, subln), eps))
+    setattr(model.config, BITNET_CONFIG_KEY, {"subln": subln, "weights": "online", "version": 1})
+    return model
+
+
+def _truncate_layers(model: nn.Module, num_layers: int) -> None:
+    layers = model.get_decoder().layers
+    if not 0 < num_layers <= len(layers):
+        raise ValueError(f"num_layers={num_layers} must be between 1 and the model's {len(layers)} layers")
+    model.get_decoder().layers = layers[:num_layers]
+    model.config.num_hidden_layers = num_layers
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = model.config.layer_types[:num_layers]
+
+
+def is_bitnet_student(model: nn.Module) -> bool:
+    return isinstance(getattr(model.config, BITNET_CONFIG_KEY, None), dict)
+
+
+@torch.no_grad()
+def ternary_weights(layer: AutoBitLinear) -> torch.Tensor:
+    """The weight the layer multiplies by, as {-1, 0, +1} (times one per-tensor scale)."""
+    quantized = WeightQuant.apply(layer.weight)
+    scale = layer.weight.abs().mean().clamp(min=1e-5)
+    return torch.round(quantized / scale)

@@ -1,0 +1,66 @@
+"""The transformers teacher: sparse top-k + tail targets and Q/K/V of one layer, in plain torch."""
+
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from distillation.errors import DistillError
+from distillation.models import capture_qkv, load_causal_lm
+from distillation.teachers.schema import TeacherOutput
+
+
+class HFTeacher:
+    """Scores token ids with a transformers causal LM.
+
+    Memory is bounded by `max_tokens_per_batch`: a request with more tokens is split into several
+    forward passes (and the answers joined), so a long batch can never exhaust the replica.
+    """
+
+    def __init__(self, model_dir: Path, top_k: int, temperature: float, qkv_layer: Optional[int] = None,
+                 dtype: str = "bfloat16", max_tokens_per_batch: int = 4096, trust_remote_code: bool = False,
+                 device: str = "cpu"):
+        self.model = load_causal_lm(Path(model_dir), dtype, trust_remote_code).to(device).eval()
+        self.vocab_size = self.model.config.vocab_size
+        if not 0 < top_k <= self.vocab_size:
+            raise DistillError(f"teacher.top_k={top_k} must be between 1 and the vocabulary size {self.vocab_size}")
+        self.top_k, self.temperature, self.qkv_layer = top_k, float(temperature), qkv_layer
+        self.max_tokens_per_batch, self.device = max_tokens_per_batch, device
+
+    def describe(self) -> dict:
+        return {"vocab_size": self.vocab_size, "top_k": self.top_k, "temperature": self.temperature,
+                "qkv_layer": self.qkv_layer, "num_layers": self.model.config.num_hidden_layers}
+
+    @torch.inference_mode()
+    def _score_rows(self, ids: torch.Tensor) -> TeacherOutput:
+        states = {}
+        if self.qkv_layer is None:
+            logits = self.model(input_ids=ids).logits
+        else:
+            with capture_qkv(self.model, self.qkv_layer) as states:
+                logits = self.model(input_ids=ids).logits
+        logprobs = F.log_softmax(logits.float() / self.temperature, dim=-1)
+        top = logprobs.topk(self.top_k, dim=-1)
+        # -expm1(logsumexp) is the tail mass without the cancellation of 1 - sum(p).
+        tail = (-torch.expm1(torch.logsumexp(top.values, dim=-1))).clamp(min=0.0)
+        qkv = {key: value.float().cpu().numpy() for key, value in states.items()}
+        return TeacherOutput(topk_ids=top.indices.cpu().numpy(), topk_logprobs=top.values.cpu().numpy(),
+                             tail_mass=tail.cpu().numpy(), temperature=np.full(ids.shape[0], self.temperature),
+                             **qkv)
+
+    def score(self, input_ids: np.ndarray) -> TeacherOutput:
+        input_ids = np.asarray(input_ids)
+        if input_ids.ndim != 2:
+            raise DistillError(f"teacher expects token ids of shape [batch, length], got {input_ids.shape}")
+        length = input_ids.shape[1]
+        if length > self.max_tokens_per_batch:
+            raise DistillError(f"sequence of {length} tokens exceeds teacher.max_tokens_per_batch="
+                               f"{self.max_tokens_per_batch}; raise the budget or shorten data.seq_len")
+        if input_ids.size and (input_ids.min() < 0 or input_ids.max() >= self.vocab_size):
+            raise DistillError(f"token ids must lie in [0, {self.vocab_size}), got [{input_ids.min()}, {input_ids.max()}]")
+        rows = max(1, self.max_tokens_per_batch // length)
+        ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device)
+        parts = [self._score_rows(ids[i:i + rows]) for i in range(0, ids.shape[0], rows)]
+        return TeacherOutput.concat(parts).validate(input_ids, self.vocab_size)

@@ -1,0 +1,1 @@
+"""Training: the Ray Train per-worker loop, the student builder, metrics and held-out evaluation."""

@@ -1,0 +1,23 @@
+"""Where the student's starting weights come from, identical in the driver and in every worker."""
+
+from omegaconf import DictConfig
+from torch import nn
+
+from distillation.models import load_causal_lm, resolve_model
+from distillation.student import convert_to_bitnet, load_student
+
+
+def set_compile(enabled: bool) -> None:
+    """transformers' BitNet quantizers are wrapped in torch.compile; on CPU that cost ~30 s at start
+    and gave no speed-up (measured, README), so eager is the default."""
+    import torch
+
+    torch.compiler.set_stance("default" if enabled else "force_eager")
+
+
+def build_student(cfg: DictConfig) -> nn.Module:
+    if cfg.student.checkpoint_path:
+        return load_student(cfg.student.checkpoint_path)
+    source = resolve_model(cfg.student.init_from, cfg.data.cache_dir)
+    model = load_causal_lm(source, "float32", cfg.teacher.trust_remote_code)
+    return convert_to_bitnet(model, cfg.student.subln, cfg.student.num_layers)
