@@ -17,6 +17,9 @@ from distillation.errors import DistillError
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".json", ".jsonl", ".csv")
 CHARS_PER_TOKEN_BOUND = 8  # read at most this many characters per budgeted token
+# Files are cut into pieces of at most this many characters (at line ends) before anything is held
+# out, so a source of a few long works (28 plays) still gets a held-out share near the fraction.
+PIECE_CHARS = 16_000
 
 
 @dataclass(frozen=True)
@@ -70,13 +73,24 @@ def _text_files(path: str) -> Iterator[tuple]:
             raise DistillError(f"cannot read text file '{file}': {exc}") from None
 
 
+def _pieces(doc_id: str, text: str) -> Iterator[tuple]:
+    start, part = 0, 0
+    while start < len(text):
+        end = len(text) if len(text) - start <= PIECE_CHARS else text.rfind("\n", start, start + PIECE_CHARS) + 1
+        if end <= start:  # one line longer than a piece
+            end = start + PIECE_CHARS
+        yield (doc_id if start == 0 and end == len(text) else f"{doc_id}#{part}"), text[start:end]
+        start, part = end, part + 1
+
+
 def load_documents(name: str, kind: str, path, cache_dir: str, max_tokens: int) -> List[Document]:
     """Documents of one source, hash-ordered, up to a character budget derived from `max_tokens`."""
     readers = {"shakespeare": lambda: _shakespeare(cache_dir), "python_stdlib": _python_stdlib,
                "python_docs": _python_docs, "text": lambda: _text_files(path or "")}
     if kind not in readers:
         raise DistillError(f"unknown source kind '{kind}' for source '{name}'; expected one of {', '.join(readers)}")
-    docs = sorted((Document(name, doc_id, text) for doc_id, text in readers[kind]() if text.strip()),
+    docs = sorted((Document(name, piece_id, piece) for doc_id, text in readers[kind]()
+                   for piece_id, piece in _pieces(doc_id, text) if piece.strip()),
                   key=lambda d: _hash(d.doc_id))
     if not docs:
         raise DistillError(f"source '{name}' ({kind}) has no non-empty documents")

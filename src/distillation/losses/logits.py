@@ -66,6 +66,8 @@ def sparse_kl(student_logits: torch.Tensor, targets: SparseTargets, labels: torc
 
     p_top = targets.logprobs.float().exp()
     tail = targets.tail_mass.float().clamp(min=0.0)
+    if ids.shape[-1] >= student_logits.shape[-1]:
+        tail = torch.zeros_like(tail)  # no id outside the top-k: a nonzero tail is rounding noise
     norm = p_top.sum(-1) + tail
     p_top = p_top / norm.unsqueeze(-1)
     p_tail = tail / norm

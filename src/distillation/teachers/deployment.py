@@ -55,6 +55,7 @@ def teacher_app(cfg: DictConfig, model_dir: str, qkv_layer):
     return TeacherDeployment.options(
         ray_actor_options={"num_cpus": t.num_cpus, "num_gpus": t.num_gpus},
         max_ongoing_requests=max(4, 2 * t.max_batch_size), **scaling,
+        logging_config={"log_level": "WARNING", "enable_access_log": False},  # one line per request otherwise
     ).bind(kwargs, t.num_threads, t.max_batch_size, t.batch_wait_timeout_s)
 
 

@@ -1,0 +1,44 @@
+"""Config composition: groups, overrides, and one-line errors naming what was wrong."""
+
+import pytest
+
+from distillation.config import load_config, to_yaml
+from distillation.errors import DistillError
+
+
+def test_default_composes_with_method_defaults():
+    cfg = load_config()
+    assert cfg.teacher.kind == "hf" and cfg.student.init_from == cfg.teacher.model
+    d = cfg.distillation
+    assert (d.logits_weight, d.attention_weight, d.temperature, d.temperature_squared) == (10.0, 1e5, 5.0, True)
+    assert [s.name for s in cfg.data.sources] == ["shakespeare", "python_code", "python_docs"]
+
+
+def test_groups_and_values_override_like_hydra():
+    cfg = load_config(["distillation=summarization", "training.max_steps=200", "teacher.top_k=64"])
+    assert (cfg.distillation.logits_weight, cfg.distillation.attention_weight) == (1.0, 1e3)
+    assert cfg.training.max_steps == 200 and cfg.teacher.top_k == 64
+    assert load_config(["distillation=logits_only"]).distillation.attention_weight == 0
+    assert "max_steps: 200" in to_yaml(cfg)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["training.max_step=5"], "unknown config key 'training.max_step'; did you mean 'training.max_steps'"),
+    (["distillation=bitdistil"], "unknown option 'bitdistil' for config group 'distillation'"),
+    (["training.max_steps=many"], "bad value for 'training.max_steps'"),
+    (["training.max_steps=0"], "expected a positive integer"),
+    (["teacher.kind=onnx"], "expected one of hf, vllm, cached"),
+    (["teacher=cached"], "missing required config value 'teacher.cache_dir'"),
+    (["max_steps"], "expected key=value"),
+])
+def test_bad_config_gives_one_line_error_naming_the_problem(overrides, message):
+    with pytest.raises(DistillError) as info:
+        load_config(overrides)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_config_is_read_only_after_validation():
+    cfg = load_config()
+    with pytest.raises(Exception):
+        cfg.training.max_steps = 3
