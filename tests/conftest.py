@@ -18,3 +18,12 @@ def tiny_llama():
 
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(tiny_llama_config())
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The real SmolLM2 model folder (registry download + dense copy, cached across runs)."""
+    from distillation.config import load_config
+    from distillation.models import resolve_model
+
+    return resolve_model("smollm2-135m-instruct", load_config().data.cache_dir)

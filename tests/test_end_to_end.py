@@ -12,17 +12,15 @@ import pytest
 import torch
 
 from distillation.config import load_config
-from distillation.models import resolve_model
 
 from conftest import tiny_llama_config
 
 pytestmark = pytest.mark.slow
 
 
-def _tiny_model_dir(root: Path, vocab_size: int, seed: int) -> Path:
+def _tiny_model_dir(root: Path, vocab_size: int, seed: int, smollm2: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    smollm2 = resolve_model("smollm2-135m-instruct", load_config().data.cache_dir)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_llama_config(vocab_size=vocab_size))
     out = root / f"tiny-{vocab_size}-{seed}"
@@ -32,8 +30,8 @@ def _tiny_model_dir(root: Path, vocab_size: int, seed: int) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiny_teacher(tmp_path_factory):
-    return _tiny_model_dir(tmp_path_factory.mktemp("models"), 49152, seed=1)
+def tiny_teacher(tmp_path_factory, smollm2_dir):
+    return _tiny_model_dir(tmp_path_factory.mktemp("models"), 49152, seed=1, smollm2=smollm2_dir)
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +95,9 @@ def _cli(*args, cwd):
     (lambda d, out: [f"teacher.model={d['teacher']}", f"student.init_from={d['small_vocab']}",
                      "student.num_layers=null"], "vocabularies differ"),
 ])
-def test_bad_input_exits_nonzero_with_one_line_and_writes_nothing(tiny_teacher, tmp_path, make_args, message):
-    dirs = {"teacher": tiny_teacher, "small_vocab": _tiny_model_dir(tmp_path, 128, seed=2)}
+def test_bad_input_exits_nonzero_with_one_line_and_writes_nothing(tiny_teacher, smollm2_dir, tmp_path, make_args,
+                                                                 message):
+    dirs = {"teacher": tiny_teacher, "small_vocab": _tiny_model_dir(tmp_path, 128, seed=2, smollm2=smollm2_dir)}
     out = tmp_path / "outputs"
     result = _cli(*make_args(dirs, out), f"run.output_dir={out}", cwd=tmp_path)
     assert result.returncode == 2

@@ -1,53 +1,60 @@
 """Every loss against an independent float64 reference on fresh random inputs: values and gradients."""
 
-import math
-
 import pytest
 import torch
 
-from distillation.losses import (IGNORE_INDEX, LossWeights, SparseTargets, attention_relation_loss, bitdistill_loss,
-                                 cross_entropy, dense_kl, sparse_kl)
+from distillation.losses import (IGNORE_INDEX, DenseTargets, LossWeights, SampledTargets, SparseTargets,
+                                 attention_relation_loss, bitdistill_loss, cross_entropy, logit_losses, logits_kl,
+                                 sampled_targets, sparse_targets)
+
+RTOL = 1e-5  # fp32 against float64, relative
 
 
-def _labels(batch, length, vocab, gen, ignore_last=True):
+def _labels(batch, length, vocab, gen):
     labels = torch.randint(0, vocab, (batch, length), generator=gen)
-    if ignore_last:
-        labels[:, -1] = IGNORE_INDEX
+    labels[:, -1] = IGNORE_INDEX
     labels[0, 1] = IGNORE_INDEX  # a masked position inside a row, too
     return labels
 
 
-def _ref_kl(t_logits, s_logits, labels, tau, squared):
+def _mask(labels):
+    return (labels != IGNORE_INDEX).double()
+
+
+def _ref_ce(s, labels):
+    lp = torch.log_softmax(s.double(), -1)
+    picked = lp.gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    return -(picked * _mask(labels)).sum() / _mask(labels).sum()
+
+
+def _ref_dense_kl(t, s, labels, tau, squared=True):
     """sum_v p log(p / q) in float64 with explicit softmax, masked mean over labelled positions."""
-    p = torch.softmax(t_logits.double() / tau, -1)
-    q = torch.softmax(s_logits.double() / tau, -1)
+    p = torch.softmax(t.double() / tau, -1)
+    q = torch.softmax(s.double() / tau, -1)
     per = (p * (p.log() - q.log())).sum(-1)
-    mask = (labels != IGNORE_INDEX).double()
-    return (tau**2 if squared else 1.0) * (per * mask).sum() / mask.sum()
+    return (tau**2 if squared else 1.0) * (per * _mask(labels)).sum() / _mask(labels).sum()
 
 
-def _sparse_from_dense(t_logits, k, tau):
-    lp = torch.log_softmax(t_logits.double() / tau, -1)
-    top = lp.topk(k, -1)
-    tail = 1.0 - top.values.exp().sum(-1)
-    return SparseTargets(ids=top.indices.int(), logprobs=top.values.float(), tail_mass=tail.float(), temperature=tau)
-
-
-def _ref_sparse_kl(t_logits, s_logits, ids, labels, tau, squared):
+def _ref_sparse_kl(t, s, ids, labels, tau):
     """KL over the top-k ids plus one bucket for everything else, from the full teacher distribution."""
-    p = torch.softmax(t_logits.double() / tau, -1)
-    q = torch.softmax(s_logits.double() / tau, -1)
+    p = torch.softmax(t.double() / tau, -1)
+    q = torch.softmax(s.double() / tau, -1)
     p_top, q_top = p.gather(-1, ids.long()), q.gather(-1, ids.long())
     p_tail, q_tail = 1 - p_top.sum(-1), 1 - q_top.sum(-1)
     per = (p_top * (p_top.log() - q_top.log())).sum(-1) + p_tail * (p_tail.log() - q_tail.log())
-    mask = (labels != IGNORE_INDEX).double()
-    return (tau**2 if squared else 1.0) * (per * mask).sum() / mask.sum()
+    return tau**2 * (per * _mask(labels)).sum() / _mask(labels).sum()
+
+
+def _ref_sampled_kl(t, s, targets, labels, tau):
+    p_log = torch.log_softmax(t.double() / tau, -1).gather(-1, targets.ids.long())
+    q_log = torch.log_softmax(s.double() / tau, -1).gather(-1, targets.ids.long())
+    per = (targets.weights.double() * (p_log - q_log)).sum(-1)
+    return tau**2 * (per * _mask(labels)).sum() / _mask(labels).sum()
 
 
 @pytest.fixture
 def gen():
-    g = torch.Generator().manual_seed(torch.seed() % 2**31)  # fresh inputs every run, seed in the repr
-    return g
+    return torch.Generator().manual_seed(torch.seed() % 2**31)  # fresh inputs every run
 
 
 def _grad(fn, x):
@@ -57,29 +64,35 @@ def _grad(fn, x):
     return value.detach(), g
 
 
+def _close(value, grad, ref_value, ref_grad):
+    """Value within RTOL relative; gradient within RTOL relative in norm (single entries near zero
+    carry fp32 cancellation error far below the gradient's scale)."""
+    torch.testing.assert_close(value.double(), ref_value, rtol=RTOL, atol=1e-7)
+    _grad_close(grad, ref_grad)
+
+
+def _grad_close(grad, ref_grad, tol=RTOL):
+    err = ((grad.double() - ref_grad).norm() / ref_grad.norm()).item()
+    assert err < tol, f"gradient relative error {err:.2e}"
+
+
 def test_cross_entropy_matches_float64_reference(gen):
-    logits = torch.randn(3, 7, 50, generator=gen) * 3
+    s = torch.randn(3, 7, 50, generator=gen) * 3
     labels = _labels(3, 7, 50, gen)
-
-    def ref(x):
-        lp = torch.log_softmax(x.double(), -1)
-        mask = labels != IGNORE_INDEX
-        return -lp[mask].gather(-1, labels[mask][:, None]).mean()
-
-    v, g = _grad(lambda x: cross_entropy(x, labels), logits)
-    rv, rg = _grad(ref, logits.double())
-    torch.testing.assert_close(v.double(), rv, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(g.double(), rg, rtol=1e-4, atol=1e-7)
+    _close(*_grad(lambda x: cross_entropy(x, labels), s), *_grad(lambda x: _ref_ce(x, labels), s.double()))
+    _close(*_grad(lambda x: logit_losses(x, labels, kl_weight=0.0, chunk_tokens=4)[0], s),
+           *_grad(lambda x: _ref_ce(x, labels), s.double()))
 
 
 @pytest.mark.parametrize("tau,squared", [(1.0, True), (5.0, True), (2.0, False)])
-def test_dense_kl_matches_float64_reference(gen, tau, squared):
+@pytest.mark.parametrize("chunk", [5, 1024])
+def test_dense_kl_matches_float64_reference(gen, tau, squared, chunk):
     t, s = torch.randn(2, 9, 40, generator=gen) * 4, torch.randn(2, 9, 40, generator=gen) * 4
     labels = _labels(2, 9, 40, gen)
-    v, g = _grad(lambda x: dense_kl(x, t, labels, tau, squared), s)
-    rv, rg = _grad(lambda x: _ref_kl(t, x, labels, tau, squared), s.double())
-    torch.testing.assert_close(v.double(), rv, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(g.double(), rg, rtol=1e-4, atol=1e-7)
+    ref = _grad(lambda x: _ref_dense_kl(t, x, labels, tau, squared), s.double())
+    _close(*_grad(lambda x: logits_kl(x, DenseTargets(t), labels, tau, squared), s), *ref)
+    _close(*_grad(lambda x: logit_losses(x, labels, DenseTargets(t), tau, squared, ce_weight=0.0,
+                                         chunk_tokens=chunk)[0], s), *ref)
 
 
 @pytest.mark.parametrize("k", [1, 5, 31])
@@ -87,45 +100,94 @@ def test_sparse_kl_matches_float64_topk_plus_tail_reference(gen, k):
     vocab, tau = 64, 5.0
     t, s = torch.randn(2, 6, vocab, generator=gen) * 6, torch.randn(2, 6, vocab, generator=gen) * 6
     labels = _labels(2, 6, vocab, gen)
-    targets = _sparse_from_dense(t, k, tau)
-    v, g = _grad(lambda x: sparse_kl(x, targets, labels, tau), s)
-    rv, rg = _grad(lambda x: _ref_sparse_kl(t, x, targets.ids, labels, tau, True), s.double())
-    torch.testing.assert_close(v.double(), rv, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(g.double(), rg, rtol=1e-3, atol=1e-7)
+    targets = sparse_targets(t.double(), k, tau)
+    ref = _grad(lambda x: _ref_sparse_kl(t, x, targets.ids, labels, tau), s.double())
+    _close(*_grad(lambda x: logits_kl(x, targets, labels, tau), s), *ref)
+    _close(*_grad(lambda x: logit_losses(x, labels, targets, tau, ce_weight=0.0, chunk_tokens=4)[0], s), *ref)
 
 
 def test_sparse_kl_with_full_vocabulary_equals_dense_kl(gen):
     vocab, tau = 32, 2.0
     t, s = torch.randn(2, 5, vocab, generator=gen) * 3, torch.randn(2, 5, vocab, generator=gen) * 3
     labels = _labels(2, 5, vocab, gen)
-    targets = _sparse_from_dense(t, vocab, tau)
-    v, g = _grad(lambda x: sparse_kl(x, targets, labels, tau), s)
-    rv, rg = _grad(lambda x: _ref_kl(t, x, labels, tau, True), s.double())
-    torch.testing.assert_close(v.double(), rv, rtol=1e-5, atol=1e-6)
-    assert torch.isfinite(g).all()
-    torch.testing.assert_close(g.double(), rg, rtol=1e-4, atol=1e-7)
+    value, grad = _grad(lambda x: logit_losses(x, labels, sparse_targets(t, vocab, tau), tau, ce_weight=0.0)[0], s)
+    assert torch.isfinite(grad).all()
+    _close(value, grad, *_grad(lambda x: _ref_dense_kl(t, x, labels, tau), s.double()))
 
 
-def test_sparse_kl_is_zero_when_student_equals_teacher_and_positive_otherwise(gen):
+def test_sampled_kl_matches_its_float64_reference(gen):
+    vocab, tau = 40, 2.0
+    t, s = torch.randn(2, 6, vocab, generator=gen) * 3, torch.randn(2, 6, vocab, generator=gen) * 3
+    labels = _labels(2, 6, vocab, gen)
+    targets = sampled_targets(t, 12, tau, generator=gen)
+    torch.testing.assert_close(targets.weights.sum(-1), torch.ones(2, 6))
+    ref = _grad(lambda x: _ref_sampled_kl(t, x, targets, labels, tau), s.double())
+    _close(*_grad(lambda x: logit_losses(x, labels, targets, tau, ce_weight=0.0, chunk_tokens=3)[0], s), *ref)
+
+
+def test_sampled_estimator_mean_converges_to_the_dense_value_and_gradient(gen):
+    vocab, tau, trials = 24, 2.0, 4000
+    t, s = torch.randn(1, 3, vocab, generator=gen) * 2, torch.randn(1, 3, vocab, generator=gen) * 2
+    labels = torch.randint(0, vocab, (1, 3), generator=gen)
+    dense_value, dense_grad = _grad(lambda x: _ref_dense_kl(t, x, labels, tau), s.double())
+    # Many independent draws at once: rows of one big batch share the student and teacher logits.
+    big_t, big_s = t.expand(trials, -1, -1), s.expand(trials, -1, -1)
+    targets = sampled_targets(big_t, 8, tau, generator=gen)
+    value, grad = _grad(lambda x: logits_kl(x, targets, labels.expand(trials, -1), tau), big_s.contiguous())
+    mean_grad = grad.sum(0, keepdim=True).double()  # the loss is a mean over rows: sum = per-row mean
+    assert abs(value.item() - dense_value.item()) < 0.05 * dense_value.item() + 0.02
+    err = (mean_grad - dense_grad).norm() / dense_grad.norm()
+    assert err < 0.05, f"relative gradient error {err:.3f}"
+
+
+def test_chunked_equals_unchunked_for_the_combined_logit_losses(gen):
+    vocab, tau = 50, 5.0
+    t, s = torch.randn(3, 8, vocab, generator=gen) * 3, torch.randn(3, 8, vocab, generator=gen) * 3
+    labels = _labels(3, 8, vocab, gen)
+    targets = sparse_targets(t, 7, tau)
+    one = _grad(lambda x: logit_losses(x, labels, targets, tau, ce_weight=0.7, kl_weight=10.0, chunk_tokens=10**6)[0], s)
+    many = _grad(lambda x: logit_losses(x, labels, targets, tau, ce_weight=0.7, kl_weight=10.0, chunk_tokens=3)[0], s)
+    torch.testing.assert_close(many[0], one[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(many[1], one[1], rtol=1e-5, atol=1e-9)
+    ref = _grad(lambda x: 0.7 * _ref_ce(x, labels) + 10.0 * _ref_sparse_kl(t, x, targets.ids, labels, tau), s.double())
+    _close(*many, *ref)
+
+
+def test_chunked_loss_keeps_the_logits_dtype_for_its_gradient(gen):
+    s = (torch.randn(2, 4, 30, generator=gen) * 2).to(torch.bfloat16).requires_grad_()
+    labels = _labels(2, 4, 30, gen)
+    total, ce, kl = logit_losses(s, labels, DenseTargets(torch.randn(2, 4, 30, generator=gen)), 2.0, chunk_tokens=3)
+    total.backward()
+    assert s.grad.dtype == torch.bfloat16 and total.dtype == torch.float32
+    assert not ce.requires_grad and not kl.requires_grad
+
+
+def test_identical_teacher_and_student_give_zero_and_different_ones_do_not(gen):
     t = torch.randn(1, 4, 30, generator=gen) * 3
     labels = _labels(1, 4, 30, gen)
-    targets = _sparse_from_dense(t, 8, 3.0)
-    assert sparse_kl(t, targets, labels, 3.0).abs() < 1e-5
-    assert sparse_kl(t + torch.randn(t.shape, generator=gen), targets, labels, 3.0) > 1e-4
+    for targets in (DenseTargets(t), sparse_targets(t, 8, 3.0)):
+        assert logits_kl(t, targets, labels, 3.0).abs() < 1e-5
+        assert logits_kl(t + torch.randn(t.shape, generator=gen), targets, labels, 3.0) > 1e-4
 
 
-def test_sparse_kl_rejects_a_temperature_applied_twice(gen):
+def test_temperature_applied_twice_and_nan_targets_are_refused(gen):
     t = torch.randn(1, 3, 10, generator=gen)
-    targets = _sparse_from_dense(t, 4, 5.0)
-    with pytest.raises(ValueError, match="temperature"):
-        sparse_kl(t, targets, _labels(1, 3, 10, gen), 1.0)
+    labels = _labels(1, 3, 10, gen)
+    with pytest.raises(ValueError, match="temperature must be applied exactly once"):
+        logit_losses(t, labels, sparse_targets(t, 4, 5.0), 1.0)
+    bad = sparse_targets(t, 4, 5.0)
+    bad.logprobs[0, 2, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"'logprobs' hold 1 NaN/inf values \(first at index \(0, 2, 1\)"):
+        logit_losses(t, labels, bad, 5.0)
+    with pytest.raises(ValueError, match="needs teacher targets"):
+        logit_losses(t, labels, None, 5.0)
 
 
 def test_losses_are_means_not_sums_over_positions(gen):
     t, s = torch.randn(1, 4, 20, generator=gen), torch.randn(1, 4, 20, generator=gen)
     labels = torch.randint(0, 20, (1, 4), generator=gen)
-    short = dense_kl(s, t, labels, 1.0)
-    long = dense_kl(s.repeat(1, 8, 1), t.repeat(1, 8, 1), labels.repeat(1, 8), 1.0)
+    short = logit_losses(s, labels, DenseTargets(t), 1.0)[0]
+    long = logit_losses(s.repeat(1, 8, 1), labels.repeat(1, 8), DenseTargets(t.repeat(1, 8, 1)), 1.0)[0]
     torch.testing.assert_close(short, long)
 
 
@@ -149,7 +211,8 @@ def _ref_attention(teacher, student, heads, tau, mask):
 
 
 @pytest.mark.parametrize("masked", [False, True])
-def test_attention_relation_loss_matches_float64_reference_across_widths(gen, masked):
+@pytest.mark.parametrize("chunk", [1, 8])
+def test_attention_relation_loss_matches_float64_reference_across_widths(gen, masked, chunk):
     # Teacher with 8 q-heads x 8 and GQA k/v of width 32; student narrower: width 32 and k/v 16.
     b, n, heads = 2, 7, 4
     teacher = {"q": torch.randn(b, n, 64, generator=gen), "k": torch.randn(b, n, 32, generator=gen),
@@ -160,25 +223,25 @@ def test_attention_relation_loss_matches_float64_reference_across_widths(gen, ma
     if masked:
         mask = torch.ones(b, n, dtype=torch.bool)
         mask[1, -3:] = False
-    value = attention_relation_loss(teacher, student, heads, 1.3, mask)
+    value = attention_relation_loss(teacher, student, heads, 1.3, mask, chunk)
     ref = _ref_attention(teacher, student, heads, 1.3, mask)
     torch.testing.assert_close(value.double(), ref, rtol=1e-5, atol=1e-7)
     for key in "qkv":
         def f(x, key=key):
-            return attention_relation_loss(teacher, {**student, key: x}, heads, 1.3, mask)
+            return attention_relation_loss(teacher, {**student, key: x}, heads, 1.3, mask, chunk)
 
         def fr(x, key=key):
             return _ref_attention(teacher, {**student, key: x}, heads, 1.3, mask)
 
         _, g = _grad(f, student[key])
         _, rg = _grad(fr, student[key].double())
-        torch.testing.assert_close(g.double(), rg, rtol=1e-4, atol=1e-8)
+        _grad_close(g, rg)
 
 
 def test_attention_relation_loss_zero_for_identical_states_and_width_check(gen):
     states = {k: torch.randn(1, 5, 24, generator=gen) for k in "qkv"}
     assert attention_relation_loss(states, states, 4).abs() < 1e-6
-    with pytest.raises(ValueError, match="divisible"):
+    with pytest.raises(ValueError, match="teacher q width 24 is not divisible by split_heads=5"):
         attention_relation_loss(states, states, 5)
 
 
@@ -186,17 +249,32 @@ def test_bitdistill_loss_combines_components_with_their_weights(gen):
     vocab, tau = 48, 5.0
     t, s = torch.randn(2, 6, vocab, generator=gen) * 3, torch.randn(2, 6, vocab, generator=gen) * 3
     labels = _labels(2, 6, vocab, gen)
-    targets = _sparse_from_dense(t, 8, tau)
+    targets = sparse_targets(t, 8, tau)
     tq = {k: torch.randn(2, 6, 16, generator=gen) for k in "qkv"}
     sq = {k: torch.randn(2, 6, 16, generator=gen) for k in "qkv"}
-    w = LossWeights(ce_weight=0.7, logits_weight=10.0, attention_weight=1e3, temperature=tau, split_heads=2)
+    w = LossWeights(ce_weight=0.7, logits_weight=10.0, attention_weight=1e3, temperature=tau, split_heads=2,
+                    chunk_tokens=5)
+
+    def total(x, q):
+        return bitdistill_loss(x, labels, w, targets, tq, {**sq, "q": q}).total
+
+    def ref(x, q):
+        return (0.7 * _ref_ce(x, labels) + 10.0 * _ref_sparse_kl(t, x, targets.ids, labels, tau)
+                + 1e3 * _ref_attention(tq, {**sq, "q": q}, 2, 1.0, None))
+
+    s_ = s.clone().requires_grad_()
+    q_ = sq["q"].clone().requires_grad_()
+    total(s_, q_).backward()
+    s64, q64 = s.double().requires_grad_(), sq["q"].double().requires_grad_()
+    expected = ref(s64, q64)
+    expected.backward()
+    torch.testing.assert_close(total(s, sq["q"]).double(), expected.detach(), rtol=RTOL, atol=1e-6)
+    _grad_close(s_.grad, s64.grad)
+    _grad_close(q_.grad, q64.grad)
     out = bitdistill_loss(s, labels, w, targets, tq, sq)
-    ce = cross_entropy(s, labels)
-    kl = sparse_kl(s, targets, labels, tau)
-    ad = attention_relation_loss(tq, sq, 2)
-    torch.testing.assert_close(out.total, 0.7 * ce + 10.0 * kl + 1e3 * ad)
-    torch.testing.assert_close(out.logits_kl, kl)
+    torch.testing.assert_close(out.ce, cross_entropy(s, labels))
+    torch.testing.assert_close(out.logits_kl, logits_kl(s, targets, labels, tau))
     with pytest.raises(ValueError, match="Q/K/V"):
         bitdistill_loss(s, labels, w, targets)
     ce_only = bitdistill_loss(s, labels, LossWeights(logits_weight=0.0, attention_weight=0.0))
-    torch.testing.assert_close(ce_only.total, ce)
+    torch.testing.assert_close(ce_only.total, cross_entropy(s, labels))

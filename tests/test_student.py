@@ -97,3 +97,72 @@ def test_loading_a_nonexistent_or_non_bitnet_checkpoint_fails_clearly(tiny_llama
     tiny_llama.save_pretrained(tmp_path / "plain")
     with pytest.raises(DistillError, match="not a BitNet student"):
         load_student(tmp_path / "plain")
+
+
+def _tiny_qwen3():
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(Qwen3Config(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=256, tie_word_embeddings=False))
+
+
+def test_qwen3_converts_trains_and_round_trips(tmp_path):
+    model = convert_to_bitnet(_tiny_qwen3(), "paper")
+    assert len(_bitlinears(model)) == 2 * 7 and type(model.lm_head) is nn.Linear
+    ids = torch.randint(0, 128, (2, 9))
+    model(input_ids=ids, labels=ids).loss.backward()
+    model.eval()
+    again = load_student(save_student(model, tmp_path / "qwen3")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_conversion_keeps_full_precision_outputs_when_quantization_is_off(tiny_llama, monkeypatch):
+    from copy import deepcopy
+
+    from transformers.integrations import bitnet as hf_bitnet
+
+    ids = torch.randint(0, 128, (2, 10))
+    with torch.no_grad():
+        reference = tiny_llama.eval()(input_ids=ids).logits
+        student = convert_to_bitnet(deepcopy(tiny_llama), "none").eval()
+        quantized = student(input_ids=ids).logits
+        # The quantizers become identities: what is left is the conversion itself.
+        monkeypatch.setattr(hf_bitnet.WeightQuant, "apply", lambda w: w)
+        monkeypatch.setattr(hf_bitnet.ActQuant, "apply", lambda x: x)
+        unquantized = student(input_ids=ids).logits
+    torch.testing.assert_close(unquantized, reference, rtol=1e-5, atol=1e-5)
+    assert (quantized - reference).abs().max() > 1e-3  # and with quantization on, it does change
+
+
+@pytest.mark.parametrize("subln", ["paper", "allnorm"])
+def test_packed_export_reproduces_training_outputs_and_stores_2_bits_per_weight(tiny_llama, tmp_path, subln):
+    from distillation.student import linear_weight_bytes, pack_student
+    from distillation.student.export import export_packed
+    from distillation.student.packed import PackedBitLinear
+    from distillation.training.student_init import set_compile
+
+    set_compile(False)
+    convert_to_bitnet(tiny_llama, subln)
+    for module in tiny_llama.modules():  # SubLN gains away from 1, so a wrong copy would show
+        if isinstance(module, AutoBitLinear) and module.rms_norm is not None:
+            module.rms_norm.weight.data.uniform_(0.5, 1.5)
+    tiny_llama.eval()
+    ids = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        trained = tiny_llama(input_ids=ids).logits
+    src = save_student(tiny_llama, tmp_path / "student")
+    sizes = export_packed(src, tmp_path / "packed")
+    packed = load_student(tmp_path / "packed").eval()
+    assert packed.config.bitnet["weights"] == "packed"
+    with torch.no_grad():
+        torch.testing.assert_close(packed(input_ids=ids).logits, trained, rtol=0, atol=0)  # bit for bit
+    matrices = [m for m in packed.modules() if isinstance(m, PackedBitLinear)]
+    # 2 bits per weight plus one fp32 scale per matrix, against 16 bits per weight
+    assert sizes["stored"] == sum(m.in_features * m.out_features // 4 + 4 for m in matrices)
+    assert sizes["fp16"] == sum(m.in_features * m.out_features * 2 for m in matrices)
+    assert linear_weight_bytes(pack_student(load_student(src)))["stored"] == sizes["stored"]
+    with pytest.raises(DistillError, match="already packed"):
+        export_packed(tmp_path / "packed", tmp_path / "again")

@@ -101,7 +101,7 @@ def _sample_rows(cfg: DictConfig, train: dict) -> dict:
             "input_ids": np.stack([train[names[s]][i] for s, i in plan])}
 
 
-def _train(cfg: DictConfig, dataset, run_dir: Path):
+def _train(cfg: DictConfig, dataset, run_dir: Path, vocab_size: int):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -110,7 +110,8 @@ def _train(cfg: DictConfig, dataset, run_dir: Path):
     board = MetricsBoard.options(name=board_name).remote()
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": OmegaConf.to_container(cfg, resolve=True), "board": board_name},
+        train_loop_config={"cfg": OmegaConf.to_container(cfg, resolve=True), "board": board_name,
+                           "vocab_size": vocab_size},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                      resources_per_worker={"CPU": t.cpus_per_worker}),
         datasets={"train": dataset},
@@ -165,7 +166,7 @@ def run(cfg: DictConfig) -> dict:
     student_tok_dir = (cfg.student.checkpoint_path if cfg.student.checkpoint_path and
                        Path(cfg.student.checkpoint_path, "tokenizer.json").is_file() else
                        resolve_model(cfg.student.init_from, cfg.data.cache_dir))
-    check_vocab(tokenizer, load_causal_lm_config_vocab(teacher_dir), load_tokenizer(student_tok_dir),
+    vocab_size = check_vocab(tokenizer, load_causal_lm_config_vocab(teacher_dir), load_tokenizer(student_tok_dir),
                 student.config.vocab_size)
     say(f"teacher {cfg.teacher.model} ({cfg.teacher.kind}); student: BitNet, subln={cfg.student.subln}, "
         f"{sum(p.numel() for p in student.parameters()) / 1e6:.1f}M parameters")
@@ -188,12 +189,12 @@ def run(cfg: DictConfig) -> dict:
 
     app_name = f"teacher-{run_dir.name}"
     qkv_layer = cfg.distillation.teacher_layer if cfg.distillation.attention_weight > 0 else None
-    handle = deploy_teacher(cfg, str(teacher_dir), qkv_layer, app_name)
+    handle = deploy_teacher(cfg, str(teacher_dir), qkv_layer, vocab_size, app_name)
     say(f"teacher pool up: {handle.describe.remote().result()}")
     dataset = training_dataset(_sample_rows(cfg, train), app_name, DEPLOYMENT_NAME, cfg.data.teacher_batch_size)
 
     try:
-        result, rows = _train(cfg, dataset, run_dir)
+        result, rows = _train(cfg, dataset, run_dir, vocab_size)
     finally:
         from ray import serve
         serve.delete(app_name)

@@ -31,7 +31,8 @@ CHOICES = {
     "student.subln": ("paper", "allnorm", "none"),
 }
 POSITIVE = ("teacher.top_k", "teacher.max_tokens_per_batch", "data.seq_len", "training.max_steps",
-            "training.batch_size", "training.grad_accum", "training.num_workers", "distillation.split_heads")
+            "training.batch_size", "training.grad_accum", "training.num_workers", "distillation.split_heads",
+            "distillation.chunk_tokens")
 
 ConfigStore.instance().store(name="schema", node=Config)
 

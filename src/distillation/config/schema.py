@@ -45,6 +45,7 @@ class DistillationConfig:
     student_layer: int = -6
     split_heads: int = 32  # relation heads each model's Q/K/V width is re-split into
     attention_temperature: float = 1.0
+    chunk_tokens: int = 512  # CE + L_LD are computed this many tokens at a time (memory bound)
 
 
 @dataclass

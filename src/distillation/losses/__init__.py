@@ -1,10 +1,14 @@
-"""BitDistill losses in plain torch (no Ray): CE, logits KL (dense or sparse top-k + tail), Q/K/V relations."""
+"""BitDistill losses in plain torch (no Ray): CE, logits KL over dense / sparse / sampled teacher
+targets (chunked over tokens), and MiniLMv2 Q/K/V relations."""
 
 from distillation.losses.attention import attention_relation_loss
 from distillation.losses.combined import LossOutput, LossWeights, bitdistill_loss
-from distillation.losses.logits import IGNORE_INDEX, SparseTargets, cross_entropy, dense_kl, sparse_kl
+from distillation.losses.logits import IGNORE_INDEX, cross_entropy, kl_per_token, logit_losses, logits_kl
+from distillation.losses.targets import (DenseTargets, SampledTargets, SparseTargets, Targets, sampled_targets,
+                                         sparse_targets)
 
 __all__ = [
-    "IGNORE_INDEX", "SparseTargets", "cross_entropy", "dense_kl", "sparse_kl",
+    "IGNORE_INDEX", "cross_entropy", "kl_per_token", "logits_kl", "logit_losses",
+    "DenseTargets", "SparseTargets", "SampledTargets", "Targets", "sparse_targets", "sampled_targets",
     "attention_relation_loss", "LossOutput", "LossWeights", "bitdistill_loss",
 ]

@@ -17,12 +17,17 @@ from typing import Mapping, Optional
 import torch
 import torch.nn.functional as F
 
+from distillation.losses.chunking import chunked_loss
+
+QKV = ("q", "k", "v")
+
 
 def _relation_logprobs(states: torch.Tensor, split_heads: int, temperature: float,
-                       key_mask: Optional[torch.Tensor]) -> torch.Tensor:
+                       key_mask: Optional[torch.Tensor], name: str) -> torch.Tensor:
     batch, length, width = states.shape
     if width % split_heads:
-        raise ValueError(f"state width {width} is not divisible by split_heads={split_heads}")
+        raise ValueError(f"{name} width {width} is not divisible by split_heads={split_heads}; "
+                         f"choose a split_heads that divides every Q/K/V width")
     x = states.float().view(batch, length, split_heads, width // split_heads).transpose(1, 2)
     x = F.normalize(x, dim=-1)
     scores = x @ x.transpose(-1, -2) / temperature
@@ -32,17 +37,32 @@ def _relation_logprobs(states: torch.Tensor, split_heads: int, temperature: floa
 
 
 def attention_relation_loss(teacher: Mapping[str, torch.Tensor], student: Mapping[str, torch.Tensor],
-                            split_heads: int, temperature: float = 1.0,
-                            mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Sum over q, k, v of the mean row KL(R_teacher || R_student); `mask` [B, T] marks real tokens."""
-    total = student["q"].new_zeros((), dtype=torch.float32)
-    for key in ("q", "k", "v"):
-        t_lp = _relation_logprobs(teacher[key], split_heads, temperature, mask)
-        s_lp = _relation_logprobs(student[key], split_heads, temperature, mask)
-        row_kl = (t_lp.exp() * (t_lp - s_lp)).sum(-1)  # [B, H, T]
-        if mask is None:
-            total = total + row_kl.mean()
-        else:
-            rows = mask[:, None, :].expand_as(row_kl).to(row_kl.dtype)
-            total = total + (row_kl * rows).sum() / rows.sum().clamp(min=1.0)
-    return total
+                            split_heads: int, temperature: float = 1.0, mask: Optional[torch.Tensor] = None,
+                            chunk_sequences: int = 2) -> torch.Tensor:
+    """Sum over q, k, v of the mean row KL(R_teacher || R_student); `mask` [B, T] marks real tokens.
+
+    Computed `chunk_sequences` sequences at a time (see chunking.py), so the [B, heads, T, T]
+    relations exist for one chunk only.
+    """
+    batch, length = student["q"].shape[:2]
+    rows_per_key = (mask.sum() if mask is not None else torch.tensor(batch * length)).float() * split_heads
+    rows_per_key = rows_per_key.clamp(min=1.0).to(student["q"].device)
+
+    def chunk(rows: slice):
+        def fn(*student_states):
+            chunk_mask = mask[rows] if mask is not None else None
+            total = student_states[0].new_zeros(())
+            for key, s_states in zip(QKV, student_states):
+                t_lp = _relation_logprobs(teacher[key][rows], split_heads, temperature, chunk_mask, f"teacher {key}")
+                s_lp = _relation_logprobs(s_states, split_heads, temperature, chunk_mask, f"student {key}")
+                row_kl = (t_lp.exp() * (t_lp - s_lp)).sum(-1)  # [b, H, T]
+                if chunk_mask is not None:
+                    row_kl = row_kl * chunk_mask[:, None, :].to(row_kl.dtype)
+                total = total + row_kl.sum() / rows_per_key
+            return total
+        return rows, fn
+
+    if chunk_sequences <= 0:
+        raise ValueError(f"chunk_sequences must be positive, got {chunk_sequences}")
+    chunks = (chunk(slice(start, start + chunk_sequences)) for start in range(0, batch, chunk_sequences))
+    return chunked_loss([student[key] for key in QKV], chunks)

@@ -6,18 +6,20 @@ from typing import Mapping, Optional
 import torch
 
 from distillation.losses.attention import attention_relation_loss
-from distillation.losses.logits import SparseTargets, cross_entropy, sparse_kl
+from distillation.losses.logits import DEFAULT_CHUNK_TOKENS, logit_losses
+from distillation.losses.targets import Targets
 
 
 @dataclass(frozen=True)
 class LossWeights:
     ce_weight: float = 1.0
-    logits_weight: float = 10.0
-    attention_weight: float = 1.0e5
+    logits_weight: float = 10.0  # lambda
+    attention_weight: float = 1.0e5  # gamma, for the normalisation in losses/attention.py
     temperature: float = 5.0
     temperature_squared: bool = True
     split_heads: int = 32
     attention_temperature: float = 1.0
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS
 
     @property
     def uses_attention(self) -> bool:
@@ -26,8 +28,8 @@ class LossWeights:
 
 @dataclass
 class LossOutput:
-    total: torch.Tensor
-    ce: torch.Tensor
+    total: torch.Tensor  # differentiable
+    ce: torch.Tensor  # the components are detached, for logging
     logits_kl: torch.Tensor
     attention: torch.Tensor
 
@@ -37,22 +39,19 @@ class LossOutput:
 
 
 def bitdistill_loss(student_logits: torch.Tensor, labels: torch.Tensor, weights: LossWeights,
-                    targets: Optional[SparseTargets] = None,
+                    targets: Optional[Targets] = None,
                     teacher_qkv: Optional[Mapping[str, torch.Tensor]] = None,
                     student_qkv: Optional[Mapping[str, torch.Tensor]] = None,
                     mask: Optional[torch.Tensor] = None) -> LossOutput:
-    zero = student_logits.new_zeros((), dtype=torch.float32)
-    ce = cross_entropy(student_logits, labels)
-    kl = zero
-    if weights.logits_weight > 0:
-        if targets is None:
-            raise ValueError("logits_weight > 0 needs teacher targets")
-        kl = sparse_kl(student_logits, targets, labels, weights.temperature, weights.temperature_squared)
-    attn = zero
+    """`mask` [B, T] marks real (non-padding) tokens for the attention relations."""
+    total, ce, kl = logit_losses(student_logits, labels, targets if weights.logits_weight > 0 else None,
+                                 weights.temperature, weights.temperature_squared, weights.ce_weight,
+                                 weights.logits_weight, weights.chunk_tokens)
+    attn = total.new_zeros(())
     if weights.uses_attention:
         if teacher_qkv is None or student_qkv is None:
             raise ValueError("attention_weight > 0 needs teacher and student Q/K/V states")
         attn = attention_relation_loss(teacher_qkv, student_qkv, weights.split_heads,
                                        weights.attention_temperature, mask)
-    total = weights.ce_weight * ce + weights.logits_weight * kl + weights.attention_weight * attn
-    return LossOutput(total=total, ce=ce, logits_kl=kl, attention=attn)
+        total = total + weights.attention_weight * attn
+    return LossOutput(total=total, ce=ce, logits_kl=kl, attention=attn.detach())

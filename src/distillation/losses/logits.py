@@ -3,76 +3,178 @@
 Shapes: student logits [B, T, V]; labels [B, T] already aligned with the logits (labels[t] is the
 token after position t), IGNORE_INDEX where there is none. Every loss is a mean over the positions
 that carry a label, never a sum over the sequence, so its size does not grow with sequence length.
+L_LD is multiplied by tau^2 when `temperature_squared` (the default, as the official code does; the
+paper's equation omits it) so its gradient scale does not shrink as tau grows.
+
+`logit_losses` is the training path: CE and L_LD in one pass over chunks of tokens, with their
+gradients written analytically into one buffer in the logits' dtype (see chunking.py), so no full
+[tokens, vocab] fp32 copy of either side ever exists and each chunk needs two temporaries.
+`kl_per_token` / `logits_kl` are the plain autograd versions, kept as the readable definition.
 """
 
-from dataclasses import dataclass
+from typing import Tuple
 
 import torch
 import torch.nn.functional as F
 
+from distillation.losses.chunking import attach_grad
+from distillation.losses.targets import DenseTargets, SampledTargets, SparseTargets, Targets
+
 IGNORE_INDEX = -100
+DEFAULT_CHUNK_TOKENS = 512
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
 
 
-@dataclass
-class SparseTargets:
-    """A teacher distribution per position: top-k log-probabilities plus the mass of everything else.
-
-    `logprobs` were computed by the teacher at `temperature` from raw logits (log_softmax(z / tau));
-    `tail_mass` = 1 - sum(exp(logprobs)) is kept as one extra class so the KL stays a divergence.
-    """
-
-    ids: torch.Tensor  # [B, T, k] int
-    logprobs: torch.Tensor  # [B, T, k] (fp16 on the wire)
-    tail_mass: torch.Tensor  # [B, T]
-    temperature: float
-
-
-def _masked_mean(per_token: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    mask = (labels != IGNORE_INDEX).to(per_token.dtype)
-    return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
-
-
-def dense_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-             temperature: float, temperature_squared: bool = True) -> torch.Tensor:
-    """KL(softmax(teacher / tau) || softmax(student / tau)), masked mean, optionally times tau^2."""
-    s_lp = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    t_lp = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    per_token = (t_lp.exp() * (t_lp - s_lp)).sum(-1)
-    scale = temperature**2 if temperature_squared else 1.0
-    return scale * _masked_mean(per_token, labels)
-
-
-def sparse_kl(student_logits: torch.Tensor, targets: SparseTargets, labels: torch.Tensor,
-              temperature: float, temperature_squared: bool = True) -> torch.Tensor:
-    """KL over k + 1 classes: the teacher's top-k ids and one tail bucket holding all other ids.
-
-    The student's tail is the exact log-sum-exp over the ids outside the top-k (no 1 - sum
-    cancellation). The teacher side is renormalised over the k + 1 buckets, which absorbs fp16
-    rounding of its log-probabilities.
-    """
-    if abs(targets.temperature - temperature) > 1e-6:
+def _check_temperature(targets: Targets, temperature: float) -> None:
+    if targets.temperature is not None and abs(targets.temperature - temperature) > 1e-6:
         raise ValueError(f"teacher targets were computed at temperature {targets.temperature}, "
                          f"but the loss uses {temperature}; temperature must be applied exactly once")
-    ids = targets.ids.long()
-    s_lp = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    s_top = s_lp.gather(-1, ids)
-    # A finite fill (not -inf) keeps the backward of an all-masked row (k == vocab) free of NaN.
-    floor = torch.finfo(s_lp.dtype).min
-    s_tail = torch.logsumexp(s_lp.scatter(-1, ids, floor), dim=-1)
 
+
+def kl_per_token(student_logits: torch.Tensor, targets: Targets, temperature: float) -> torch.Tensor:
+    """KL(teacher || student) at each position, in fp32, for any target form. Shapes [..., V] -> [...]."""
+    s_lp = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    if isinstance(targets, DenseTargets):
+        t_lp = F.log_softmax(targets.logits.float() / temperature, dim=-1)
+        return (t_lp.exp() * (t_lp - s_lp)).sum(-1)
+    ids = targets.ids.long()
+    s_at = s_lp.gather(-1, ids)
+    t_at = targets.logprobs.float()
+    if isinstance(targets, SampledTargets):
+        weights = targets.weights.float()
+        return (weights * (t_at - s_at)).sum(-1)
+    if not isinstance(targets, SparseTargets):
+        raise TypeError(f"unknown teacher target type {type(targets).__name__}")
+    # k + 1 classes: the top-k ids and one tail bucket holding every other id. The student's tail is
+    # an exact log-sum-exp over the ids outside the top-k (no 1 - sum cancellation); the teacher side
+    # is renormalised over the k + 1 buckets, which absorbs fp16 rounding of its log-probabilities.
+    floor = torch.finfo(s_lp.dtype).min  # finite, so an all-masked row (k == V) has no NaN gradient
+    s_tail = torch.logsumexp(s_lp.scatter(-1, ids, floor), dim=-1)
+    p_top, p_tail = _sparse_teacher(targets, student_logits.shape[-1])
+    kl_top = (p_top * (p_top.clamp(min=1e-30).log() - s_at)).sum(-1)
+    kl_tail = torch.where(p_tail > 0, p_tail * (p_tail.clamp(min=1e-30).log() - s_tail), torch.zeros_like(p_tail))
+    return kl_top + kl_tail
+
+
+def logits_kl(student_logits: torch.Tensor, targets: Targets, labels: torch.Tensor, temperature: float,
+              temperature_squared: bool = True) -> torch.Tensor:
+    """Unchunked L_LD: masked mean of `kl_per_token`, times tau^2 when asked."""
+    _check_temperature(targets, temperature)
+    mask = (labels != IGNORE_INDEX).float()
+    per_token = kl_per_token(student_logits, targets, temperature)
+    scale = temperature**2 if temperature_squared else 1.0
+    return scale * (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def logit_losses(student_logits: torch.Tensor, labels: torch.Tensor, targets: Targets = None,
+                 temperature: float = 1.0, temperature_squared: bool = True, ce_weight: float = 1.0,
+                 kl_weight: float = 1.0, chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ce_weight * CE + kl_weight * L_LD, CE, L_LD), chunked over tokens.
+
+    Only the weighted total carries a gradient (the components are for logging); it equals the
+    gradient of the unchunked losses.
+    """
+    if kl_weight and targets is None:
+        raise ValueError("kl_weight > 0 needs teacher targets")
+    if targets is not None:
+        _check_temperature(targets, temperature)
+        targets.validate()
+    if chunk_tokens <= 0:
+        raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
+    scale = temperature**2 if temperature_squared else 1.0
+    vocab = student_logits.shape[-1]
+    flat, flat_labels = student_logits.reshape(-1, vocab), labels.reshape(-1)
+    flat_targets = targets.flat() if targets is not None else None
+    n_labels = (flat_labels != IGNORE_INDEX).sum().clamp(min=1).float()
+    want_grad = flat.requires_grad and torch.is_grad_enabled()
+    grad = torch.empty_like(flat) if want_grad else None
+    ce_sum = flat.new_zeros((), dtype=torch.float32)
+    kl_sum = flat.new_zeros((), dtype=torch.float32)
+    for start in range(0, flat.shape[0], chunk_tokens):
+        rows = slice(start, start + chunk_tokens)
+        x = flat[rows].detach().float()
+        row_weight = (flat_labels[rows] != IGNORE_INDEX).float() / n_labels  # masked mean, per row
+        chunk_grad = None
+        if want_grad:  # fp32 logits: accumulate straight into the buffer; else in an fp32 chunk
+            chunk_grad = grad[rows].zero_() if grad.dtype == torch.float32 else torch.zeros_like(x)
+        if ce_weight:
+            ce, ce_grad = _ce_chunk(x, flat_labels[rows], row_weight, want_grad)
+            ce_sum += ce
+            if want_grad:
+                chunk_grad.add_(ce_grad.mul_((ce_weight * row_weight)[:, None]))
+            del ce_grad
+        if kl_weight:
+            kl, kl_grad = _kl_chunk(x, flat_targets.rows(rows), temperature, want_grad)
+            kl_sum += scale * (kl * row_weight).sum()
+            if want_grad:
+                chunk_grad.add_(kl_grad.mul_((kl_weight * scale / temperature * row_weight)[:, None]))
+            del kl_grad
+        if want_grad and chunk_grad.data_ptr() != grad[rows].data_ptr():
+            grad[rows] = chunk_grad.to(grad.dtype)
+    total = ce_weight * ce_sum + kl_weight * kl_sum
+    if want_grad:
+        total = attach_grad(total, [flat], [grad])
+    return total, ce_sum, kl_sum
+
+
+def _ce_chunk(x, labels, row_weight, want_grad):
+    """Masked CE of one chunk (weighted by row) and d(CE_token)/dx = softmax(x) - onehot(label)."""
+    safe = labels.clamp(min=0)[:, None]
+    lse = torch.logsumexp(x, dim=-1)
+    value = ((lse - x.gather(-1, safe)[:, 0]) * row_weight).sum()
+    if not want_grad:
+        return value, None
+    probs = (x - lse[:, None]).exp_()
+    return value, probs.scatter_add_(-1, safe, torch.full(safe.shape, -1.0, device=x.device))
+
+
+def _kl_chunk(x, targets, temperature, want_grad):
+    """Per-token KL(teacher || student) of one chunk and its gradient w.r.t. x / tau, analytically:
+    q - p for dense and sampled targets; for top-k + tail, q_i - p_i on the top ids and
+    q_v * (1 - p_tail / q_tail) elsewhere. Two [chunk, V] temporaries instead of autograd's many."""
+    q = x.div(temperature)
+    lse = torch.logsumexp(q, dim=-1, keepdim=True)
+    q.sub_(lse).exp_()  # the student's softmax at tau
+    lse = lse[:, 0]
+    if isinstance(targets, DenseTargets):
+        t_lp = F.log_softmax(targets.logits.float() / temperature, dim=-1)
+        p = t_lp.exp()
+        kl = (p * t_lp).sum(-1) - (p * x).sum(-1) / temperature + lse
+        return kl, q.sub_(p) if want_grad else None
+    ids = targets.ids.long()
+    s_at = x.gather(-1, ids) / temperature - lse[:, None]
+    if isinstance(targets, SampledTargets):
+        weights = targets.weights.float()
+        kl = (weights * (targets.logprobs.float() - s_at)).sum(-1)
+        if want_grad:
+            q.mul_(weights.sum(-1, keepdim=True)).scatter_add_(-1, ids, -weights)
+        return kl, q if want_grad else None
+    if not isinstance(targets, SparseTargets):
+        raise TypeError(f"unknown teacher target type {type(targets).__name__}")
+    p_top, p_tail = _sparse_teacher(targets, x.shape[-1])
+    q_top = q.gather(-1, ids)
+    q.scatter_(-1, ids, 0.0)
+    q_tail = q.sum(-1)  # exact mass outside the top-k (no 1 - sum cancellation)
+    kl = (p_top * (p_top.clamp(min=1e-30).log() - s_at)).sum(-1)
+    kl = kl + torch.where(p_tail > 0, p_tail * (p_tail.clamp(min=1e-30).log() - q_tail.clamp(min=1e-38).log()),
+                          torch.zeros_like(p_tail))
+    if not want_grad:
+        return kl, None
+    factor = torch.where(q_tail > 0, 1 - p_tail / q_tail.clamp(min=1e-38), torch.ones_like(q_tail))
+    q.mul_(factor[:, None]).scatter_(-1, ids, q_top - p_top)
+    return kl, q
+
+
+def _sparse_teacher(targets: SparseTargets, vocab: int):
+    """Teacher probabilities on the top ids and in the tail, renormalised over the k + 1 buckets
+    (which absorbs fp16 rounding of the log-probabilities)."""
     p_top = targets.logprobs.float().exp()
     tail = targets.tail_mass.float().clamp(min=0.0)
-    if ids.shape[-1] >= student_logits.shape[-1]:
+    if targets.ids.shape[-1] >= vocab:
         tail = torch.zeros_like(tail)  # no id outside the top-k: a nonzero tail is rounding noise
     norm = p_top.sum(-1) + tail
-    p_top = p_top / norm.unsqueeze(-1)
-    p_tail = tail / norm
-    kl_top = (p_top * (p_top.clamp(min=1e-30).log() - s_top)).sum(-1)
-    has_tail = p_tail > 0
-    kl_tail = torch.where(has_tail, p_tail * (p_tail.clamp(min=1e-30).log() - s_tail), torch.zeros_like(p_tail))
-    scale = temperature**2 if temperature_squared else 1.0
-    return scale * _masked_mean(kl_top + kl_tail, labels)
+    return p_top / norm[..., None], tail / norm

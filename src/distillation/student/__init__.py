@@ -1,7 +1,9 @@
-"""The 1.58-bit BitNet student: conversion from a full-precision causal LM, strict save and load."""
+"""The 1.58-bit BitNet student: conversion from a full-precision causal LM, strict save and load,
+and the packed 2-bit export for inference."""
 
 from distillation.student.bitnet import BITNET_CONFIG_KEY, convert_to_bitnet, is_bitnet_student, ternary_weights
 from distillation.student.checkpoint import load_student, save_student
+from distillation.student.packed import linear_weight_bytes, pack_student
 
 __all__ = ["BITNET_CONFIG_KEY", "convert_to_bitnet", "is_bitnet_student", "ternary_weights",
-           "load_student", "save_student"]
+           "load_student", "save_student", "pack_student", "linear_weight_bytes"]

@@ -66,6 +66,10 @@ def load_student(path: Path, dtype: Optional[torch.dtype] = None) -> nn.Module:
         raise DistillError(f"'{path}' is not a BitNet student checkpoint (config.json has no '{BITNET_CONFIG_KEY}')")
     model = AutoModelForCausalLM.from_config(config)
     convert_to_bitnet(model, settings["subln"])
+    if settings.get("weights") == "packed":
+        from distillation.student.packed import packed_skeleton
+
+        packed_skeleton(model)
     state = _read_state(path)
     result = model.load_state_dict(state, strict=False)
     missing = set(result.missing_keys)

@@ -44,14 +44,14 @@ class TeacherDeployment:
         return [part.to_columns() for part in parts]
 
 
-def teacher_app(cfg: DictConfig, model_dir: str, qkv_layer):
+def teacher_app(cfg: DictConfig, model_dir: str, qkv_layer, vocab_size: int):
     t = cfg.teacher
     scaling = ({"num_replicas": t.min_replicas} if t.min_replicas == t.max_replicas else
                {"autoscaling_config": {"min_replicas": t.min_replicas, "max_replicas": t.max_replicas,
                                        "target_ongoing_requests": t.target_ongoing_requests}})
     kwargs = dict(model_dir=str(model_dir), top_k=t.top_k, temperature=cfg.distillation.temperature,
                   qkv_layer=qkv_layer, dtype=t.dtype, max_tokens_per_batch=t.max_tokens_per_batch,
-                  trust_remote_code=t.trust_remote_code, device="cuda" if t.num_gpus > 0 else "cpu")
+                  trust_remote_code=t.trust_remote_code, vocab_size=vocab_size, device="cuda" if t.num_gpus > 0 else "cpu")
     return TeacherDeployment.options(
         ray_actor_options={"num_cpus": t.num_cpus, "num_gpus": t.num_gpus},
         max_ongoing_requests=max(4, 2 * t.max_batch_size), **scaling,
@@ -59,6 +59,6 @@ def teacher_app(cfg: DictConfig, model_dir: str, qkv_layer):
     ).bind(kwargs, t.num_threads, t.max_batch_size, t.batch_wait_timeout_s)
 
 
-def deploy_teacher(cfg: DictConfig, model_dir: str, qkv_layer, app_name: str) -> DeploymentHandle:
+def deploy_teacher(cfg: DictConfig, model_dir: str, qkv_layer, vocab_size: int, app_name: str) -> DeploymentHandle:
     serve.start(proxy_location="Disabled")  # handles only; nothing listens on a port
-    return serve.run(teacher_app(cfg, model_dir, qkv_layer), name=app_name, route_prefix=None)
+    return serve.run(teacher_app(cfg, model_dir, qkv_layer, vocab_size), name=app_name, route_prefix=None)

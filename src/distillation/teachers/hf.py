@@ -5,9 +5,9 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from distillation.errors import DistillError
+from distillation.losses.targets import sparse_targets
 from distillation.models import capture_qkv, load_causal_lm
 from distillation.teachers.schema import TeacherOutput
 
@@ -21,9 +21,9 @@ class HFTeacher:
 
     def __init__(self, model_dir: Path, top_k: int, temperature: float, qkv_layer: Optional[int] = None,
                  dtype: str = "bfloat16", max_tokens_per_batch: int = 4096, trust_remote_code: bool = False,
-                 device: str = "cpu"):
+                 device: str = "cpu", vocab_size: Optional[int] = None):
         self.model = load_causal_lm(Path(model_dir), dtype, trust_remote_code).to(device).eval()
-        self.vocab_size = self.model.config.vocab_size
+        self.vocab_size = vocab_size or self.model.config.vocab_size
         if not 0 < top_k <= self.vocab_size:
             raise DistillError(f"teacher.top_k={top_k} must be between 1 and the vocabulary size {self.vocab_size}")
         self.top_k, self.temperature, self.qkv_layer = top_k, float(temperature), qkv_layer
@@ -41,14 +41,12 @@ class HFTeacher:
         else:
             with capture_qkv(self.model, self.qkv_layer) as states:
                 logits = self.model(input_ids=ids).logits
-        logprobs = F.log_softmax(logits.float() / self.temperature, dim=-1)
-        top = logprobs.topk(self.top_k, dim=-1)
-        # -expm1(logsumexp) is the tail mass without the cancellation of 1 - sum(p).
-        tail = (-torch.expm1(torch.logsumexp(top.values, dim=-1))).clamp(min=0.0)
+        # Padding rows past the shared real vocabulary are never a target (vocab.check_vocab).
+        sparse = sparse_targets(logits[..., :self.vocab_size], self.top_k, self.temperature)
         qkv = {key: value.float().cpu().numpy() for key, value in states.items()}
-        return TeacherOutput(topk_ids=top.indices.cpu().numpy(), topk_logprobs=top.values.cpu().numpy(),
-                             tail_mass=tail.cpu().numpy(), temperature=np.full(ids.shape[0], self.temperature),
-                             **qkv)
+        return TeacherOutput(topk_ids=sparse.ids.cpu().numpy(), topk_logprobs=sparse.logprobs.cpu().numpy(),
+                             tail_mass=sparse.tail_mass.cpu().numpy(),
+                             temperature=np.full(ids.shape[0], self.temperature), **qkv)
 
     def score(self, input_ids: np.ndarray) -> TeacherOutput:
         input_ids = np.asarray(input_ids)

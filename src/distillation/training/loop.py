@@ -29,7 +29,7 @@ def loss_weights(dcfg) -> LossWeights:
     return LossWeights(ce_weight=dcfg.ce_weight, logits_weight=dcfg.logits_weight,
                        attention_weight=dcfg.attention_weight, temperature=dcfg.temperature,
                        temperature_squared=dcfg.temperature_squared, split_heads=dcfg.split_heads,
-                       attention_temperature=dcfg.attention_temperature)
+                       attention_temperature=dcfg.attention_temperature, chunk_tokens=dcfg.chunk_tokens)
 
 
 def lr_lambda(tcfg):
@@ -69,6 +69,7 @@ def train_loop_per_worker(config: dict) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg))
     board = ray.get_actor(config["board"]) if rank == 0 and config.get("board") else None
 
+    vocab_size = config["vocab_size"]
     shard = ray.train.get_dataset_shard("train")
     step, micro, tokens = 0, 0, 0
     window = {"loss": 0.0, "ce": 0.0, "logits_kl": 0.0, "attention": 0.0, "n": 0, "data_wait_s": 0.0}
@@ -86,8 +87,9 @@ def train_loop_per_worker(config: dict) -> None:
                                     tail_mass=batch[PREFIX + "tail_mass"],
                                     temperature=float(batch[PREFIX + "temperature"][0]))
             teacher_qkv = {k: batch[PREFIX + k] for k in QKV} if weights.uses_attention else None
-            logits = model(input_ids=input_ids).logits
+            logits = model(input_ids=input_ids).logits[..., :vocab_size]  # shared real range (vocab.py)
             out = bitdistill_loss(logits, labels, weights, targets, teacher_qkv, student_qkv)
+            del logits  # the chunked loss keeps only its gradient buffer
             (out.total / tcfg.grad_accum).backward()
             for key, value in out.as_floats().items():
                 window[key] += value

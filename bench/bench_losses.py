@@ -1,0 +1,116 @@
+"""Peak memory and time of the combined BitDistill loss (forward + backward): chunked vs naive.
+
+Both versions compute the same L = CE + lambda * L_LD * tau^2 + gamma * L_AD on the same inputs
+(student logits [batch, seq, vocab] fp32, sparse top-k teacher targets, Q/K/V of one layer); the
+naive one builds every (tokens x vocab) fp32 tensor at once. Each repetition runs in a fresh process
+so peak memory is that run's own: on CPU the rise of the process's peak RSS over its level after
+the inputs exist, on GPU `torch.cuda.max_memory_allocated` above the inputs.
+
+    python bench/bench_losses.py [--tokens 8192] [--vocab 49152] [--reps 3] [--device cpu|cuda]
+"""
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from distillation.losses import LossWeights
+
+VARIANTS = ("naive", "chunked")
+
+
+def _inputs(tokens, vocab, seq, k, device, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    batch = tokens // seq
+    logits = torch.randn(batch, seq, vocab, generator=g).mul_(3).to(device).requires_grad_()
+    labels = torch.randint(0, vocab, (batch, seq), generator=g).to(device)
+    labels[:, -1] = -100
+    ids = torch.empty(batch, seq, k, dtype=torch.long)
+    for b in range(batch):  # row by row, so no (tokens x vocab) teacher tensor raises the peak first
+        top = torch.randn(seq, vocab, generator=g).mul_(3).log_softmax(-1).div(1).topk(k, -1)
+        ids[b] = top.indices
+    logprobs = torch.log_softmax(torch.randn(batch, seq, k + 1, generator=g), -1)
+    qkv = lambda w: {key: torch.randn(batch, seq, w, generator=g).to(device) for key in "qkv"}
+    return logits, labels, ids.to(device), logprobs[..., :k].to(device), logprobs[..., k].exp().to(device), qkv(576), qkv(576)
+
+
+def _run_one(variant, tokens, vocab, device, chunk_tokens):
+    from distillation.losses import LossWeights, SparseTargets, attention_relation_loss, bitdistill_loss, cross_entropy, logits_kl
+
+    torch.set_num_threads(torch.get_num_threads())
+    logits, labels, ids, logprobs, tail, t_qkv, s_qkv = _inputs(tokens, vocab, 256, 32, device)
+    targets = SparseTargets(ids=ids, logprobs=logprobs, tail_mass=tail, temperature=5.0)
+    w = LossWeights(chunk_tokens=chunk_tokens)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    start = time.perf_counter()
+    if variant == "chunked":
+        total = bitdistill_loss(logits, labels, w, targets, t_qkv, s_qkv).total
+    else:
+        total = (w.ce_weight * cross_entropy(logits, labels) + w.logits_weight * logits_kl(logits, targets, labels, 5.0)
+                 + w.attention_weight * attention_relation_loss(t_qkv, s_qkv, w.split_heads, chunk_sequences=10**6))
+    total.backward()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    return {"seconds": time.perf_counter() - start, "peak_bytes": peak, "loss": total.item(),
+            "grad_sum": logits.grad.double().abs().sum().item()}
+
+
+def _spread(values):
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--vocab", type=int, default=49152)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--chunk-tokens", type=int, default=LossWeights.chunk_tokens)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(_run_one(args.child, args.tokens, args.vocab, args.device, args.chunk_tokens)))
+        return
+    runs = {v: [] for v in VARIANTS}
+    for _ in range(args.reps):
+        for variant in VARIANTS:  # interleaved, so drift in the machine hits both alike
+            out = subprocess.run([sys.executable, __file__, "--child", variant, "--tokens", str(args.tokens),
+                                  "--vocab", str(args.vocab), "--device", args.device,
+                                  "--chunk-tokens", str(args.chunk_tokens)],
+                                 capture_output=True, text=True, check=True)
+            runs[variant].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    naive, chunked = runs["naive"], runs["chunked"]
+    same = all(abs(a["loss"] - b["loss"]) <= 1e-4 * abs(a["loss"]) for a, b in zip(naive, chunked))
+    mem = [n["peak_bytes"] / c["peak_bytes"] for n, c in zip(naive, chunked)]
+    time_ratio = [c["seconds"] / n["seconds"] for n, c in zip(naive, chunked)]
+    device = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    print(f"combined loss fwd+bwd, {args.tokens} tokens x vocab {args.vocab}, top-32 targets + Q/K/V, "
+          f"chunks of {args.chunk_tokens} tokens; "
+          f"{args.reps} reps on {device}; same loss: {same}")
+    print(f"{'variant':<8} {'peak MiB (median [min, max])':<32} {'seconds (median [min, max])':<30}")
+    for variant in VARIANTS:
+        p = _spread([r["peak_bytes"] / 2**20 for r in runs[variant]])
+        s = _spread([r["seconds"] for r in runs[variant]])
+        print(f"{variant:<8} {p['median']:8.0f} [{p['min']:.0f}, {p['max']:.0f}]{'':<14} "
+              f"{s['median']:6.2f} [{s['min']:.2f}, {s['max']:.2f}]")
+    m, t = _spread(mem), _spread(time_ratio)
+    print(f"peak memory naive/chunked: {m['median']:.1f}x [{m['min']:.1f}, {m['max']:.1f}]   "
+          f"time chunked/naive: {t['median']:.2f}x [{t['min']:.2f}, {t['max']:.2f}]")
+
+
+if __name__ == "__main__":
+    main()

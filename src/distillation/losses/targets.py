@@ -1,0 +1,118 @@
+"""Teacher targets in three forms behind one API, and how a teacher builds them from raw logits.
+
+- `DenseTargets`: the teacher's raw logits; the loss applies tau to them.
+- `SparseTargets`: top-k log-probabilities at tau plus the tail mass (everything else, one class).
+- `SampledTargets`: ids drawn with replacement from the teacher distribution at tau, with weights
+  count / draws and the teacher's log-probabilities at those ids ("Sparse Logit Sampling",
+  Anshumann et al. 2025). sum_j w_j (log p_j - log q_j) is an unbiased estimate of KL(p || q), and
+  its gradient w.r.t. the student logits is an unbiased estimate of the dense one.
+
+Sparse and sampled targets carry the temperature the teacher applied, so the loss can refuse a
+second application. Shapes: leading dims [B, T] (or [N]), then k where the form has one.
+"""
+
+from dataclasses import dataclass, fields, replace
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+
+def _check_finite(targets, names) -> None:
+    for name in names:
+        value = getattr(targets, name)
+        bad = ~torch.isfinite(value.float()) if value.is_floating_point() else None
+        if bad is not None and bad.any():
+            first = tuple(int(i) for i in bad.nonzero()[0].tolist())
+            raise ValueError(f"teacher targets '{name}' hold {int(bad.sum())} NaN/inf values "
+                             f"(first at index {first}: {value[first].item()})")
+
+
+class _Rows:
+    """Row slicing over the flattened leading dims, shared by every target form."""
+
+    def flat(self):
+        lead = self.lead_ndim()
+        return replace(self, **{f.name: _flatten(getattr(self, f.name), lead) for f in fields(self)
+                                if isinstance(getattr(self, f.name), torch.Tensor)})
+
+    def rows(self, sl: slice):
+        return replace(self, **{f.name: getattr(self, f.name)[sl] for f in fields(self)
+                                if isinstance(getattr(self, f.name), torch.Tensor)})
+
+
+def _flatten(value: torch.Tensor, lead: int) -> torch.Tensor:
+    return value.reshape(-1, *value.shape[lead:])
+
+
+@dataclass
+class DenseTargets(_Rows):
+    logits: torch.Tensor  # [B, T, V] raw teacher logits
+
+    temperature: Optional[float] = None  # dense logits are raw: the loss applies tau
+
+    def lead_ndim(self) -> int:
+        return self.logits.dim() - 1
+
+    def validate(self) -> "DenseTargets":
+        _check_finite(self, ["logits"])
+        return self
+
+
+@dataclass
+class SparseTargets(_Rows):
+    ids: torch.Tensor  # [B, T, k] int
+    logprobs: torch.Tensor  # [B, T, k] log_softmax(teacher_logits / tau) at ids
+    tail_mass: torch.Tensor  # [B, T] 1 - sum(exp(logprobs))
+    temperature: float
+
+    def lead_ndim(self) -> int:
+        return self.tail_mass.dim()
+
+    def validate(self) -> "SparseTargets":
+        _check_finite(self, ["logprobs", "tail_mass"])
+        return self
+
+
+@dataclass
+class SampledTargets(_Rows):
+    ids: torch.Tensor  # [B, T, k] int, distinct per position (padding slots have weight 0)
+    weights: torch.Tensor  # [B, T, k] count / draws, summing to 1 per position
+    logprobs: torch.Tensor  # [B, T, k] teacher log-probabilities at tau at ids
+    temperature: float
+
+    def lead_ndim(self) -> int:
+        return self.ids.dim() - 1
+
+    def validate(self) -> "SampledTargets":
+        _check_finite(self, ["weights", "logprobs"])
+        return self
+
+
+Targets = Union[DenseTargets, SparseTargets, SampledTargets]
+
+
+def sparse_targets(teacher_logits: torch.Tensor, k: int, temperature: float) -> SparseTargets:
+    logprobs = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    top = logprobs.topk(k, dim=-1)
+    # -expm1(logsumexp) is the tail mass without the cancellation of 1 - sum(p).
+    tail = (-torch.expm1(torch.logsumexp(top.values, dim=-1))).clamp(min=0.0)
+    return SparseTargets(ids=top.indices, logprobs=top.values, tail_mass=tail, temperature=temperature)
+
+
+def sampled_targets(teacher_logits: torch.Tensor, draws: int, temperature: float,
+                    generator: Optional[torch.Generator] = None) -> SampledTargets:
+    """`draws` ids per position from softmax(logits / tau), merged into distinct ids with weights."""
+    logprobs = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    lead, vocab = logprobs.shape[:-1], logprobs.shape[-1]
+    flat = logprobs.reshape(-1, vocab)
+    drawn = torch.multinomial(flat.exp(), draws, replacement=True, generator=generator)  # [N, draws]
+    drawn, _ = drawn.sort(dim=-1)
+    first = torch.ones_like(drawn, dtype=torch.bool)
+    first[:, 1:] = drawn[:, 1:] != drawn[:, :-1]
+    # Count each distinct id once at its first slot; repeated slots keep the id with weight 0.
+    slot_group = first.cumsum(-1) - 1
+    counts = torch.zeros_like(drawn, dtype=torch.float32).scatter_add_(-1, slot_group, torch.ones_like(drawn, dtype=torch.float32))
+    weights = torch.where(first, counts.gather(-1, slot_group), torch.zeros_like(counts)) / draws
+    return SampledTargets(ids=drawn.reshape(*lead, draws), weights=weights.reshape(*lead, draws),
+                          logprobs=flat.gather(-1, drawn).reshape(*lead, draws), temperature=temperature)
