@@ -27,3 +27,15 @@ def smollm2_dir():
     from distillation.models import resolve_model
 
     return resolve_model("smollm2-135m-instruct", load_config().data.cache_dir)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One real local Ray cluster (2 CPUs, like the CI machine) shared by the slow tests."""
+    import ray
+    from ray import serve
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    serve.shutdown()
+    ray.shutdown()

@@ -34,17 +34,6 @@ def tiny_teacher(tmp_path_factory, smollm2_dir):
     return _tiny_model_dir(tmp_path_factory.mktemp("models"), 49152, seed=1, smollm2=smollm2_dir)
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-    from ray import serve
-
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    serve.shutdown()
-    ray.shutdown()
-
-
 def _tiny_overrides(model_dir: Path, out: Path, steps: int = 4):
     return [f"teacher.model={model_dir}", "student.num_layers=null", f"run.output_dir={out}", "run.name=e2e",
             "run.progress=false", "data.seq_len=64", "data.max_tokens_per_source=20000", "data.heldout_sequences=2",
@@ -84,6 +73,31 @@ def test_distill_runs_serve_data_train_and_writes_a_strict_checkpoint(tiny_teach
     assert not serve.status().applications.get("teacher-e2e")  # the teacher pool was taken down
 
 
+def test_sampled_teacher_signal_trains_end_to_end(tiny_teacher, ray_cluster, tmp_path):
+    from distillation.run import run
+
+    overrides = [o for o in _tiny_overrides(tiny_teacher, tmp_path, steps=2) if not o.startswith("run.name")]
+    summary = run(load_config(overrides + ["run.name=sampled", "teacher.signal=sampled", "teacher.draws=6"]))
+    assert summary["steps"] == 2 and summary["teacher"]["signal"] == "sampled"
+    assert summary["last"]["logits_kl"] > 0
+
+
+def test_precomputed_cache_replays_the_whole_run_without_a_teacher_model(tiny_teacher, ray_cluster, tmp_path):
+    from distillation.precompute import precompute
+    from distillation.run import run
+
+    cache = ["teacher=cached", f"teacher.cache_dir={tmp_path / 'cache'}"]
+    overrides = _tiny_overrides(tiny_teacher, tmp_path) + cache
+    filled = precompute(load_config(overrides))
+    assert filled["planned"] == 4 * 2 * 2 and filled["cached"] == filled["scored"] > 0
+    assert precompute(load_config(overrides))["scored"] == 0  # a rerun scores nothing new
+
+    summary = run(load_config([o for o in overrides if not o.startswith("run.name")] + ["run.name=cached"]))
+    assert summary["steps"] == 4
+    assert summary["teacher"]["kind"] == "cached" and summary["teacher"]["misses"] == 0
+    assert summary["teacher"]["hits"] == 4 * 2 * 2
+
+
 def _cli(*args, cwd):
     return subprocess.run([sys.executable, "-m", "distillation.cli", *args], capture_output=True, text=True,
                           cwd=cwd, timeout=300)
@@ -94,6 +108,8 @@ def _cli(*args, cwd):
     (lambda d, out: ["training.max_step=3"], "did you mean 'training.max_steps'"),
     (lambda d, out: [f"teacher.model={d['teacher']}", f"student.init_from={d['small_vocab']}",
                      "student.num_layers=null"], "vocabularies differ"),
+    (lambda d, out: [f"teacher.model={d['teacher']}", "teacher=cached", f"teacher.cache_dir={out}/../empty",
+                     "student.num_layers=null"], "no teacher cache for this teacher"),
 ])
 def test_bad_input_exits_nonzero_with_one_line_and_writes_nothing(tiny_teacher, smollm2_dir, tmp_path, make_args,
                                                                  message):

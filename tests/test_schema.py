@@ -47,3 +47,15 @@ def test_validate_rejects_wrong_shape_ids_and_nan():
     bad.tail_mass[0, 0] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         bad.validate(ids, 100)
+
+
+def test_an_output_carries_exactly_one_signal():
+    rng = np.random.default_rng(0)
+    sampled = TeacherOutput(temperature=np.ones(2), sampled_ids=rng.integers(0, 9, (2, 3, 4)),
+                            sampled_weights=np.full((2, 3, 4), 0.25), sampled_logprobs=-rng.random((2, 3, 4)))
+    assert sampled.sampled_weights.dtype == np.float16 and sampled.nbytes_per_token() == pytest.approx(4 * 8 + 4 / 3)
+    sampled.validate(np.zeros((2, 3)), 9)
+    with pytest.raises(ValueError, match="exactly one signal"):
+        TeacherOutput(temperature=np.ones(2))
+    with pytest.raises(ValueError, match="exactly one signal"):
+        TeacherOutput(temperature=np.ones(2), topk_ids=sampled.sampled_ids, sampled_ids=sampled.sampled_ids)

@@ -42,8 +42,9 @@ def test_conversion_keeps_weights_and_quantizes_them_to_three_levels(tiny_llama)
     convert_to_bitnet(tiny_llama)
     layer = tiny_llama.model.layers[0].self_attn.q_proj
     torch.testing.assert_close(layer.weight.detach(), original)  # fp32 master weights kept as they were
-    levels = set(ternary_weights(layer).unique().tolist())
-    assert levels <= {-1.0, 0.0, 1.0} and len(levels) == 3
+    for name, module in _bitlinears(tiny_llama).items():
+        levels = set(ternary_weights(module).unique().tolist())
+        assert levels == {-1.0, 0.0, 1.0}, (name, levels)
 
 
 def test_straight_through_gradients_reach_master_weights(tiny_llama):
@@ -99,22 +100,26 @@ def test_loading_a_nonexistent_or_non_bitnet_checkpoint_fails_clearly(tiny_llama
         load_student(tmp_path / "plain")
 
 
-def _tiny_qwen3():
-    from transformers import AutoModelForCausalLM, Qwen3Config
+def _tiny_qwen(family):
+    import transformers
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(Qwen3Config(
+    config_class = getattr(transformers, f"{family}Config")
+    extra = {"head_dim": 16} if family == "Qwen3" else {}
+    return AutoModelForCausalLM.from_config(config_class(
         vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=256, tie_word_embeddings=False))
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, **extra))
 
 
-def test_qwen3_converts_trains_and_round_trips(tmp_path):
-    model = convert_to_bitnet(_tiny_qwen3(), "paper")
+@pytest.mark.parametrize("family", ["Qwen2", "Qwen3"])
+def test_qwen_families_convert_train_and_round_trip(tmp_path, family):
+    model = convert_to_bitnet(_tiny_qwen(family), "paper")
     assert len(_bitlinears(model)) == 2 * 7 and type(model.lm_head) is nn.Linear
     ids = torch.randint(0, 128, (2, 9))
     model(input_ids=ids, labels=ids).loss.backward()
     model.eval()
-    again = load_student(save_student(model, tmp_path / "qwen3")).eval()
+    again = load_student(save_student(model, tmp_path / family)).eval()
     with torch.no_grad():
         torch.testing.assert_close(again(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
 

@@ -10,7 +10,8 @@ summarization,ce_only} data=mixed_text training={cpu_default,gpu}. Any value: e.
 --cfg prints the resolved configuration and exits."""
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: Optional[List[str]] = None, command: str = "distill") -> int:
+    """`command` is `distill` (train) or `precompute` (fill the teacher cache for the same data plan)."""
     args = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in args):
         print(USAGE)
@@ -24,9 +25,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         if show:
             print(to_yaml(cfg))
             return 0
-        from distillation.run import run
+        if command == "precompute":
+            from distillation.precompute import precompute
 
-        run(cfg)
+            precompute(cfg)
+        else:
+            from distillation.run import run
+
+            run(cfg)
     except DistillError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

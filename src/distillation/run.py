@@ -58,7 +58,7 @@ def init_ray(cfg: DictConfig) -> None:
         else "Ray cluster ready (no dashboard)")
 
 
-def _prepare_data(cfg: DictConfig, tokenizer_dir: str, tokenizer):
+def prepare_data(cfg: DictConfig, tokenizer_dir: str, tokenizer):
     """Packed training sequences per source and held-out sequences with their byte counts."""
     train_docs, heldout_docs, digests = [], [], {}
     for source in cfg.data.sources:
@@ -90,7 +90,7 @@ def _prepare_data(cfg: DictConfig, tokenizer_dir: str, tokenizer):
     return train, heldout, heldout_bytes, digests
 
 
-def _sample_rows(cfg: DictConfig, train: dict) -> dict:
+def sample_rows(cfg: DictConfig, train: dict) -> dict:
     names = [s.name for s in cfg.data.sources]
     probs = validate_weights([s.weight for s in cfg.data.sources], names)
     t = cfg.training
@@ -156,28 +156,49 @@ def _follow(board, thread, max_steps: int, metrics_path: Path, progress: bool):
     return rows
 
 
+def resolve_teacher(cfg: DictConfig):
+    """(teacher dir, tokenizer, shared vocabulary size, Q/K/V layer or None), checked against the student."""
+    teacher_dir = resolve_model(cfg.teacher.model, cfg.data.cache_dir)
+    tokenizer = load_tokenizer(teacher_dir, cfg.teacher.trust_remote_code)
+    student_dir = (Path(cfg.student.checkpoint_path).expanduser() if cfg.student.checkpoint_path
+                   else resolve_model(cfg.student.init_from, cfg.data.cache_dir))
+    if not (student_dir / "config.json").is_file():
+        raise DistillError(f"student checkpoint '{student_dir}' does not exist or has no config.json")
+    student_tok_dir = student_dir if (student_dir / "tokenizer.json").is_file() else teacher_dir
+    vocab_size = check_vocab(tokenizer, config_vocab(teacher_dir), load_tokenizer(student_tok_dir),
+                             config_vocab(student_dir))
+    qkv_layer = cfg.distillation.teacher_layer if cfg.distillation.attention_weight > 0 else None
+    return teacher_dir, tokenizer, vocab_size, qkv_layer
+
+
+def check_cache(cfg: DictConfig, teacher_dir: Path, qkv_layer, vocab_size: int) -> None:
+    """A replay-only cached teacher needs its cache to exist: say so before anything starts."""
+    if cfg.teacher.kind != "cached" or cfg.teacher.write_through:
+        return
+    from distillation.teachers.cache import TeacherCache, teacher_signature
+    from distillation.teachers.deployment import signal_settings
+
+    TeacherCache(cfg.teacher.cache_dir, teacher_signature(teacher_dir, signal_settings(cfg, qkv_layer, vocab_size)),
+                 create=False)
+
+
 def run(cfg: DictConfig) -> dict:
     started = time.time()
     set_compile(cfg.student.compile)
     # Every input check comes before anything is written, so bad input leaves no half-made run.
-    teacher_dir = resolve_model(cfg.teacher.model, cfg.data.cache_dir)
-    tokenizer = load_tokenizer(teacher_dir, cfg.teacher.trust_remote_code)
+    if cfg.teacher.kind == "vllm":
+        raise DistillError("teacher.kind=vllm is not available yet; use teacher=hf or teacher=cached")
+    teacher_dir, tokenizer, vocab_size, qkv_layer = resolve_teacher(cfg)
+    check_cache(cfg, teacher_dir, qkv_layer, vocab_size)
     student = build_student(cfg)
-    student_tok_dir = (cfg.student.checkpoint_path if cfg.student.checkpoint_path and
-                       Path(cfg.student.checkpoint_path, "tokenizer.json").is_file() else
-                       resolve_model(cfg.student.init_from, cfg.data.cache_dir))
-    vocab_size = check_vocab(tokenizer, load_causal_lm_config_vocab(teacher_dir), load_tokenizer(student_tok_dir),
-                student.config.vocab_size)
     say(f"teacher {cfg.teacher.model} ({cfg.teacher.kind}); student: BitNet, subln={cfg.student.subln}, "
         f"{sum(p.numel() for p in student.parameters()) / 1e6:.1f}M parameters")
-    if cfg.teacher.kind != "hf":
-        raise DistillError(f"teacher.kind={cfg.teacher.kind} is not available yet; use teacher=hf")
     run_dir = _run_dir(cfg)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     say(f"run folder: {run_dir}")
 
     init_ray(cfg)
-    train, heldout, heldout_bytes, digests = _prepare_data(cfg, str(teacher_dir), tokenizer)
+    train, heldout, heldout_bytes, digests = prepare_data(cfg, str(teacher_dir), tokenizer)
     say("data: " + ", ".join(f"{n} {len(v)} seqs (sha256 {digests[n][:12]})" for n, v in train.items())
         + f"; held-out {len(heldout)} seqs")
 
@@ -188,13 +209,15 @@ def run(cfg: DictConfig) -> dict:
     say(f"held-out loss before training: student {student_before['loss']:.3f}, teacher {teacher_eval['loss']:.3f}")
 
     app_name = f"teacher-{run_dir.name}"
-    qkv_layer = cfg.distillation.teacher_layer if cfg.distillation.attention_weight > 0 else None
     handle = deploy_teacher(cfg, str(teacher_dir), qkv_layer, vocab_size, app_name)
     say(f"teacher pool up: {handle.describe.remote().result()}")
-    dataset = training_dataset(_sample_rows(cfg, train), app_name, DEPLOYMENT_NAME, cfg.data.teacher_batch_size)
+    dataset = training_dataset(sample_rows(cfg, train), app_name, DEPLOYMENT_NAME, cfg.data.teacher_batch_size,
+                               cfg.data.teacher_max_attempts)
 
     try:
         result, rows = _train(cfg, dataset, run_dir, vocab_size)
+        teacher_stats = handle.describe.remote().result()
+        handle.flush.remote().result()  # write-through answers reach the cache before the pool goes
     finally:
         from ray import serve
         serve.delete(app_name)
@@ -209,14 +232,14 @@ def run(cfg: DictConfig) -> dict:
         "loss_plot": str(run_dir / "loss.png"), "tokens_seen": rows[-1]["tokens"] if rows else 0,
         "steps": rows[-1]["step"] if rows else 0, "first": rows[0] if rows else {}, "last": rows[-1] if rows else {},
         "heldout": {"student_before": student_before, "student_after": student_after, "teacher": teacher_eval},
-        "data_sha256": digests, "wall_s": time.time() - started,
+        "data_sha256": digests, "teacher": teacher_stats, "wall_s": time.time() - started,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print_summary(summary)
     return summary
 
 
-def load_causal_lm_config_vocab(model_dir: Path) -> int:
+def config_vocab(model_dir: Path) -> int:
     return json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
 
 

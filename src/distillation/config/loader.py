@@ -28,9 +28,10 @@ from distillation.errors import DistillError
 CHOICES = {
     "teacher.kind": ("hf", "vllm", "cached"),
     "teacher.dtype": ("float32", "bfloat16", "float16"),
+    "teacher.signal": ("topk", "sampled"),
     "student.subln": ("paper", "allnorm", "none"),
 }
-POSITIVE = ("teacher.top_k", "teacher.max_tokens_per_batch", "data.seq_len", "training.max_steps",
+POSITIVE = ("teacher.top_k", "teacher.draws", "teacher.max_tokens_per_batch", "data.seq_len", "training.max_steps",
             "training.batch_size", "training.grad_accum", "training.num_workers", "distillation.split_heads",
             "distillation.chunk_tokens")
 

@@ -11,7 +11,9 @@ class TeacherConfig:
     kind: str = "hf"  # hf (transformers on Ray Serve) | vllm | cached
     model: str = MISSING  # a built-in name (see distillation.assets) or a local model directory
     dtype: str = "bfloat16"  # compute dtype of the teacher forward; outputs are fp16/fp32 regardless
-    top_k: int = 32  # sparse targets: top-k log-probabilities plus one tail bucket
+    signal: str = "topk"  # topk: top-k log-probabilities + one tail bucket | sampled: draws from the teacher
+    top_k: int = 32
+    draws: int = 12  # sampled signal: ids drawn per position (unbiased KL; README: bench_targets)
     max_tokens_per_batch: int = 4096  # per forward pass; larger requests are split, never refused
     max_batch_size: int = 8  # Serve-side batching of concurrent requests (@serve.batch)
     batch_wait_timeout_s: float = 0.02
@@ -21,8 +23,11 @@ class TeacherConfig:
     min_replicas: int = 1
     max_replicas: int = 1
     target_ongoing_requests: float = 2.0
+    upscale_delay_s: float = 5.0
+    downscale_delay_s: float = 30.0
     trust_remote_code: bool = False
     cache_dir: Optional[str] = None  # cached teacher: where the precomputed shards live
+    write_through: bool = False  # cached teacher: answer misses live (transformers) and store them
 
 
 @dataclass
@@ -64,6 +69,7 @@ class DataConfig:
     heldout_fraction: float = 0.05  # share of each source's documents held out (chosen by name hash)
     heldout_sequences: int = 4  # held-out sequences per source used for the summary's loss
     teacher_batch_size: int = 4  # sequences per teacher request
+    teacher_max_attempts: int = 4  # per batch, with exponential backoff, when a teacher replica fails
     cache_dir: str = "~/.cache/wrinklefree-distillation"
 
 

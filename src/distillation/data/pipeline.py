@@ -5,6 +5,7 @@ Ray Data keep several requests in flight per actor while the trainer consumes ea
 It does not care which teacher kind answers: every kind returns `TeacherOutput` columns.
 """
 
+import asyncio
 from typing import Dict, List
 
 import numpy as np
@@ -39,26 +40,49 @@ def tokenize_documents(docs: List[Document], tokenizer_dir: str) -> Dict[str, Li
     return out
 
 
-class TeacherAnnotator:
-    """Ray Data stage: sends a batch of token ids to the teacher pool, appends the answer as columns."""
+def _retryable() -> tuple:
+    from ray import exceptions as core
+    from ray.serve import exceptions as serve_errors
 
-    def __init__(self, app_name: str, deployment_name: str):
+    # A replica that died or is being replaced; the next attempt is routed to a live one.
+    return (core.RayActorError, core.ActorUnavailableError, serve_errors.BackPressureError,
+            serve_errors.ReplicaUnavailableError, serve_errors.DeploymentUnavailableError)
+
+
+class TeacherAnnotator:
+    """Ray Data stage: sends a batch of token ids to the teacher pool, appends the answer as columns.
+
+    A failed replica costs a retry with exponential backoff, never a batch: after `max_attempts`
+    the stage fails loudly rather than handing the trainer a batch without targets.
+    """
+
+    def __init__(self, app_name: str, deployment_name: str, max_attempts: int = 4, backoff_s: float = 0.5):
         from ray import serve
 
         self.handle = serve.get_deployment_handle(deployment_name, app_name=app_name)
+        self.max_attempts, self.backoff_s = max_attempts, backoff_s
+        self.retryable = _retryable()
 
     async def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-        answer = await self.handle.remote(np.ascontiguousarray(batch["input_ids"]))
-        return {**batch, **answer}
+        ids = np.ascontiguousarray(batch["input_ids"])
+        for attempt in range(1, self.max_attempts + 1):
+            try:
+                answer = await self.handle.remote(ids)
+                return {**batch, **answer}
+            except self.retryable as exc:
+                if attempt == self.max_attempts:
+                    raise RuntimeError(f"teacher pool failed {attempt} times for one batch: {exc}") from exc
+                await asyncio.sleep(self.backoff_s * 2 ** (attempt - 1))
 
 
 def training_dataset(rows: Dict[str, np.ndarray], app_name: str, deployment_name: str,
-                     teacher_batch_size: int) -> "ray.data.Dataset":
+                     teacher_batch_size: int, max_attempts: int = 4) -> "ray.data.Dataset":
     """Rows (sample_id, source, input_ids) in plan order -> rows with teacher columns, order preserved."""
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True
     context.enable_progress_bars = False  # the driver shows one training progress bar instead
     items = [{key: rows[key][i] for key in rows} for i in range(len(rows["sample_id"]))]
     return ray.data.from_items(items).map_batches(
-        TeacherAnnotator, fn_constructor_kwargs={"app_name": app_name, "deployment_name": deployment_name},
+        TeacherAnnotator, fn_constructor_kwargs={"app_name": app_name, "deployment_name": deployment_name,
+                                                 "max_attempts": max_attempts},
         batch_size=teacher_batch_size, concurrency=1, num_cpus=0)  # it only awaits the teacher pool

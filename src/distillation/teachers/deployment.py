@@ -1,10 +1,14 @@
 """The teacher pool as a Ray Serve application: batching, autoscaling and resources come from config.
 
 No HTTP ingress: the pool is reached through a DeploymentHandle (Ray Data's annotator holds one).
+Every kind answers with `TeacherOutput` columns, so the data stage does not care which one runs.
+Metrics (`ray.util.metrics`, visible in the dashboard and to Prometheus): request latency, tokens
+scored, and requests in flight per replica.
 """
 
 import asyncio
-from typing import List
+import time
+from typing import List, Optional
 
 import numpy as np
 from omegaconf import DictConfig
@@ -12,28 +16,66 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 DEPLOYMENT_NAME = "Teacher"
+LATENCY_BUCKETS_S = [0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30]
+
+
+def _build(kind: str, teacher_kwargs: dict, cache: Optional[dict]):
+    if kind == "hf":
+        from distillation.teachers.hf import HFTeacher
+
+        return HFTeacher(**teacher_kwargs)
+    if kind == "cached":
+        from distillation.teachers.cached import build_cached
+
+        return build_cached(cache["dir"], cache["signature"], teacher_kwargs if cache["write_through"] else None)
+    raise ValueError(f"teacher kind '{kind}' has no deployment")
 
 
 @serve.deployment(name=DEPLOYMENT_NAME)
 class TeacherDeployment:
-    def __init__(self, teacher_kwargs: dict, num_threads: int, max_batch_size: int, batch_wait_timeout_s: float):
+    def __init__(self, kind: str, teacher_kwargs: dict, num_threads: int, max_batch_size: int,
+                 batch_wait_timeout_s: float, cache: Optional[dict] = None):
         import torch
-
-        from distillation.teachers.hf import HFTeacher
+        from ray.util import metrics
 
         torch.set_num_threads(num_threads)
-        self.teacher = HFTeacher(**teacher_kwargs)
+        self.teacher = _build(kind, teacher_kwargs, cache)
         self.score_batch.set_max_batch_size(max_batch_size)
         self.score_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        tags = {"kind": kind}
+        self.latency = metrics.Histogram("distill_teacher_latency_s", "seconds per scoring call",
+                                         boundaries=LATENCY_BUCKETS_S, tag_keys=("kind",))
+        self.tokens = metrics.Counter("distill_teacher_tokens", "tokens scored", tag_keys=("kind",))
+        self.in_flight = metrics.Gauge("distill_teacher_requests_in_flight", "requests waiting or being scored",
+                                       tag_keys=("kind",))
+        for metric in (self.latency, self.tokens, self.in_flight):
+            metric.set_default_tags(tags)
+        self.ongoing = 0
 
     def describe(self) -> dict:
         return self.teacher.describe()
 
+    def flush(self) -> None:
+        if hasattr(self.teacher, "flush"):
+            self.teacher.flush()
+
+    def __del__(self):  # Serve calls this on graceful replica shutdown: keep write-through answers
+        teacher = getattr(self, "teacher", None)
+        if teacher is not None and hasattr(teacher, "flush"):
+            teacher.flush()
+
     async def __call__(self, input_ids: np.ndarray) -> dict:
-        return await self.score_batch(input_ids)
+        self.ongoing += 1
+        self.in_flight.set(self.ongoing)
+        try:
+            return await self.score_batch(input_ids)
+        finally:
+            self.ongoing -= 1
+            self.in_flight.set(self.ongoing)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
     async def score_batch(self, requests: List[np.ndarray]) -> List[dict]:
+        start = time.perf_counter()
         # Requests of one length are scored in one call; the scorer itself keeps to the token budget.
         lengths = {r.shape[1] for r in requests}
         if len(lengths) == 1:
@@ -41,24 +83,48 @@ class TeacherDeployment:
             parts = joined.split([r.shape[0] for r in requests])
         else:
             parts = [await asyncio.to_thread(self.teacher.score, r) for r in requests]
+        self.latency.observe(time.perf_counter() - start)
+        self.tokens.inc(sum(r.size for r in requests))
         return [part.to_columns() for part in parts]
 
 
-def teacher_app(cfg: DictConfig, model_dir: str, qkv_layer, vocab_size: int):
+def signal_settings(cfg: DictConfig, qkv_layer: Optional[int], vocab_size: int) -> dict:
+    """What, besides the model, decides a teacher's answers (part of the cache signature)."""
+    t = cfg.teacher
+    return {"signal": t.signal, "top_k": t.top_k if t.signal == "topk" else None,
+            "draws": t.draws if t.signal == "sampled" else None, "temperature": float(cfg.distillation.temperature),
+            "qkv_layer": qkv_layer, "vocab_size": vocab_size}
+
+
+def hf_teacher_kwargs(cfg: DictConfig, model_dir: str, qkv_layer: Optional[int], vocab_size: int) -> dict:
+    t = cfg.teacher
+    return dict(model_dir=str(model_dir), top_k=t.top_k, temperature=cfg.distillation.temperature,
+                qkv_layer=qkv_layer, dtype=t.dtype, max_tokens_per_batch=t.max_tokens_per_batch,
+                trust_remote_code=t.trust_remote_code, vocab_size=vocab_size, signal=t.signal, draws=t.draws,
+                device="cuda" if t.num_gpus > 0 else "cpu")
+
+
+def teacher_app(cfg: DictConfig, model_dir: str, qkv_layer: Optional[int], vocab_size: int):
     t = cfg.teacher
     scaling = ({"num_replicas": t.min_replicas} if t.min_replicas == t.max_replicas else
                {"autoscaling_config": {"min_replicas": t.min_replicas, "max_replicas": t.max_replicas,
-                                       "target_ongoing_requests": t.target_ongoing_requests}})
-    kwargs = dict(model_dir=str(model_dir), top_k=t.top_k, temperature=cfg.distillation.temperature,
-                  qkv_layer=qkv_layer, dtype=t.dtype, max_tokens_per_batch=t.max_tokens_per_batch,
-                  trust_remote_code=t.trust_remote_code, vocab_size=vocab_size, device="cuda" if t.num_gpus > 0 else "cpu")
+                                       "target_ongoing_requests": t.target_ongoing_requests,
+                                       "upscale_delay_s": t.upscale_delay_s, "downscale_delay_s": t.downscale_delay_s}})
+    kwargs = hf_teacher_kwargs(cfg, model_dir, qkv_layer, vocab_size)
+    cache = None
+    if t.kind == "cached":
+        from distillation.teachers.cache import teacher_signature
+
+        cache = {"dir": t.cache_dir, "write_through": t.write_through,
+                 "signature": teacher_signature(model_dir, signal_settings(cfg, qkv_layer, vocab_size))}
     return TeacherDeployment.options(
         ray_actor_options={"num_cpus": t.num_cpus, "num_gpus": t.num_gpus},
         max_ongoing_requests=max(4, 2 * t.max_batch_size), **scaling,
         logging_config={"log_level": "WARNING", "enable_access_log": False},  # one line per request otherwise
-    ).bind(kwargs, t.num_threads, t.max_batch_size, t.batch_wait_timeout_s)
+    ).bind(t.kind, kwargs, t.num_threads, t.max_batch_size, t.batch_wait_timeout_s, cache)
 
 
-def deploy_teacher(cfg: DictConfig, model_dir: str, qkv_layer, vocab_size: int, app_name: str) -> DeploymentHandle:
+def deploy_teacher(cfg: DictConfig, model_dir: str, qkv_layer: Optional[int], vocab_size: int,
+                   app_name: str) -> DeploymentHandle:
     serve.start(proxy_location="Disabled")  # handles only; nothing listens on a port
     return serve.run(teacher_app(cfg, model_dir, qkv_layer, vocab_size), name=app_name, route_prefix=None)

@@ -1,5 +1,6 @@
-"""The transformers teacher: sparse top-k + tail targets and Q/K/V of one layer, in plain torch."""
+"""The transformers teacher: top-k + tail or sampled targets, and Q/K/V of one layer, in plain torch."""
 
+import hashlib
 from pathlib import Path
 from typing import Optional
 
@@ -7,7 +8,7 @@ import numpy as np
 import torch
 
 from distillation.errors import DistillError
-from distillation.losses.targets import sparse_targets
+from distillation.losses.targets import sampled_targets, sparse_targets
 from distillation.models import capture_qkv, load_causal_lm
 from distillation.teachers.schema import TeacherOutput
 
@@ -21,16 +22,20 @@ class HFTeacher:
 
     def __init__(self, model_dir: Path, top_k: int, temperature: float, qkv_layer: Optional[int] = None,
                  dtype: str = "bfloat16", max_tokens_per_batch: int = 4096, trust_remote_code: bool = False,
-                 device: str = "cpu", vocab_size: Optional[int] = None):
+                 device: str = "cpu", vocab_size: Optional[int] = None, signal: str = "topk", draws: int = 12):
         self.model = load_causal_lm(Path(model_dir), dtype, trust_remote_code).to(device).eval()
         self.vocab_size = vocab_size or self.model.config.vocab_size
         if not 0 < top_k <= self.vocab_size:
             raise DistillError(f"teacher.top_k={top_k} must be between 1 and the vocabulary size {self.vocab_size}")
+        if signal not in ("topk", "sampled"):
+            raise DistillError(f"teacher.signal must be topk or sampled, not {signal!r}")
         self.top_k, self.temperature, self.qkv_layer = top_k, float(temperature), qkv_layer
+        self.signal, self.draws = signal, draws
         self.max_tokens_per_batch, self.device = max_tokens_per_batch, device
 
     def describe(self) -> dict:
-        return {"vocab_size": self.vocab_size, "top_k": self.top_k, "temperature": self.temperature,
+        return {"vocab_size": self.vocab_size, "signal": self.signal, "top_k": self.top_k, "draws": self.draws,
+                "temperature": self.temperature,
                 "qkv_layer": self.qkv_layer, "num_layers": self.model.config.num_hidden_layers}
 
     @torch.inference_mode()
@@ -42,11 +47,20 @@ class HFTeacher:
             with capture_qkv(self.model, self.qkv_layer) as states:
                 logits = self.model(input_ids=ids).logits
         # Padding rows past the shared real vocabulary are never a target (vocab.check_vocab).
-        sparse = sparse_targets(logits[..., :self.vocab_size], self.top_k, self.temperature)
+        logits = logits[..., :self.vocab_size]
         qkv = {key: value.float().cpu().numpy() for key, value in states.items()}
+        temperature = np.full(ids.shape[0], self.temperature)
+        if self.signal == "sampled":
+            # Seeded by the tokens themselves: the same sequence always gets the same draws, so
+            # cached and live answers agree and a resumed run sees what the first one saw.
+            seed = int.from_bytes(hashlib.sha256(ids.cpu().numpy().tobytes()).digest()[:8], "little")
+            generator = torch.Generator(device=ids.device).manual_seed(seed)
+            drawn = sampled_targets(logits, self.draws, self.temperature, generator)
+            return TeacherOutput(sampled_ids=drawn.ids.cpu().numpy(), sampled_weights=drawn.weights.cpu().numpy(),
+                                 sampled_logprobs=drawn.logprobs.cpu().numpy(), temperature=temperature, **qkv)
+        sparse = sparse_targets(logits, self.top_k, self.temperature)
         return TeacherOutput(topk_ids=sparse.ids.cpu().numpy(), topk_logprobs=sparse.logprobs.cpu().numpy(),
-                             tail_mass=sparse.tail_mass.cpu().numpy(),
-                             temperature=np.full(ids.shape[0], self.temperature), **qkv)
+                             tail_mass=sparse.tail_mass.cpu().numpy(), temperature=temperature, **qkv)
 
     def score(self, input_ids: np.ndarray) -> TeacherOutput:
         input_ids = np.asarray(input_ids)

@@ -16,25 +16,37 @@ PREFIX = "teacher_"
 QKV = ("q", "k", "v")
 
 
+DTYPES = {"topk_ids": np.int32, "topk_logprobs": np.float16, "tail_mass": np.float32, "temperature": np.float32,
+          "sampled_ids": np.int32, "sampled_weights": np.float16, "sampled_logprobs": np.float16,
+          "q": np.float16, "k": np.float16, "v": np.float16}
+
+
 @dataclass
 class TeacherOutput:
-    topk_ids: np.ndarray  # [B, T, k] int32
-    topk_logprobs: np.ndarray  # [B, T, k] float16
-    tail_mass: np.ndarray  # [B, T] float32: 1 - sum(exp(topk_logprobs)), the mass outside the top-k
+    """One of two signals per position: top-k + tail (`topk_*`, `tail_mass`) or sampled (`sampled_*`)."""
+
     temperature: np.ndarray  # [B] float32: the tau already applied (one per row, so rows travel alone)
+    topk_ids: Optional[np.ndarray] = None  # [B, T, k] int32
+    topk_logprobs: Optional[np.ndarray] = None  # [B, T, k] float16
+    tail_mass: Optional[np.ndarray] = None  # [B, T] float32: 1 - sum(exp(topk_logprobs)), the mass outside
+    sampled_ids: Optional[np.ndarray] = None  # [B, T, n] int32: draws from the teacher at tau, merged
+    sampled_weights: Optional[np.ndarray] = None  # [B, T, n] float16: count / n (0 on merged slots)
+    sampled_logprobs: Optional[np.ndarray] = None  # [B, T, n] float16: teacher log-probability at tau
     q: Optional[np.ndarray] = None  # [B, T, W_q] float16, the chosen layer's q_proj output
     k: Optional[np.ndarray] = None  # [B, T, W_k] float16
     v: Optional[np.ndarray] = None  # [B, T, W_v] float16
 
     def __post_init__(self):
-        self.topk_ids = np.ascontiguousarray(self.topk_ids, dtype=np.int32)
-        self.topk_logprobs = np.ascontiguousarray(self.topk_logprobs, dtype=np.float16)
-        self.tail_mass = np.ascontiguousarray(self.tail_mass, dtype=np.float32)
-        self.temperature = np.ascontiguousarray(self.temperature, dtype=np.float32)
-        for key in QKV:
-            value = getattr(self, key)
+        for f in fields(self):
+            value = getattr(self, f.name)
             if value is not None:
-                setattr(self, key, np.ascontiguousarray(value, dtype=np.float16))
+                setattr(self, f.name, np.ascontiguousarray(value, dtype=DTYPES[f.name]))
+        if (self.topk_ids is None) == (self.sampled_ids is None):
+            raise ValueError("a teacher output carries exactly one signal: top-k + tail or sampled ids")
+
+    @property
+    def ids(self) -> np.ndarray:
+        return self.topk_ids if self.topk_ids is not None else self.sampled_ids
 
     @property
     def has_qkv(self) -> bool:
@@ -42,11 +54,11 @@ class TeacherOutput:
 
     def validate(self, input_ids: np.ndarray, vocab_size: int) -> "TeacherOutput":
         batch, length = input_ids.shape
-        if self.topk_ids.shape[:2] != (batch, length) or self.tail_mass.shape != (batch, length):
-            raise ValueError(f"teacher output shape {self.topk_ids.shape} does not match input {input_ids.shape}")
-        if self.topk_ids.min(initial=0) < 0 or self.topk_ids.max(initial=0) >= vocab_size:
-            raise ValueError(f"teacher top-k ids outside [0, {vocab_size})")
-        for name in ("topk_logprobs", "tail_mass", *QKV):
+        if self.ids.shape[:2] != (batch, length):
+            raise ValueError(f"teacher output shape {self.ids.shape} does not match input {input_ids.shape}")
+        if self.ids.min(initial=0) < 0 or self.ids.max(initial=0) >= vocab_size:
+            raise ValueError(f"teacher ids outside [0, {vocab_size})")
+        for name in ("topk_logprobs", "tail_mass", "sampled_weights", "sampled_logprobs", *QKV):
             value = getattr(self, name)
             if value is not None and not np.isfinite(value).all():
                 raise ValueError(f"teacher output '{name}' contains NaN or inf")
@@ -75,5 +87,5 @@ class TeacherOutput:
                 for i in range(len(sizes))]
 
     def nbytes_per_token(self) -> float:
-        tokens = self.tail_mass.size
+        tokens = self.ids.shape[0] * self.ids.shape[1]
         return sum(getattr(self, f.name).nbytes for f in fields(self) if getattr(self, f.name) is not None) / tokens

@@ -18,7 +18,7 @@ import torch
 from omegaconf import OmegaConf
 
 from distillation.data.packing import next_token_labels
-from distillation.losses import LossWeights, SparseTargets, bitdistill_loss
+from distillation.losses import LossWeights, SampledTargets, SparseTargets, bitdistill_loss
 from distillation.models import capture_qkv
 from distillation.student import save_student
 from distillation.teachers.schema import PREFIX, QKV
@@ -30,6 +30,16 @@ def loss_weights(dcfg) -> LossWeights:
                        attention_weight=dcfg.attention_weight, temperature=dcfg.temperature,
                        temperature_squared=dcfg.temperature_squared, split_heads=dcfg.split_heads,
                        attention_temperature=dcfg.attention_temperature, chunk_tokens=dcfg.chunk_tokens)
+
+
+def targets_from_columns(batch: dict):
+    """The teacher columns of a batch as the loss's target type (whichever signal the teacher sent)."""
+    temperature = float(batch[PREFIX + "temperature"][0])
+    if PREFIX + "sampled_ids" in batch:
+        return SampledTargets(ids=batch[PREFIX + "sampled_ids"], weights=batch[PREFIX + "sampled_weights"],
+                              logprobs=batch[PREFIX + "sampled_logprobs"], temperature=temperature)
+    return SparseTargets(ids=batch[PREFIX + "topk_ids"], logprobs=batch[PREFIX + "topk_logprobs"],
+                         tail_mass=batch[PREFIX + "tail_mass"], temperature=temperature)
 
 
 def lr_lambda(tcfg):
@@ -83,9 +93,7 @@ def train_loop_per_worker(config: dict) -> None:
             window["data_wait_s"] += time.perf_counter() - last
             input_ids = batch["input_ids"].long()
             labels = next_token_labels(input_ids)
-            targets = SparseTargets(ids=batch[PREFIX + "topk_ids"], logprobs=batch[PREFIX + "topk_logprobs"],
-                                    tail_mass=batch[PREFIX + "tail_mass"],
-                                    temperature=float(batch[PREFIX + "temperature"][0]))
+            targets = targets_from_columns(batch)
             teacher_qkv = {k: batch[PREFIX + k] for k in QKV} if weights.uses_attention else None
             logits = model(input_ids=input_ids).logits[..., :vocab_size]  # shared real range (vocab.py)
             out = bitdistill_loss(logits, labels, weights, targets, teacher_qkv, student_qkv)

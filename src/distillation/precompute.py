@@ -1,0 +1,66 @@
+"""Fill the teacher cache for a run's data plan: the same sequences `distill` would train on.
+
+A Ray Data pipeline scores the sequences not yet cached with transformers teachers (one actor per
+`teacher.max_replicas`) and each actor writes its answers as atomic Parquet shards, so a stopped
+precompute keeps what it finished and a rerun only scores the rest.
+"""
+
+from typing import Dict
+
+import numpy as np
+import ray
+from omegaconf import DictConfig
+
+from distillation.errors import DistillError
+
+
+class ScoreAndStore:
+    def __init__(self, teacher_kwargs: dict, num_threads: int, cache_dir: str, signature: dict):
+        import torch
+
+        from distillation.teachers.cache import TeacherCache
+        from distillation.teachers.hf import HFTeacher
+
+        torch.set_num_threads(num_threads)
+        self.teacher = HFTeacher(**teacher_kwargs)
+        self.cache = TeacherCache(cache_dir, signature, create=True, flush_rows=1)
+
+    def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        ids = np.stack(batch["input_ids"])
+        self.cache.add(ids, self.teacher.score(ids))  # flush_rows=1: one shard per batch, written at once
+        return {"rows": np.array([len(ids)])}
+
+
+def precompute(cfg: DictConfig) -> dict:
+    from distillation.run import init_ray, prepare_data, resolve_teacher, sample_rows, say
+    from distillation.teachers.cache import TeacherCache, sequence_key, teacher_signature
+    from distillation.teachers.deployment import hf_teacher_kwargs, signal_settings
+
+    if not cfg.teacher.cache_dir:
+        raise DistillError("missing required config value 'teacher.cache_dir' (where to write the cache)")
+    teacher_dir, tokenizer, vocab_size, qkv_layer = resolve_teacher(cfg)
+    signature = teacher_signature(teacher_dir, signal_settings(cfg, qkv_layer, vocab_size))
+    cache = TeacherCache(cfg.teacher.cache_dir, signature, create=True)
+    init_ray(cfg)
+    train, _, _, _ = prepare_data(cfg, str(teacher_dir), tokenizer)
+    planned = sample_rows(cfg, train)["input_ids"]
+    todo, seen = [], set(cache.rows)
+    for row in planned:
+        key = sequence_key(row)
+        if key not in seen:
+            seen.add(key)
+            todo.append(row)
+    say(f"teacher cache {cache.directory}: {len(planned)} planned sequences, {len(cache)} cached, "
+        f"{len(todo)} to score")
+    scored = 0
+    if todo:
+        t = cfg.teacher
+        ds = ray.data.from_items([{"input_ids": row} for row in todo]).map_batches(
+            ScoreAndStore, batch_size=cfg.data.teacher_batch_size, concurrency=t.max_replicas, num_cpus=t.num_cpus,
+            fn_constructor_kwargs={"teacher_kwargs": hf_teacher_kwargs(cfg, str(teacher_dir), qkv_layer, vocab_size),
+                                   "num_threads": t.num_threads, "cache_dir": t.cache_dir, "signature": signature})
+        scored = int(sum(r["rows"] for r in ds.take_all()))
+    summary = {"cache_dir": str(cache.directory), "planned": len(planned), "scored": scored,
+               "cached": len(TeacherCache(cfg.teacher.cache_dir, signature, create=False))}
+    say(f"teacher cache ready: {summary}")
+    return summary

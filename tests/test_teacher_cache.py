@@ -1,0 +1,104 @@
+"""The teacher cache: signatures, atomic shards, replay, and write-through with a real teacher."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from distillation.errors import DistillError
+from distillation.teachers.cache import TeacherCache, sequence_key, teacher_signature
+from distillation.teachers.cached import CachedTeacher
+from distillation.teachers.hf import HFTeacher
+
+from conftest import tiny_llama_config
+
+SETTINGS = {"top_k": 8, "temperature": 5.0, "qkv_layer": -1, "vocab_size": 128, "signal": "topk+tail"}
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("teacher")
+    AutoModelForCausalLM.from_config(tiny_llama_config()).save_pretrained(out, safe_serialization=True)
+    return out
+
+
+@pytest.fixture
+def live(tiny_dir):
+    return HFTeacher(tiny_dir, top_k=8, temperature=5.0, qkv_layer=-1, dtype="float32")
+
+
+def _ids(seed, rows=3, length=10):
+    return np.random.default_rng(seed).integers(0, 128, (rows, length))
+
+
+def test_signature_changes_with_every_signal_setting(tiny_dir):
+    base = teacher_signature(tiny_dir, SETTINGS)["signature"]
+    assert teacher_signature(tiny_dir, dict(SETTINGS))["signature"] == base
+    for key, value in [("top_k", 16), ("temperature", 1.0), ("qkv_layer", None), ("vocab_size", 100)]:
+        assert teacher_signature(tiny_dir, {**SETTINGS, key: value})["signature"] != base
+
+
+def test_write_through_stores_answers_that_replay_exactly(tiny_dir, live, tmp_path):
+    signature = teacher_signature(tiny_dir, SETTINGS)
+    teacher = CachedTeacher(TeacherCache(str(tmp_path), signature, create=True, flush_rows=4), live)
+    ids = _ids(0)
+    first = teacher.score(ids)
+    assert (teacher.hits, teacher.misses) == (0, 3)
+    again = teacher.score(ids)
+    assert (teacher.hits, teacher.misses) == (3, 3)
+    direct = live.score(ids)
+    for name, value in direct.to_columns().items():
+        np.testing.assert_array_equal(first.to_columns()[name], value)
+        np.testing.assert_array_equal(again.to_columns()[name], value)
+    # 3 rows pending (< flush_rows): nothing on disk yet; flush writes one complete shard, no temp file
+    directory = tmp_path / signature["signature"]
+    assert not list(directory.glob("*.parquet"))
+    teacher.flush()
+    assert len(list(directory.glob("*.parquet"))) == 1 and not list(directory.glob(".*"))
+    assert json.loads((directory / "signature.json").read_text())["top_k"] == 8
+
+    replay = CachedTeacher(TeacherCache(str(tmp_path), signature, create=False))
+    mixed = np.concatenate([ids[2:], ids[:2]])  # order of rows does not matter, only their content
+    out = replay.score(mixed)
+    np.testing.assert_array_equal(out.topk_ids, np.concatenate([direct.topk_ids[2:], direct.topk_ids[:2]]))
+    assert out.q.shape == direct.q.shape and float(out.temperature[0]) == 5.0
+
+
+def test_replay_only_cache_refuses_misses_and_missing_folders(tiny_dir, live, tmp_path):
+    signature = teacher_signature(tiny_dir, SETTINGS)
+    with pytest.raises(DistillError, match="no teacher cache for this teacher"):
+        TeacherCache(str(tmp_path), signature, create=False)
+    cache = TeacherCache(str(tmp_path), signature, create=True)
+    cache.add(_ids(1), live.score(_ids(1)))
+    cache.flush()
+    replay = CachedTeacher(TeacherCache(str(tmp_path), signature, create=False))
+    with pytest.raises(DistillError, match="2 of 3 sequences are not in the teacher cache"):
+        replay.score(np.concatenate([_ids(1)[:1], _ids(2)[:2]]))
+
+
+def test_sequence_key_depends_on_content_only():
+    ids = _ids(3)
+    assert sequence_key(ids[0]) == sequence_key(ids[0].astype(np.int64).copy())
+    assert sequence_key(ids[0]) != sequence_key(ids[1])
+
+
+def test_sampled_signal_is_seeded_by_content_and_replays_from_the_cache(tiny_dir, tmp_path):
+    teacher = HFTeacher(tiny_dir, top_k=8, temperature=5.0, dtype="float32", signal="sampled", draws=6)
+    ids = _ids(4)
+    first, again = teacher.score(ids), teacher.score(ids)
+    np.testing.assert_array_equal(first.sampled_ids, again.sampled_ids)  # same tokens, same draws
+    assert first.topk_ids is None and first.sampled_ids.shape == (3, 10, 6)
+    np.testing.assert_allclose(first.sampled_weights.astype(np.float32).sum(-1), 1.0, atol=1e-3)
+    assert not np.array_equal(teacher.score(_ids(5)).sampled_ids, first.sampled_ids)
+
+    signature = teacher_signature(tiny_dir, {**SETTINGS, "signal": "sampled", "draws": 6, "top_k": None})
+    cached = CachedTeacher(TeacherCache(str(tmp_path), signature, create=True), teacher)
+    cached.score(ids)
+    cached.flush()
+    replay = CachedTeacher(TeacherCache(str(tmp_path), signature, create=False)).score(ids)
+    for name, value in first.to_columns().items():
+        np.testing.assert_array_equal(replay.to_columns()[name], value)

@@ -1,0 +1,94 @@
+"""The teacher pool on a real local Ray cluster: it autoscales under load, and a killed replica
+costs no batch."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import ray
+import torch
+from ray import serve
+
+from distillation.config import load_config
+from distillation.data.pipeline import training_dataset
+from distillation.teachers.deployment import DEPLOYMENT_NAME, deploy_teacher
+
+from conftest import tiny_llama_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("pool-teacher")
+    AutoModelForCausalLM.from_config(tiny_llama_config(layers=1)).save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def _running(app):
+    status = serve.status().applications[app].deployments[DEPLOYMENT_NAME]
+    return status.replica_states.get("RUNNING", 0)
+
+
+def _wait_for(predicate, timeout, what):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def test_pool_scales_out_under_load_and_back_in(tiny_dir, ray_cluster):
+    cfg = load_config(["teacher.min_replicas=1", "teacher.max_replicas=2", "teacher.num_cpus=0.5",
+                       "teacher.target_ongoing_requests=1", "teacher.upscale_delay_s=0.5",
+                       "teacher.downscale_delay_s=2", "teacher.max_batch_size=1", "teacher.top_k=8"])
+    handle = deploy_teacher(cfg, str(tiny_dir), None, 128, "pool-autoscale")
+    try:
+        assert _running("pool-autoscale") == 1
+        ids = np.random.default_rng(0).integers(0, 128, (2, 512))
+        stop = threading.Event()
+
+        def load():
+            while not stop.is_set():
+                [r.result() for r in [handle.remote(ids) for _ in range(8)]]
+
+        workers = [threading.Thread(target=load, daemon=True) for _ in range(2)]
+        for w in workers:
+            w.start()
+        _wait_for(lambda: _running("pool-autoscale") == 2, 90, "a second replica under load")
+        stop.set()
+        for w in workers:
+            w.join()
+        _wait_for(lambda: _running("pool-autoscale") == 1, 90, "scale back to one replica")
+    finally:
+        serve.delete("pool-autoscale")
+
+
+def test_killed_replica_loses_no_batch(tiny_dir, ray_cluster):
+    cfg = load_config(["teacher.min_replicas=2", "teacher.max_replicas=2", "teacher.num_cpus=0.5",
+                       "teacher.top_k=8"])
+    deploy_teacher(cfg, str(tiny_dir), None, 128, "pool-kill")
+    try:
+        count = 48
+        rows = {"sample_id": np.arange(count), "source": np.zeros(count, dtype=np.int32),
+                "input_ids": np.random.default_rng(1).integers(0, 128, (count, 256))}
+        dataset = training_dataset(rows, "pool-kill", DEPLOYMENT_NAME, teacher_batch_size=2, max_attempts=6)
+        replicas = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                    if "pool-kill" in a["name"] and a["namespace"] == "serve"]
+        assert len(replicas) == 2, replicas
+        seen = []
+        for i, row in enumerate(dataset.iter_rows()):
+            seen.append(int(row["sample_id"]))
+            assert row["teacher_topk_ids"].shape == (256, 8)
+            if i == 4:  # mid-stream, with requests in flight
+                ray.kill(ray.get_actor(replicas[0]["name"], namespace="serve"), no_restart=False)
+        assert seen == list(range(count))  # every sample, once, in order
+        now = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "pool-kill" in a["name"]]
+        assert replicas[0]["name"] not in now  # the kill happened and Serve replaced the replica
+    finally:
+        serve.delete("pool-kill")
