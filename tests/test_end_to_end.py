@@ -96,6 +96,7 @@ def test_precomputed_cache_replays_the_whole_run_without_a_teacher_model(tiny_te
     assert summary["steps"] == 4
     assert summary["teacher"]["kind"] == "cached" and summary["teacher"]["misses"] == 0
     assert summary["teacher"]["hits"] == 4 * 2 * 2
+    assert summary["heldout"]["teacher"] is None  # the driver did not load the teacher either
 
 
 def _cli(*args, cwd):

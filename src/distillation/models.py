@@ -10,6 +10,7 @@ from torch import nn
 from distillation.assets import BUILTIN_MODELS, builtin_model_dir
 from distillation.errors import DistillError
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

@@ -22,7 +22,7 @@ from distillation.data.packing import pack
 from distillation.data.pipeline import tokenize_documents, training_dataset
 from distillation.data.sources import content_digest, is_heldout, load_documents
 from distillation.errors import DistillError
-from distillation.models import load_causal_lm, load_tokenizer, resolve_model
+from distillation.models import TOKENIZER_FILES, load_causal_lm, load_tokenizer, resolve_model
 from distillation.student import load_student
 from distillation.teachers.deployment import DEPLOYMENT_NAME, deploy_teacher
 from distillation.training.evaluate import heldout_loss
@@ -204,9 +204,12 @@ def run(cfg: DictConfig) -> dict:
 
     student_before = heldout_loss(student, heldout, heldout_bytes)
     del student
-    teacher_eval = heldout_loss(load_causal_lm(teacher_dir, "float32", cfg.teacher.trust_remote_code),
-                                heldout, heldout_bytes)
-    say(f"held-out loss before training: student {student_before['loss']:.3f}, teacher {teacher_eval['loss']:.3f}")
+    teacher_eval = None  # a cached teacher's point is not loading the model, so it is not scored here
+    if cfg.teacher.kind != "cached":
+        teacher_eval = heldout_loss(load_causal_lm(teacher_dir, "float32", cfg.teacher.trust_remote_code),
+                                    heldout, heldout_bytes)
+    say(f"held-out loss before training: student {student_before['loss']:.3f}"
+        + (f", teacher {teacher_eval['loss']:.3f}" if teacher_eval else ""))
 
     app_name = f"teacher-{run_dir.name}"
     handle = deploy_teacher(cfg, str(teacher_dir), qkv_layer, vocab_size, app_name)
@@ -248,7 +251,7 @@ def _export_student(checkpoint_dir: Path, out: Path, tokenizer_dir: Path) -> Pat
     staging = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(checkpoint_dir / "student", staging)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+    for name in TOKENIZER_FILES:
         if (tokenizer_dir / name).is_file():
             shutil.copy2(tokenizer_dir / name, staging / name)
     shutil.copy2(checkpoint_dir / "config.yaml", staging / "distill_config.yaml")
@@ -268,7 +271,8 @@ def print_summary(s: dict) -> None:
         "held-out next-token loss (nats/token, bits/byte):",
         f"  student before  {h['student_before']['loss']:.3f}  {h['student_before']['bits_per_byte']:.3f}",
         f"  student after   {h['student_after']['loss']:.3f}  {h['student_after']['bits_per_byte']:.3f}",
-        f"  teacher         {h['teacher']['loss']:.3f}  {h['teacher']['bits_per_byte']:.3f}",
+        (f"  teacher         {h['teacher']['loss']:.3f}  {h['teacher']['bits_per_byte']:.3f}" if h["teacher"]
+         else "  teacher         (cached teacher: not loaded)"),
         f"student checkpoint: {s['student_checkpoint']}",
         f"metrics: {s['metrics']}", f"loss plot: {s['loss_plot']}",
     ]

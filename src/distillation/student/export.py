@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import List, Optional
 
 from distillation.errors import DistillError
+from distillation.models import TOKENIZER_FILES
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
 def export_packed(student_dir: Path, out_dir: Path) -> dict:
