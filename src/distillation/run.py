@@ -186,9 +186,11 @@ def run(cfg: DictConfig) -> dict:
     started = time.time()
     set_compile(cfg.student.compile)
     # Every input check comes before anything is written, so bad input leaves no half-made run.
-    if cfg.teacher.kind == "vllm":
-        raise DistillError("teacher.kind=vllm is not available yet; use teacher=hf or teacher=cached")
     teacher_dir, tokenizer, vocab_size, qkv_layer = resolve_teacher(cfg)
+    if cfg.teacher.kind == "vllm":
+        from distillation.teachers.vllm import check_vllm_settings
+
+        check_vllm_settings(cfg.distillation.temperature, qkv_layer, cfg.teacher.signal)
     check_cache(cfg, teacher_dir, qkv_layer, vocab_size)
     student = build_student(cfg)
     say(f"teacher {cfg.teacher.model} ({cfg.teacher.kind}); student: BitNet, subln={cfg.student.subln}, "

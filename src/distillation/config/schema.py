@@ -11,7 +11,7 @@ class TeacherConfig:
     kind: str = "hf"  # hf (transformers on Ray Serve) | vllm | cached
     model: str = MISSING  # a built-in name (see distillation.assets) or a local model directory
     dtype: str = "bfloat16"  # compute dtype of the teacher forward; outputs are fp16/fp32 regardless
-    signal: str = "topk"  # topk: top-k log-probabilities + one tail bucket | sampled: draws from the teacher
+    signal: str = "sampled"  # sampled: draws from the teacher (unbiased) | topk: top-k log-probabilities + tail
     top_k: int = 32
     draws: int = 12  # sampled signal: ids drawn per position (unbiased KL; README: bench_targets)
     max_tokens_per_batch: int = 4096  # per forward pass; larger requests are split, never refused
@@ -28,6 +28,8 @@ class TeacherConfig:
     trust_remote_code: bool = False
     cache_dir: Optional[str] = None  # cached teacher: where the precomputed shards live
     write_through: bool = False  # cached teacher: answer misses live (transformers) and store them
+    max_model_len: int = 2048  # vLLM teacher: longest sequence the engine accepts
+    kv_cache_gib: int = 1  # vLLM teacher on CPU: memory for its KV cache (VLLM_CPU_KVCACHE_SPACE)
 
 
 @dataclass

