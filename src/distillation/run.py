@@ -188,9 +188,11 @@ def run(cfg: DictConfig) -> dict:
     # Every input check comes before anything is written, so bad input leaves no half-made run.
     teacher_dir, tokenizer, vocab_size, qkv_layer = resolve_teacher(cfg)
     if cfg.teacher.kind == "vllm":
-        from distillation.teachers.vllm import check_vllm_settings
+        from distillation.teachers.vllm import VLLMServerTeacher, check_vllm_settings
 
         check_vllm_settings(cfg.distillation.temperature, qkv_layer, cfg.teacher.signal)
+        if cfg.teacher.vllm_url:  # reachable and serving a model, before anything starts
+            VLLMServerTeacher(cfg.teacher.vllm_url, cfg.teacher.top_k, 1.0)
     check_cache(cfg, teacher_dir, qkv_layer, vocab_size)
     student = build_student(cfg)
     say(f"teacher {cfg.teacher.model} ({cfg.teacher.kind}); student: BitNet, subln={cfg.student.subln}, "

@@ -30,6 +30,7 @@ class TeacherConfig:
     write_through: bool = False  # cached teacher: answer misses live (transformers) and store them
     max_model_len: int = 2048  # vLLM teacher: longest sequence the engine accepts
     kv_cache_gib: int = 1  # vLLM teacher on CPU: memory for its KV cache (VLLM_CPU_KVCACHE_SPACE)
+    vllm_url: Optional[str] = None  # vLLM teacher: an external OpenAI-compatible server instead of an engine
 
 
 @dataclass

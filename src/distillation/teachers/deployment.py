@@ -25,9 +25,9 @@ def _build(kind: str, teacher_kwargs: dict, cache: Optional[dict]):
 
         return HFTeacher(**teacher_kwargs)
     if kind == "vllm":
-        from distillation.teachers.vllm import VLLMTeacher
+        from distillation.teachers.vllm import VLLMServerTeacher, VLLMTeacher
 
-        return VLLMTeacher(**teacher_kwargs)
+        return (VLLMServerTeacher if teacher_kwargs.get("vllm_url") else VLLMTeacher)(**teacher_kwargs)
     if kind == "cached":
         from distillation.teachers.cached import build_cached
 
@@ -116,7 +116,7 @@ def teacher_app(cfg: DictConfig, model_dir: str, qkv_layer: Optional[int], vocab
                                        "upscale_delay_s": t.upscale_delay_s, "downscale_delay_s": t.downscale_delay_s}})
     kwargs = hf_teacher_kwargs(cfg, model_dir, qkv_layer, vocab_size)
     if t.kind == "vllm":
-        kwargs.update(max_model_len=t.max_model_len, kv_cache_gib=t.kv_cache_gib)
+        kwargs.update(max_model_len=t.max_model_len, kv_cache_gib=t.kv_cache_gib, vllm_url=t.vllm_url)
     cache = None
     if t.kind == "cached":
         from distillation.teachers.cache import teacher_signature

@@ -84,3 +84,69 @@ class VLLMTeacher:
         tail = (-torch.expm1(torch.logsumexp(torch.from_numpy(logprobs), dim=-1))).clamp(min=0.0).numpy()
         return TeacherOutput(topk_ids=ids, topk_logprobs=logprobs, tail_mass=tail,
                              temperature=np.ones(batch, dtype=np.float32)).validate(input_ids, self.vocab_size)
+
+
+class VLLMServerTeacher:
+    """An external vLLM server's OpenAI-compatible `/v1/completions`, asked by token id.
+
+    Prompt log-probabilities come keyed by token id; the last position's come from the one generated
+    token with `return_tokens_as_token_ids`, so no id is ever parsed back from text. The server must
+    allow `--max-logprobs` >= top_k; a refusal is reported with the server's own message.
+    """
+
+    def __init__(self, vllm_url: str, top_k: int, temperature: float, vocab_size: Optional[int] = None,
+                 qkv_layer: Optional[int] = None, signal: str = "topk", timeout_s: float = 120.0, **_unused):
+        check_vllm_settings(temperature, qkv_layer, signal)
+        self.url, self.top_k, self.timeout_s, self.temperature = vllm_url.rstrip("/"), top_k, timeout_s, 1.0
+        models = self._request("/v1/models")["data"]
+        if not models:
+            raise DistillError(f"vLLM server at {self.url} serves no model")
+        self.model = models[0]["id"]
+        self.vocab_size = vocab_size
+
+    def _request(self, path: str, body: Optional[dict] = None) -> dict:
+        import json
+        import urllib.error
+        import urllib.request
+
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            detail = exc.read().decode(errors="replace")[:300]
+            raise DistillError(f"vLLM server at {self.url} refused {path} ({exc.code}): {detail}") from None
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
+            raise DistillError(f"vLLM server at {self.url} is unreachable: {getattr(exc, 'reason', exc)}") from None
+
+    def describe(self) -> dict:
+        return {"kind": "vllm-server", "url": self.url, "model": self.model, "signal": "topk", "top_k": self.top_k,
+                "temperature": self.temperature, "qkv_layer": None}
+
+    def _top(self, scored: list) -> tuple:
+        scored = sorted(scored, key=lambda item: -item[1])[: self.top_k]
+        if len(scored) < self.top_k:
+            raise DistillError(f"vLLM server returned {len(scored)} log-probabilities where {self.top_k} were asked")
+        return [token for token, _ in scored], [value for _, value in scored]
+
+    def score(self, input_ids: np.ndarray) -> TeacherOutput:
+        input_ids = np.asarray(input_ids)
+        batch, length = input_ids.shape
+        answer = self._request("/v1/completions", {
+            "model": self.model, "prompt": input_ids.tolist(), "max_tokens": 1, "temperature": 0.0,
+            "prompt_logprobs": self.top_k, "logprobs": self.top_k, "return_tokens_as_token_ids": True})
+        ids = np.empty((batch, length, self.top_k), dtype=np.int32)
+        logprobs = np.empty((batch, length, self.top_k), dtype=np.float32)
+        for choice in sorted(answer["choices"], key=lambda c: c["index"]):
+            b = choice["index"]
+            positions = [[(int(token), entry["logprob"]) for token, entry in p.items()]
+                         for p in choice["prompt_logprobs"][1:]]  # one-position shift
+            positions.append([(int(token.split(":", 1)[1]), value)
+                              for token, value in choice["logprobs"]["top_logprobs"][0].items()])
+            for t, scored in enumerate(positions):
+                ids[b, t], logprobs[b, t] = self._top(scored)
+        tail = (-torch.expm1(torch.logsumexp(torch.from_numpy(logprobs), dim=-1))).clamp(min=0.0).numpy()
+        return TeacherOutput(topk_ids=ids, topk_logprobs=logprobs, tail_mass=tail,
+                             temperature=np.ones(batch, dtype=np.float32)).validate(
+                                 input_ids, self.vocab_size or int(ids.max()) + 1)
