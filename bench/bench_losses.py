@@ -33,17 +33,20 @@ def _inputs(tokens, vocab, seq, k, device, seed=0):
     labels[:, -1] = -100
     ids = torch.empty(batch, seq, k, dtype=torch.long)
     for b in range(batch):  # row by row, so no (tokens x vocab) teacher tensor raises the peak first
-        top = torch.randn(seq, vocab, generator=g).mul_(3).log_softmax(-1).div(1).topk(k, -1)
-        ids[b] = top.indices
+        ids[b] = torch.randn(seq, vocab, generator=g).topk(k, -1).indices
     logprobs = torch.log_softmax(torch.randn(batch, seq, k + 1, generator=g), -1)
-    qkv = lambda w: {key: torch.randn(batch, seq, w, generator=g).to(device) for key in "qkv"}
-    return logits, labels, ids.to(device), logprobs[..., :k].to(device), logprobs[..., k].exp().to(device), qkv(576), qkv(576)
+
+    def qkv(width):
+        return {key: torch.randn(batch, seq, width, generator=g).to(device) for key in "qkv"}
+
+    return (logits, labels, ids.to(device), logprobs[..., :k].to(device), logprobs[..., k].exp().to(device),
+            qkv(576), qkv(576))
 
 
 def _run_one(variant, tokens, vocab, device, chunk_tokens):
-    from distillation.losses import LossWeights, SparseTargets, attention_relation_loss, bitdistill_loss, cross_entropy, logits_kl
+    from distillation.losses import (SparseTargets, attention_relation_loss, bitdistill_loss, cross_entropy,
+                                     logits_kl)
 
-    torch.set_num_threads(torch.get_num_threads())
     logits, labels, ids, logprobs, tail, t_qkv, s_qkv = _inputs(tokens, vocab, 256, 32, device)
     targets = SparseTargets(ids=ids, logprobs=logprobs, tail_mass=tail, temperature=5.0)
     w = LossWeights(chunk_tokens=chunk_tokens)
@@ -97,7 +100,8 @@ def main():
     same = all(abs(a["loss"] - b["loss"]) <= 1e-4 * abs(a["loss"]) for a, b in zip(naive, chunked))
     mem = [n["peak_bytes"] / c["peak_bytes"] for n, c in zip(naive, chunked)]
     time_ratio = [c["seconds"] / n["seconds"] for n, c in zip(naive, chunked)]
-    device = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    device = (torch.cuda.get_device_name() if args.device == "cuda"
+              else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     print(f"combined loss fwd+bwd, {args.tokens} tokens x vocab {args.vocab}, top-32 targets + Q/K/V, "
           f"chunks of {args.chunk_tokens} tokens; "
           f"{args.reps} reps on {device}; same loss: {same}")

@@ -102,3 +102,17 @@ def test_sampled_signal_is_seeded_by_content_and_replays_from_the_cache(tiny_dir
     replay = CachedTeacher(TeacherCache(str(tmp_path), signature, create=False)).score(ids)
     for name, value in first.to_columns().items():
         np.testing.assert_array_equal(replay.to_columns()[name], value)
+
+
+def test_position_t_holds_the_distribution_of_token_t_plus_1(tiny_dir, live):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    ids = _ids(6, rows=1, length=8)
+    answer = live.score(ids)
+    for t in range(ids.shape[1]):
+        with torch.no_grad():  # the model sees tokens 0..t only and predicts token t + 1
+            prefix_logits = model(input_ids=torch.as_tensor(ids[:, : t + 1])).logits[0, -1]
+        expected = torch.log_softmax(prefix_logits / 5.0, -1).topk(8)
+        np.testing.assert_array_equal(answer.topk_ids[0, t], expected.indices.numpy())
+        np.testing.assert_allclose(answer.topk_logprobs[0, t].astype(np.float32), expected.values.numpy(), atol=2e-3)

@@ -23,6 +23,7 @@ class TeacherConfig:
     min_replicas: int = 1
     max_replicas: int = 1
     target_ongoing_requests: float = 2.0
+    health_check_period_s: float = 10.0
     upscale_delay_s: float = 5.0
     downscale_delay_s: float = 30.0
     trust_remote_code: bool = False

@@ -112,7 +112,8 @@ def sampled_targets(teacher_logits: torch.Tensor, draws: int, temperature: float
     first[:, 1:] = drawn[:, 1:] != drawn[:, :-1]
     # Count each distinct id once at its first slot; repeated slots keep the id with weight 0.
     slot_group = first.cumsum(-1) - 1
-    counts = torch.zeros_like(drawn, dtype=torch.float32).scatter_add_(-1, slot_group, torch.ones_like(drawn, dtype=torch.float32))
+    ones = torch.ones_like(drawn, dtype=torch.float32)
+    counts = torch.zeros_like(ones).scatter_add_(-1, slot_group, ones)
     weights = torch.where(first, counts.gather(-1, slot_group), torch.zeros_like(counts)) / draws
     return SampledTargets(ids=drawn.reshape(*lead, draws), weights=weights.reshape(*lead, draws),
                           logprobs=flat.gather(-1, drawn).reshape(*lead, draws), temperature=temperature)

@@ -59,6 +59,12 @@ class TeacherDeployment:
     def describe(self) -> dict:
         return self.teacher.describe()
 
+    def check_health(self) -> None:
+        """Serve calls this every `health_check_period_s`; raising marks the replica unhealthy and
+        Serve replaces it (a dead vLLM engine or an unreachable vLLM server, for instance)."""
+        if hasattr(self.teacher, "check_health"):
+            self.teacher.check_health()
+
     def flush(self) -> None:
         if hasattr(self.teacher, "flush"):
             self.teacher.flush()
@@ -125,7 +131,8 @@ def teacher_app(cfg: DictConfig, model_dir: str, qkv_layer: Optional[int], vocab
                  "signature": teacher_signature(model_dir, signal_settings(cfg, qkv_layer, vocab_size))}
     return TeacherDeployment.options(
         ray_actor_options={"num_cpus": t.num_cpus, "num_gpus": t.num_gpus},
-        max_ongoing_requests=max(4, 2 * t.max_batch_size), **scaling,
+        max_ongoing_requests=max(4, 2 * t.max_batch_size), health_check_period_s=t.health_check_period_s,
+        **scaling,
         logging_config={"log_level": "WARNING", "enable_access_log": False},  # one line per request otherwise
     ).bind(t.kind, kwargs, t.num_threads, t.max_batch_size, t.batch_wait_timeout_s, cache)
 

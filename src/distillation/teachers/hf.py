@@ -34,8 +34,8 @@ class HFTeacher:
         self.max_tokens_per_batch, self.device = max_tokens_per_batch, device
 
     def describe(self) -> dict:
-        return {"kind": "hf", "vocab_size": self.vocab_size, "signal": self.signal, "top_k": self.top_k, "draws": self.draws,
-                "temperature": self.temperature,
+        return {"kind": "hf", "vocab_size": self.vocab_size, "signal": self.signal, "top_k": self.top_k,
+                "draws": self.draws, "temperature": self.temperature,
                 "qkv_layer": self.qkv_layer, "num_layers": self.model.config.num_hidden_layers}
 
     @torch.inference_mode()

