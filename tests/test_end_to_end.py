@@ -56,8 +56,10 @@ def test_distill_runs_serve_data_train_and_writes_a_strict_checkpoint(tiny_teach
     rows = [json.loads(line) for line in Path(summary["metrics"]).read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     first, last = rows[0], rows[-1]
-    for key in ("ce", "logits_kl", "attention"):
+    for key in ("ce", "attention"):
         assert first[key] > 0 and last[key] > 0  # every component was computed from teacher answers
+    # The default sampled signal gives an unbiased KL estimate, which can dip below zero on a batch.
+    assert first["logits_kl"] != 0 and last["logits_kl"] != 0
     assert Path(summary["loss_plot"]).stat().st_size > 0
 
     student_dir = Path(summary["student_checkpoint"])
@@ -79,7 +81,7 @@ def test_sampled_teacher_signal_trains_end_to_end(tiny_teacher, ray_cluster, tmp
     overrides = [o for o in _tiny_overrides(tiny_teacher, tmp_path, steps=2) if not o.startswith("run.name")]
     summary = run(load_config(overrides + ["run.name=sampled", "teacher.signal=sampled", "teacher.draws=6"]))
     assert summary["steps"] == 2 and summary["teacher"]["signal"] == "sampled"
-    assert summary["last"]["logits_kl"] > 0
+    assert summary["last"]["logits_kl"] != 0
 
 
 def test_precomputed_cache_replays_the_whole_run_without_a_teacher_model(tiny_teacher, ray_cluster, tmp_path):
