@@ -70,8 +70,8 @@ def test_pool_scales_out_under_load_and_back_in(tiny_dir, ray_cluster):
 
 
 def test_killed_replica_loses_no_batch(tiny_dir, ray_cluster):
-    cfg = load_config(["teacher.min_replicas=2", "teacher.max_replicas=2", "teacher.num_cpus=0.5", "teacher.signal=topk",
-                       "teacher.top_k=8"])
+    cfg = load_config(["teacher.min_replicas=2", "teacher.max_replicas=2", "teacher.num_cpus=0.5",
+                       "teacher.signal=topk", "teacher.top_k=8"])
     deploy_teacher(cfg, str(tiny_dir), None, 128, "pool-kill")
     try:
         count = 48
