@@ -60,7 +60,7 @@ def precompute(cfg: DictConfig) -> dict:
             fn_constructor_kwargs={"teacher_kwargs": hf_teacher_kwargs(cfg, str(teacher_dir), qkv_layer, vocab_size),
                                    "num_threads": t.num_threads, "cache_dir": t.cache_dir, "signature": signature})
         scored = int(sum(r["rows"] for r in ds.take_all()))
-    summary = {"cache_dir": str(cache.directory), "planned": len(planned), "scored": scored,
-               "cached": len(TeacherCache(cfg.teacher.cache_dir, signature, create=False))}
+    cache.reload()  # the actors' shards
+    summary = {"cache_dir": str(cache.directory), "planned": len(planned), "scored": scored, "cached": len(cache)}
     say(f"teacher cache ready: {summary}")
     return summary

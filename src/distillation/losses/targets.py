@@ -92,12 +92,16 @@ class SampledTargets(_Rows):
 Targets = Union[DenseTargets, SparseTargets, SampledTargets]
 
 
+def tail_mass(top_logprobs: torch.Tensor) -> torch.Tensor:
+    """1 - sum(exp(top_logprobs)) over the last dim, as -expm1(logsumexp): no 1 - sum cancellation."""
+    return (-torch.expm1(torch.logsumexp(top_logprobs.float(), dim=-1))).clamp(min=0.0)
+
+
 def sparse_targets(teacher_logits: torch.Tensor, k: int, temperature: float) -> SparseTargets:
     logprobs = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     top = logprobs.topk(k, dim=-1)
-    # -expm1(logsumexp) is the tail mass without the cancellation of 1 - sum(p).
-    tail = (-torch.expm1(torch.logsumexp(top.values, dim=-1))).clamp(min=0.0)
-    return SparseTargets(ids=top.indices, logprobs=top.values, tail_mass=tail, temperature=temperature)
+    return SparseTargets(ids=top.indices, logprobs=top.values, tail_mass=tail_mass(top.values),
+                         temperature=temperature)
 
 
 def sampled_targets(teacher_logits: torch.Tensor, draws: int, temperature: float,

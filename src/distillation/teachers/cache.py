@@ -21,8 +21,7 @@ import pyarrow.parquet as pq
 from distillation.errors import DistillError
 from distillation.teachers.schema import DTYPES, TeacherOutput
 
-ROW_FIELDS = ("topk_ids", "topk_logprobs", "tail_mass", "sampled_ids", "sampled_weights", "sampled_logprobs",
-              "q", "k", "v")  # temperature is in the signature
+ROW_FIELDS = tuple(name for name in DTYPES if name != "temperature")  # temperature is in the signature
 
 
 def sequence_key(input_ids: np.ndarray) -> str:
@@ -81,10 +80,14 @@ class TeacherCache:
 
     def reload(self) -> None:
         for path in sorted(self.directory.glob("*.parquet")):
-            table = pq.read_table(path)
-            names = [n for n in table.column_names if n != "key"]
-            for i, key in enumerate(table.column("key").to_pylist()):
-                self.rows[key] = {n: table.column(n)[i].as_py() for n in names}
+            self._remember(pq.read_table(path))
+
+    def _remember(self, table) -> None:
+        """Index a table's (or record batch's) rows by key: {key: {field: bytes}}."""
+        columns = {name: table.column(name).to_pylist() for name in table.schema.names}
+        keys = columns.pop("key")
+        for i, key in enumerate(keys):
+            self.rows[key] = {name: values[i] for name, values in columns.items()}
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -108,8 +111,7 @@ class TeacherCache:
         keys = [sequence_key(row) for row in input_ids]
         batch = to_record_batch(keys, output)
         self.pending.append(batch)
-        for i, key in enumerate(keys):
-            self.rows[key] = {name: batch.column(name)[i].as_py() for name in batch.schema.names if name != "key"}
+        self._remember(batch)
         if sum(b.num_rows for b in self.pending) >= self.flush_rows:
             self.flush()
 

@@ -70,9 +70,8 @@ class TeacherDeployment:
             self.teacher.flush()
 
     def __del__(self):  # Serve calls this on graceful replica shutdown: keep write-through answers
-        teacher = getattr(self, "teacher", None)
-        if teacher is not None and hasattr(teacher, "flush"):
-            teacher.flush()
+        if hasattr(self, "teacher"):  # absent when the constructor failed
+            self.flush()
 
     async def __call__(self, input_ids: np.ndarray) -> dict:
         self.ongoing += 1

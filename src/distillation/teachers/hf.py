@@ -71,7 +71,8 @@ class HFTeacher:
             raise DistillError(f"sequence of {length} tokens exceeds teacher.max_tokens_per_batch="
                                f"{self.max_tokens_per_batch}; raise the budget or shorten data.seq_len")
         if input_ids.size and (input_ids.min() < 0 or input_ids.max() >= self.vocab_size):
-            raise DistillError(f"token ids must lie in [0, {self.vocab_size}), got [{input_ids.min()}, {input_ids.max()}]")
+            raise DistillError(f"token ids must lie in [0, {self.vocab_size}), "
+                               f"got [{input_ids.min()}, {input_ids.max()}]")
         rows = max(1, self.max_tokens_per_batch // length)
         ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device)
         parts = [self._score_rows(ids[i:i + rows]) for i in range(0, ids.shape[0], rows)]

@@ -20,7 +20,14 @@ import numpy as np
 import torch
 
 from distillation.errors import DistillError
+from distillation.losses.targets import tail_mass
 from distillation.teachers.schema import TeacherOutput
+
+
+def _topk_output(ids: np.ndarray, logprobs: np.ndarray, input_ids: np.ndarray, vocab_size: int) -> TeacherOutput:
+    """vLLM's top-k at temperature 1 as the one schema, with the tail mass and shape/id checks."""
+    return TeacherOutput(topk_ids=ids, topk_logprobs=logprobs, tail_mass=tail_mass(torch.from_numpy(logprobs)).numpy(),
+                         temperature=np.ones(len(ids), dtype=np.float32)).validate(input_ids, vocab_size)
 
 
 def check_vllm_settings(temperature: float, qkv_layer: Optional[int], signal: str) -> None:
@@ -87,9 +94,7 @@ class VLLMTeacher:
             positions = list(out.prompt_logprobs[1:]) + [out.outputs[0].logprobs[0]]  # one-position shift
             for t, entries in enumerate(positions):
                 ids[b, t], logprobs[b, t] = self._top(entries)
-        tail = (-torch.expm1(torch.logsumexp(torch.from_numpy(logprobs), dim=-1))).clamp(min=0.0).numpy()
-        return TeacherOutput(topk_ids=ids, topk_logprobs=logprobs, tail_mass=tail,
-                             temperature=np.ones(batch, dtype=np.float32)).validate(input_ids, self.vocab_size)
+        return _topk_output(ids, logprobs, input_ids, self.vocab_size)
 
 
 class VLLMServerTeacher:
@@ -160,7 +165,4 @@ class VLLMServerTeacher:
                               for token, value in choice["logprobs"]["top_logprobs"][0].items()])
             for t, scored in enumerate(positions):
                 ids[b, t], logprobs[b, t] = self._top(scored)
-        tail = (-torch.expm1(torch.logsumexp(torch.from_numpy(logprobs), dim=-1))).clamp(min=0.0).numpy()
-        return TeacherOutput(topk_ids=ids, topk_logprobs=logprobs, tail_mass=tail,
-                             temperature=np.ones(batch, dtype=np.float32)).validate(
-                                 input_ids, self.vocab_size or int(ids.max()) + 1)
+        return _topk_output(ids, logprobs, input_ids, self.vocab_size or int(ids.max()) + 1)
