@@ -33,7 +33,10 @@ def test_vllm_top_k_agrees_with_the_transformers_teacher_on_smollm2(smollm2_dir)
     ids = np.array(rows)
     reference = HFTeacher(smollm2_dir, top_k=8, temperature=1.0, dtype="float32", signal="topk").score(ids)
     engine = VLLMTeacher(smollm2_dir, top_k=8, temperature=1.0, dtype="float32", max_model_len=256)
-    answer = engine.score(ids)
+    try:
+        answer = engine.score(ids)
+    finally:
+        engine.close()
     assert answer.topk_ids.shape == (2, 20, 8) and answer.topk_ids.dtype == np.int32
     # The best id agrees everywhere, including the last position (the one-position shift).
     np.testing.assert_array_equal(answer.topk_ids[..., 0], reference.topk_ids[..., 0])

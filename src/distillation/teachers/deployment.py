@@ -72,6 +72,8 @@ class TeacherDeployment:
     def __del__(self):  # Serve calls this on graceful replica shutdown: keep write-through answers
         if hasattr(self, "teacher"):  # absent when the constructor failed
             self.flush()
+            if hasattr(self.teacher, "close"):  # a vLLM engine's process goes with the replica
+                self.teacher.close()
 
     async def __call__(self, input_ids: np.ndarray) -> dict:
         self.ongoing += 1

@@ -65,6 +65,11 @@ class VLLMTeacher:
         if hasattr(client, "ensure_alive"):  # the multiprocess client; raises EngineDeadError once it died
             client.ensure_alive()
 
+    def close(self) -> None:
+        """Stop the engine-core process now. Left to interpreter exit, vLLM's monitor thread frees
+        tensors while Python finalizes and the process aborts (exit 134)."""
+        self.engine.llm_engine.engine_core.shutdown()
+
     def describe(self) -> dict:
         return {"kind": "vllm", "vocab_size": self.vocab_size, "signal": "topk", "top_k": self.top_k,
                 "temperature": self.temperature, "qkv_layer": None}
