@@ -11,7 +11,8 @@ import torch
 from ray import serve
 
 from distillation.config import load_config
-from distillation.data.pipeline import training_dataset
+from distillation.data.mixture import Mixture, MixturePlan
+from distillation.data.pipeline import worker_stream
 from distillation.teachers.deployment import DEPLOYMENT_NAME, deploy_teacher
 
 from conftest import tiny_llama_config
@@ -75,9 +76,12 @@ def test_killed_replica_loses_no_batch(tiny_dir, ray_cluster):
     deploy_teacher(cfg, str(tiny_dir), None, 128, "pool-kill")
     try:
         count = 48
-        rows = {"sample_id": np.arange(count), "source": np.zeros(count, dtype=np.int32),
-                "input_ids": np.random.default_rng(1).integers(0, 128, (count, 256))}
-        dataset = training_dataset(rows, "pool-kill", DEPLOYMENT_NAME, teacher_batch_size=2, max_attempts=6)
+        rows = np.random.default_rng(1).integers(0, 128, (count, 256)).astype(np.int32)
+        plan = MixturePlan(["only"], [count], [1.0], seed=0, samples_per_step=2)
+        mixture = Mixture.options(name="pool-kill-mixture").remote(plan.state(), {"only": rows},
+                                                                   {"only": np.full(count, 256, np.int32)})
+        dataset = worker_stream(np.arange(count), "pool-kill-mixture", "pool-kill", DEPLOYMENT_NAME, batch_size=2,
+                                max_in_flight=4, max_attempts=6)
         replicas = [a for a in ray.util.list_named_actors(all_namespaces=True)
                     if "pool-kill" in a["name"] and a["namespace"] == "serve"]
         assert len(replicas) == 2, replicas
@@ -85,6 +89,7 @@ def test_killed_replica_loses_no_batch(tiny_dir, ray_cluster):
         for i, row in enumerate(dataset.iter_rows()):
             seen.append(int(row["sample_id"]))
             assert row["teacher_topk_ids"].shape == (256, 8)
+            assert row["input_ids"].tolist() == rows[row["row"]].tolist()
             if i == 4:  # mid-stream, with requests in flight
                 ray.kill(ray.get_actor(replicas[0]["name"], namespace="serve"), no_restart=False)
         assert seen == list(range(count))  # every sample, once, in order
@@ -92,3 +97,4 @@ def test_killed_replica_loses_no_batch(tiny_dir, ray_cluster):
         assert replicas[0]["name"] not in now  # the kill happened and Serve replaced the replica
     finally:
         serve.delete("pool-kill")
+        ray.kill(mixture)

@@ -1,4 +1,5 @@
-"""Fill the teacher cache for a run's data plan: the same sequences `distill` would train on.
+"""Fill the teacher cache for a run's data: every training row of every source, so a cached teacher
+answers whatever the mixture draws (its weights may move during the run).
 
 A Ray Data pipeline scores the sequences not yet cached with transformers teachers (one actor per
 `teacher.max_replicas`) and each actor writes its answers as atomic Parquet shards, so a stopped
@@ -32,7 +33,7 @@ class ScoreAndStore:
 
 
 def precompute(cfg: DictConfig) -> dict:
-    from distillation.run import init_ray, prepare_data, resolve_teacher, sample_rows, say
+    from distillation.run import init_ray, prepare_data, resolve_teacher, say
     from distillation.teachers.cache import TeacherCache, sequence_key, teacher_signature
     from distillation.teachers.deployment import hf_teacher_kwargs, signal_settings
 
@@ -42,15 +43,15 @@ def precompute(cfg: DictConfig) -> dict:
     signature = teacher_signature(teacher_dir, signal_settings(cfg, qkv_layer, vocab_size))
     cache = TeacherCache(cfg.teacher.cache_dir, signature, create=True)
     init_ray(cfg)
-    train, _, _, _ = prepare_data(cfg, str(teacher_dir), tokenizer)
-    planned = sample_rows(cfg, train)["input_ids"]
+    corpus = prepare_data(cfg, str(teacher_dir), tokenizer)
+    planned = np.concatenate([packed.rows for packed in corpus.train.values()])
     todo, seen = [], set(cache.rows)
     for row in planned:
         key = sequence_key(row)
         if key not in seen:
             seen.add(key)
             todo.append(row)
-    say(f"teacher cache {cache.directory}: {len(planned)} planned sequences, {len(cache)} cached, "
+    say(f"teacher cache {cache.directory}: {len(planned)} training rows, {len(cache)} cached, "
         f"{len(todo)} to score")
     scored = 0
     if todo:

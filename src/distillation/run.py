@@ -9,25 +9,27 @@ import os
 import shutil
 import threading
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Dict, Optional
 
 import numpy as np
 import ray
 from omegaconf import DictConfig, OmegaConf
 
 from distillation.config import to_yaml
-from distillation.data.mixture import draw_plan, validate_weights
-from distillation.data.packing import pack
-from distillation.data.pipeline import tokenize_documents, training_dataset
-from distillation.data.sources import content_digest, is_heldout, load_documents
+from distillation.data.mixture import validate_weights
+from distillation.data.packing import Packed, pack
+from distillation.data.pipeline import tokenize_documents
+from distillation.data.sources import content_digest, load_documents, split_of
 from distillation.errors import DistillError
 from distillation.models import TOKENIZER_FILES, load_causal_lm, load_tokenizer, resolve_model
 from distillation.student import load_student
 from distillation.teachers.deployment import DEPLOYMENT_NAME, deploy_teacher
 from distillation.training.evaluate import heldout_loss
-from distillation.training.loop import train_loop_per_worker
-from distillation.training.metrics import MetricsBoard, append_jsonl, plot_losses
+from distillation.training.loop import needs_teacher, train_loop_per_worker
+from distillation.training.metrics import MetricsBoard, append_jsonl, plot_losses, plot_mixture, read_jsonl
 from distillation.training.student_init import build_student, set_compile
 from distillation.vocab import check_vocab
 
@@ -39,13 +41,39 @@ def say(message: str) -> None:
 def _run_dir(cfg: DictConfig) -> Path:
     name = cfg.run.name or datetime.now().strftime("distill-%Y%m%d-%H%M%S")
     out = Path(cfg.run.output_dir).expanduser().resolve() / name
+    if cfg.run.resume:
+        if not (out / "config.yaml").is_file():
+            raise DistillError(f"run.resume=true but {out} holds no run (config.yaml missing); check run.name")
+        saved, now = OmegaConf.create((out / "config.yaml").read_text()), OmegaConf.create(to_yaml(cfg))
+        for key in ("run",):
+            saved.pop(key, None)
+            now.pop(key, None)
+        if saved != now:
+            raise DistillError(f"run.resume=true with a configuration that differs from {out / 'config.yaml'}; "
+                               f"a resumed run must use the same settings (only run.* may change)")
+        return out
     if out.exists():
-        raise DistillError(f"run folder {out} already exists; choose another run.name")
+        raise DistillError(f"run folder {out} already exists; choose another run.name, or run.resume=true")
     try:
         out.mkdir(parents=True)
     except OSError as exc:
         raise DistillError(f"cannot create run folder {out}: {exc.strerror}") from None
+    if not os.access(out, os.W_OK):
+        raise DistillError(f"run folder {out} is not writable")
     return out
+
+
+def latest_checkpoint_state(run_dir: Path) -> Optional[dict]:
+    """The train state of the run's latest registered checkpoint (Ray Train's own record), if any."""
+    from ray.train import Result
+
+    from distillation.training.checkpoint import read_state
+
+    storage = run_dir / "ray" / "train"
+    if not (storage / "checkpoint_manager_snapshot.json").is_file():
+        return None
+    checkpoint = Result.from_path(str(storage)).checkpoint
+    return read_state(Path(checkpoint.path)) if checkpoint else None
 
 
 def init_ray(cfg: DictConfig) -> None:
@@ -58,71 +86,89 @@ def init_ray(cfg: DictConfig) -> None:
         else "Ray cluster ready (no dashboard)")
 
 
-def prepare_data(cfg: DictConfig, tokenizer_dir: str, tokenizer):
-    """Packed training sequences per source and held-out sequences with their byte counts."""
-    train_docs, heldout_docs, digests = [], [], {}
-    for source in cfg.data.sources:
-        docs = load_documents(source.name, source.kind, source.path, cfg.data.cache_dir,
-                              cfg.data.max_tokens_per_source)
-        digests[source.name] = content_digest(docs)
-        for doc in docs:
-            (heldout_docs if is_heldout(f"{source.name}/{doc.doc_id}", cfg.data.heldout_fraction)
-             else train_docs).append(doc)
-    tokens = tokenize_documents(train_docs + heldout_docs, tokenizer_dir)
-    heldout_ids = {(d.source, d.doc_id) for d in heldout_docs}
-    order = {d.source: [] for d in train_docs + heldout_docs}
-    for doc in train_docs + heldout_docs:
-        order[doc.source].append(doc)
-    train, heldout = {}, []
-    for source in cfg.data.sources:
-        docs, toks = order.get(source.name, []), tokens.get(source.name, [])
-        train_tok = [t for d, t in zip(docs, toks) if (d.source, d.doc_id) not in heldout_ids]
-        held_tok = [t for d, t in zip(docs, toks) if (d.source, d.doc_id) in heldout_ids]
-        train[source.name], _ = pack(train_tok, tokenizer.eos_token_id, cfg.data.seq_len,
-                                     cfg.data.max_tokens_per_source)
-        held, _ = pack(held_tok, tokenizer.eos_token_id, cfg.data.seq_len,
-                       cfg.data.heldout_sequences * cfg.data.seq_len)
-        if len(train[source.name]) == 0:
-            raise DistillError(f"source '{source.name}' yields no training sequence of {cfg.data.seq_len} tokens")
-        heldout.append(held)
-    heldout = np.concatenate(heldout)
-    heldout_bytes = sum(len(tokenizer.decode(row[1:]).encode("utf-8")) for row in heldout)
-    return train, heldout, heldout_bytes, digests
+@dataclass
+class Corpus:
+    train: Dict[str, Packed]  # per source
+    heldout: Packed  # evaluation rows (every source)
+    heldout_bytes: int  # UTF-8 bytes of the held-out tokens that are predicted
+    probe: Packed  # the influence target set (probe documents of influence.probe_source)
+    digests: Dict[str, str]
 
 
-def sample_rows(cfg: DictConfig, train: dict) -> dict:
-    names = [s.name for s in cfg.data.sources]
-    probs = validate_weights([s.weight for s in cfg.data.sources], names)
+def prepare_data(cfg: DictConfig, tokenizer_dir: str, tokenizer) -> Corpus:
+    """Training rows per source, held-out rows with their byte count, and the probe rows."""
+    d = cfg.data
+    split: Dict[tuple, str] = {}
+    docs, digests = [], {}
+    for source in d.sources:
+        loaded = load_documents(source.name, source.kind, source.path, d.cache_dir, d.max_tokens_per_source,
+                                source.text_field, source.split)
+        digests[source.name] = content_digest(loaded)
+        for doc in loaded:
+            split[(doc.source, doc.doc_id)] = split_of(f"{source.name}/{doc.doc_id}", d.heldout_fraction,
+                                                       d.probe_fraction)
+        docs.extend(loaded)
+    tokens = tokenize_documents(docs, tokenizer_dir)  # per source, in document order
+    pad = tokenizer.eos_token_id
+    train, heldout, probe = {}, [], []
+    probe_source = cfg.influence.probe_source or d.sources[0].name
+    for source in d.sources:
+        mine = [doc for doc in docs if doc.source == source.name]
+        by_split = {"train": [], "heldout": [], "probe": []}
+        for doc, toks in zip(mine, tokens.get(source.name, [])):
+            by_split[split[(doc.source, doc.doc_id)]].append(toks)
+        train[source.name] = pack(by_split["train"], pad, d.seq_len, d.max_tokens_per_source)
+        if len(train[source.name].rows) == 0:
+            raise DistillError(f"source '{source.name}' yields no training row (documents need at least 2 tokens)")
+        heldout.append(pack(by_split["heldout"], pad, d.seq_len, d.heldout_sequences * d.seq_len))
+        if source.name == probe_source:
+            probe.append(pack(by_split["probe"], pad, d.seq_len, cfg.influence.probe_sequences * d.seq_len))
+    heldout = Packed(np.concatenate([h.rows for h in heldout]), np.concatenate([h.lengths for h in heldout]),
+                     sum(h.dropped_tokens for h in heldout))
+    if cfg.influence.enabled and len(probe[0].rows) == 0:
+        raise DistillError(f"influence probe source '{probe_source}' has no probe documents; raise data.probe_fraction")
+    heldout_bytes = sum(len(tokenizer.decode(row[1:n]).encode("utf-8")) for row, n in zip(heldout.rows, heldout.lengths))
+    return Corpus(train, heldout, heldout_bytes, probe[0], digests)
+
+
+def create_mixture(cfg: DictConfig, corpus: Corpus, name: str, resume_state: Optional[dict] = None):
+    """The named Mixture actor the workers' pipelines draw from (from a checkpoint's state on resume)."""
+    from distillation.data.mixture import Mixture, MixturePlan
+    from distillation.training.loop import influence_steps
+
     t = cfg.training
-    count = t.max_steps * t.grad_accum * t.batch_size * t.num_workers
-    plan = draw_plan([len(train[n]) for n in names], probs, count, t.seed)
-    return {"sample_id": np.arange(count, dtype=np.int64),
-            "source": np.array([s for s, _ in plan], dtype=np.int32),
-            "input_ids": np.stack([train[names[s]][i] for s, i in plan])}
+    names = [s.name for s in cfg.data.sources]
+    state = resume_state or MixturePlan(
+        names, [len(corpus.train[n].rows) for n in names], validate_weights([s.weight for s in cfg.data.sources], names),
+        t.seed, t.batch_size * t.grad_accum * t.num_workers, influence_steps(cfg.influence, t.max_steps),
+        cfg.influence.delay_steps).state()
+    if state["names"] != names or state["sizes"] != [len(corpus.train[n].rows) for n in names]:
+        raise DistillError("the checkpoint's data plan does not match this run's sources; resume with the same data")
+    return Mixture.options(name=name).remote(state, {n: corpus.train[n].rows for n in names},
+                                             {n: corpus.train[n].lengths for n in names})
 
 
-def _train(cfg: DictConfig, dataset, run_dir: Path, vocab_size: int):
+def _train(cfg: DictConfig, run_dir: Path, loop_config: dict, start_step: int):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     t = cfg.training
-    board_name = f"distill-metrics-{run_dir.name}"
-    board = MetricsBoard.options(name=board_name).remote()
+    board = MetricsBoard.options(name=loop_config["board"]).remote()
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": OmegaConf.to_container(cfg, resolve=True), "board": board_name,
-                           "vocab_size": vocab_size},
+        train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
-                                     resources_per_worker={"CPU": t.cpus_per_worker}),
-        datasets={"train": dataset},
+                                     resources_per_worker={"CPU": t.cpus_per_worker, **t.worker_resources}),
+        # The same name and storage path on a resumed driver: Ray Train restores its latest checkpoint.
         run_config=RunConfig(name="train", storage_path=str(run_dir / "ray"),
                              checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
-                             failure_config=FailureConfig(max_failures=0)),
+                             failure_config=FailureConfig(max_failures=t.max_failures)),
     )
     outcome = {}
     thread = threading.Thread(target=lambda: outcome.update(result=_fit(trainer, outcome)), daemon=True)
     thread.start()
-    rows = _follow(board, thread, t.max_steps, run_dir / "metrics.jsonl", cfg.run.progress)
+    rows = _follow(board, thread, start_step, t.max_steps, run_dir / "metrics.jsonl", cfg.run.progress)
+    append_jsonl(run_dir / "ledger.jsonl", ray.get(board.ledger_rows.remote()))
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"], rows
@@ -135,11 +181,12 @@ def _fit(trainer, outcome):
         outcome["error"] = exc
 
 
-def _follow(board, thread, max_steps: int, metrics_path: Path, progress: bool):
+def _follow(board, thread, start_step: int, max_steps: int, metrics_path: Path, progress: bool):
     from tqdm import tqdm
 
     rows = []
-    bar = tqdm(total=max_steps, desc="distill", unit="step", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=max_steps, initial=start_step, desc="distill", unit="step", disable=not progress,
+               dynamic_ncols=True)
     while True:
         alive = thread.is_alive()
         new = ray.get(board.since.remote(len(rows)))
@@ -187,63 +234,98 @@ def run(cfg: DictConfig) -> dict:
     set_compile(cfg.student.compile)
     # Every input check comes before anything is written, so bad input leaves no half-made run.
     teacher_dir, tokenizer, vocab_size, qkv_layer = resolve_teacher(cfg)
-    if cfg.teacher.kind == "vllm":
+    use_teacher = needs_teacher(cfg.distillation)
+    if use_teacher and cfg.teacher.kind == "vllm":
         from distillation.teachers.vllm import VLLMServerTeacher, check_vllm_settings
 
         check_vllm_settings(cfg.distillation.temperature, qkv_layer, cfg.teacher.signal)
         if cfg.teacher.vllm_url:  # reachable and serving a model, before anything starts
             VLLMServerTeacher(cfg.teacher.vllm_url, cfg.teacher.top_k, 1.0)
-    check_cache(cfg, teacher_dir, qkv_layer, vocab_size)
+    if use_teacher:
+        check_cache(cfg, teacher_dir, qkv_layer, vocab_size)
     student = build_student(cfg)
-    say(f"teacher {cfg.teacher.model} ({cfg.teacher.kind}); student: BitNet, subln={cfg.student.subln}, "
-        f"{sum(p.numel() for p in student.parameters()) / 1e6:.1f}M parameters")
+    say(f"teacher {cfg.teacher.model} ({cfg.teacher.kind}{'' if use_teacher else ', not needed by this loss'}); "
+        f"student: BitNet, subln={cfg.student.subln}, {sum(p.numel() for p in student.parameters()) / 1e6:.1f}M parameters")
     run_dir = _run_dir(cfg)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     say(f"run folder: {run_dir}")
 
     init_ray(cfg)
-    train, heldout, heldout_bytes, digests = prepare_data(cfg, str(teacher_dir), tokenizer)
-    say("data: " + ", ".join(f"{n} {len(v)} seqs (sha256 {digests[n][:12]})" for n, v in train.items())
-        + f"; held-out {len(heldout)} seqs")
+    check_placement(cfg)
+    resumed = latest_checkpoint_state(run_dir) if cfg.run.resume else None
+    start_step = resumed["step"] if resumed else 0
+    if resumed:
+        say(f"resuming from the checkpoint of step {start_step}")
+    corpus = prepare_data(cfg, str(teacher_dir), tokenizer)
+    say("data: " + ", ".join(f"{n} {len(v.rows)} rows (sha256 {corpus.digests[n][:12]})" for n, v in corpus.train.items())
+        + f"; held-out {len(corpus.heldout.rows)} rows; probe {len(corpus.probe.rows)} rows")
 
-    student_before = heldout_loss(student, heldout, heldout_bytes)
+    heldout = (corpus.heldout, corpus.heldout_bytes)
+    student_before = heldout_loss(student, *heldout)
     del student
     teacher_eval = None  # a cached teacher's point is not loading the model, so it is not scored here
     if cfg.teacher.kind != "cached":
-        teacher_eval = heldout_loss(load_causal_lm(teacher_dir, "float32", cfg.teacher.trust_remote_code),
-                                    heldout, heldout_bytes)
+        teacher_eval = heldout_loss(load_causal_lm(teacher_dir, "float32", cfg.teacher.trust_remote_code), *heldout)
     say(f"held-out loss before training: student {student_before['loss']:.3f}"
         + (f", teacher {teacher_eval['loss']:.3f}" if teacher_eval else ""))
 
-    app_name = f"teacher-{run_dir.name}"
-    handle = deploy_teacher(cfg, str(teacher_dir), qkv_layer, vocab_size, app_name)
-    say(f"teacher pool up: {handle.describe.remote().result()}")
-    dataset = training_dataset(sample_rows(cfg, train), app_name, DEPLOYMENT_NAME, cfg.data.teacher_batch_size,
-                               cfg.data.teacher_max_attempts)
-
+    app_name, teacher_stats = None, None
+    mixture_name = f"distill-mixture-{run_dir.name}"
+    mixture = create_mixture(cfg, corpus, mixture_name, resumed["data"] if resumed else None)
     try:
-        result, rows = _train(cfg, dataset, run_dir, vocab_size)
-        teacher_stats = handle.describe.remote().result()
-        handle.flush.remote().result()  # write-through answers reach the cache before the pool goes
+        if use_teacher:
+            app_name = f"teacher-{run_dir.name}"
+            handle = deploy_teacher(cfg, str(teacher_dir), qkv_layer, vocab_size, app_name)
+            say(f"teacher pool up: {handle.describe.remote().result()}")
+        loop_config = {"cfg": OmegaConf.to_container(cfg, resolve=True), "board": f"distill-metrics-{run_dir.name}",
+                       "mixture": mixture_name, "app_name": app_name, "vocab_size": vocab_size,
+                       "probe": (corpus.probe.rows, corpus.probe.lengths)}
+        result, rows = _train(cfg, run_dir, loop_config, start_step)
+        mixture_history = ray.get(mixture.history.remote())
+        if use_teacher:
+            teacher_stats = handle.describe.remote().result()
+            handle.flush.remote().result()  # write-through answers reach the cache before the pool goes
     finally:
-        from ray import serve
-        serve.delete(app_name)
+        if app_name:
+            from ray import serve
+            serve.delete(app_name)
+        ray.kill(mixture)
     if result.checkpoint is None:
         raise DistillError("training ended without a checkpoint")
     final_dir = _export_student(Path(result.checkpoint.path), run_dir / "student", teacher_dir)
-    student_after = heldout_loss(load_student(final_dir), heldout, heldout_bytes)
-    if rows:
-        plot_losses(rows, run_dir / "loss.png")
+    student_after = heldout_loss(load_student(final_dir), *heldout)
+    all_rows = read_jsonl(run_dir / "metrics.jsonl")
+    if all_rows:
+        plot_losses(all_rows, run_dir / "loss.png")
+        plot_mixture(mixture_history, [s.name for s in cfg.data.sources], cfg.training.max_steps, run_dir / "mixture.png")
+    (run_dir / "mixture.json").write_text(json.dumps(mixture_history, indent=1))
+    last = all_rows[-1] if all_rows else {}
     summary = {
         "run_dir": str(run_dir), "student_checkpoint": str(final_dir), "metrics": str(run_dir / "metrics.jsonl"),
-        "loss_plot": str(run_dir / "loss.png"), "tokens_seen": rows[-1]["tokens"] if rows else 0,
-        "steps": rows[-1]["step"] if rows else 0, "first": rows[0] if rows else {}, "last": rows[-1] if rows else {},
+        "ledger": str(run_dir / "ledger.jsonl"), "loss_plot": str(run_dir / "loss.png"),
+        "tokens_seen": last.get("tokens", 0), "steps": last.get("step", 0), "resumed_from_step": start_step,
+        "first": all_rows[0] if all_rows else {}, "last": last, "mixture": mixture_history,
         "heldout": {"student_before": student_before, "student_after": student_after, "teacher": teacher_eval},
-        "data_sha256": digests, "teacher": teacher_stats, "wall_s": time.time() - started,
+        "data_sha256": corpus.digests, "teacher": teacher_stats, "wall_s": time.time() - started,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print_summary(summary)
     return summary
+
+
+def check_placement(cfg: DictConfig) -> None:
+    """`num_workers` the cluster cannot place would leave Ray Train waiting forever: say so now."""
+    t = cfg.training
+    need = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {}), **t.worker_resources}
+    fits = 0
+    for node in ray.nodes():
+        if not node.get("Alive"):
+            continue
+        have = node.get("Resources", {})
+        fits += int(min(have.get(k, 0) / v for k, v in need.items() if v > 0)) if need else t.num_workers
+    if fits < t.num_workers:
+        raise DistillError(f"training.num_workers={t.num_workers} workers of {dict(need)} cannot be placed: the "
+                           f"cluster's nodes hold room for {fits}. Lower num_workers or add nodes.")
 
 
 def config_vocab(model_dir: Path) -> int:
@@ -277,6 +359,8 @@ def print_summary(s: dict) -> None:
         f"  student after   {h['student_after']['loss']:.3f}  {h['student_after']['bits_per_byte']:.3f}",
         (f"  teacher         {h['teacher']['loss']:.3f}  {h['teacher']['bits_per_byte']:.3f}" if h["teacher"]
          else "  teacher         (cached teacher: not loaded)"),
+        "mixture weights (start -> end): " + ", ".join(
+            f"{a:.2f} -> {b:.2f}" for a, b in zip(s["mixture"][0]["weights"], s["mixture"][-1]["weights"])),
         f"student checkpoint: {s['student_checkpoint']}",
         f"metrics: {s['metrics']}", f"loss plot: {s['loss_plot']}",
     ]

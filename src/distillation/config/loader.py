@@ -30,10 +30,12 @@ CHOICES = {
     "teacher.dtype": ("float32", "bfloat16", "float16"),
     "teacher.signal": ("topk", "sampled"),
     "student.subln": ("paper", "allnorm", "none"),
+    "training.autocast": ("none", "bf16"),
 }
 POSITIVE = ("teacher.top_k", "teacher.draws", "teacher.max_tokens_per_batch", "data.seq_len", "training.max_steps",
             "training.batch_size", "training.grad_accum", "training.num_workers", "distillation.split_heads",
-            "distillation.chunk_tokens")
+            "distillation.chunk_tokens", "data.teacher_max_in_flight", "influence.update_interval",
+            "influence.delay_steps", "influence.batch_size", "influence.probe_sequences")
 
 ConfigStore.instance().store(name="schema", node=Config)
 
@@ -95,6 +97,12 @@ def _check(cfg: DictConfig) -> None:
         raise DistillError("missing required config value 'teacher.cache_dir' (needed by teacher=cached)")
     if not cfg.data.sources:
         raise DistillError("data.sources is empty; expected at least one text source")
+    names = [s.name for s in cfg.data.sources]
+    if len(set(names)) != len(names):
+        raise DistillError(f"data.sources names must be unique; got {names}")
+    if cfg.influence.enabled and cfg.influence.probe_source not in (None, *names):
+        raise DistillError(f"influence.probe_source '{cfg.influence.probe_source}' is not a source; "
+                           f"expected one of {', '.join(names)}")
 
 
 def load_config(overrides: Optional[List[str]] = None) -> DictConfig:

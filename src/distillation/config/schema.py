@@ -1,7 +1,7 @@
 """Typed configuration schema. YAML under `configs/` fills it; unknown keys and wrong types fail."""
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from omegaconf import MISSING
 
@@ -19,6 +19,7 @@ class TeacherConfig:
     batch_wait_timeout_s: float = 0.02
     num_cpus: float = 1.0  # Ray resources per replica
     num_gpus: float = 0.0
+    resources: Dict[str, float] = field(default_factory=dict)  # custom resources per replica, e.g. {teacher_node: 1}
     num_threads: int = 1  # torch intra-op threads per replica
     min_replicas: int = 1
     max_replicas: int = 1
@@ -60,9 +61,13 @@ class DistillationConfig:
 @dataclass
 class SourceConfig:
     name: str = MISSING
-    kind: str = MISSING  # shakespeare | python_stdlib | python_docs | text (files under `path`)
+    # shakespeare | python_stdlib | python_docs (built in, offline) | text (.txt/.md/... files under `path`)
+    # | jsonl | parquet (files under `path`) | hf_disk (datasets.save_to_disk folder) | hf_hub (a hub name)
+    kind: str = MISSING
     path: Optional[str] = None
-    weight: float = 1.0
+    weight: float = 1.0  # relative: the weights are normalised to sum to one
+    text_field: str = "text"  # jsonl / parquet / datasets: the column holding the text
+    split: str = "train"  # datasets: which split
 
 
 @dataclass
@@ -72,9 +77,26 @@ class DataConfig:
     max_tokens_per_source: int = 400_000  # tokenization budget per source (the rest is never read)
     heldout_fraction: float = 0.05  # share of each source's documents held out (chosen by name hash)
     heldout_sequences: int = 4  # held-out sequences per source used for the summary's loss
+    probe_fraction: float = 0.05  # share of documents set aside for the influence probe (never trained on)
     teacher_batch_size: int = 4  # sequences per teacher request
+    teacher_max_in_flight: int = 4  # teacher requests awaiting an answer per training worker (backpressure)
     teacher_max_attempts: int = 4  # per batch, with exponential backoff, when a teacher replica fails
     cache_dir: str = "~/.cache/wrinklefree-distillation"
+
+
+@dataclass
+class InfluenceConfig:
+    """Influence-weighted mixture (data/influence.py): every `update_interval` optimizer steps, score
+    each source by the cosine of its gradient with the probe set's, and move the weights."""
+    enabled: bool = False
+    probe_source: Optional[str] = None  # whose probe documents form the target set (default: the first source)
+    probe_sequences: int = 8
+    update_interval: int = 5  # optimizer steps
+    delay_steps: int = 2  # an update computed after step s is used from step s + delay (pipeline slack)
+    batch_size: int = 4  # sequences per source per estimate
+    eta: float = 2.0  # step size of the multiplicative update (scores are cosines in [-1, 1])
+    smoothing: float = 0.5  # EMA factor on the scores
+    floor: float = 0.05  # no weight falls below this
 
 
 @dataclass
@@ -90,9 +112,13 @@ class TrainingConfig:
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    worker_resources: Dict[str, float] = field(default_factory=dict)  # custom resources, e.g. {student_node: 1}
     num_threads: int = 2  # torch intra-op threads per worker
+    autocast: str = "none"  # none | bf16 (forward under bfloat16 autocast; master weights stay fp32)
     checkpoint_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
+    max_failures: int = 1  # Ray Train restarts failed workers from the latest checkpoint this many times
+    max_nan_steps: int = 10  # optimizer steps skipped for a non-finite gradient before the run stops
     seed: int = 0
     log_every: int = 1
 
@@ -103,6 +129,7 @@ class RunConfig:
     output_dir: str = "outputs"
     ray_address: Optional[str] = None  # None: join RAY_ADDRESS if set, else start a local cluster
     num_cpus: Optional[int] = None  # local cluster only
+    resume: bool = False  # continue run.name from its latest checkpoint (same config required)
     progress: bool = True
 
 
@@ -113,4 +140,5 @@ class Config:
     distillation: DistillationConfig = field(default_factory=DistillationConfig)
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    influence: InfluenceConfig = field(default_factory=InfluenceConfig)
     run: RunConfig = field(default_factory=RunConfig)

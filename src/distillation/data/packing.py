@@ -1,11 +1,14 @@
-"""Packing tokenized documents into fixed-length training sequences.
+"""Cutting tokenized documents into fixed-length training rows, one document per row.
 
-Documents are joined with an EOS token between them and cut into rows of `seq_len`; attention
-crosses document boundaries (standard pre-training packing), and every position whose next token
-exists carries a label. The remainder shorter than a row is dropped and counted.
+A row never holds two documents, so no token attends across a document boundary and positions
+start at 0 with every row (the teacher sees exactly the same rows, so both sides agree). A document
+longer than a row is cut into consecutive rows; the last piece, and any document shorter than a
+row, is padded on the right and its padding carries no label (causal attention means real tokens
+never see the padding either). A piece of one token has no next token to predict: it is dropped
+and counted, never silently.
 """
 
-from typing import List, Tuple
+from typing import List, NamedTuple
 
 import numpy as np
 import torch
@@ -13,22 +16,41 @@ import torch
 from distillation.losses import IGNORE_INDEX
 
 
-def pack(token_lists: List[np.ndarray], eos_id: int, seq_len: int, max_tokens: int) -> Tuple[np.ndarray, int]:
-    """Return ([rows, seq_len] int32, tokens dropped at the end)."""
-    pieces, total = [], 0
+class Packed(NamedTuple):
+    rows: np.ndarray  # [N, seq_len] int32, right-padded with `pad_id`
+    lengths: np.ndarray  # [N] int32, real tokens per row (>= 2)
+    dropped_tokens: int  # in one-token pieces, or beyond the token budget
+
+
+def pack(token_lists: List[np.ndarray], pad_id: int, seq_len: int, max_tokens: int) -> Packed:
+    rows, lengths, dropped, taken = [], [], 0, 0
     for tokens in token_lists:
-        pieces.append(np.asarray(tokens, dtype=np.int32))
-        pieces.append(np.array([eos_id], dtype=np.int32))
-        total += len(tokens) + 1
-        if total >= max_tokens:
-            break
-    stream = np.concatenate(pieces)[:max_tokens] if pieces else np.zeros(0, np.int32)
-    rows = len(stream) // seq_len
-    return stream[: rows * seq_len].reshape(rows, seq_len), len(stream) - rows * seq_len
+        tokens = np.asarray(tokens, dtype=np.int32)
+        for start in range(0, len(tokens), seq_len):
+            piece = tokens[start:start + seq_len]
+            if len(piece) < 2 or taken >= max_tokens:
+                dropped += len(piece)
+                continue
+            row = np.full(seq_len, pad_id, dtype=np.int32)
+            row[:len(piece)] = piece
+            rows.append(row)
+            lengths.append(len(piece))
+            taken += len(piece)
+    if not rows:
+        return Packed(np.zeros((0, seq_len), np.int32), np.zeros(0, np.int32), dropped)
+    return Packed(np.stack(rows), np.asarray(lengths, dtype=np.int32), dropped)
 
 
-def next_token_labels(input_ids: torch.Tensor) -> torch.Tensor:
-    """labels[t] = input_ids[t + 1]; the last position has no next token."""
+def next_token_labels(input_ids: torch.Tensor, lengths: torch.Tensor = None) -> torch.Tensor:
+    """labels[t] = input_ids[t + 1] where token t + 1 is real; the rest is IGNORE_INDEX."""
     labels = torch.full_like(input_ids, IGNORE_INDEX)
     labels[:, :-1] = input_ids[:, 1:]
+    if lengths is not None:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        labels[positions[None, :] >= lengths.to(input_ids.device)[:, None] - 1] = IGNORE_INDEX
     return labels
+
+
+def token_mask(lengths: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """[B, seq_len] bool: True on real tokens."""
+    return torch.arange(seq_len, device=lengths.device)[None, :] < lengths[:, None]

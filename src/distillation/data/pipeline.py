@@ -1,12 +1,13 @@
-"""The Ray Data pipeline: tokenize the sources, and attach teacher answers to every training row.
+"""The Ray Data pipeline: tokenize the sources; per training worker, draw rows from the mixture and
+attach teacher answers to them.
 
 The teacher stage is a callable class holding a Serve DeploymentHandle; its async `__call__` lets
-Ray Data keep several requests in flight per actor while the trainer consumes earlier batches.
-It does not care which teacher kind answers: every kind returns `TeacherOutput` columns.
+Ray Data keep several requests in flight while the trainer consumes earlier batches. It does not
+care which teacher kind answers: every kind returns `TeacherOutput` columns.
 """
 
 import asyncio
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import ray
@@ -49,40 +50,63 @@ def _retryable() -> tuple:
             serve_errors.ReplicaUnavailableError, serve_errors.DeploymentUnavailableError)
 
 
-class TeacherAnnotator:
-    """Ray Data stage: sends a batch of token ids to the teacher pool, appends the answer as columns.
+class DrawAndAnnotate:
+    """Ray Data stage: turns sample ids into training rows drawn from the mixture, then appends the
+    teacher's answer as columns (no teacher when the loss needs none, e.g. CE-only stage 2).
 
-    A failed replica costs a retry with exponential backoff, never a batch: after `max_attempts`
-    the stage fails loudly rather than handing the trainer a batch without targets.
+    Backpressure: at most `max_in_flight` batches per stage are awaiting the teacher (the actor pool's
+    `max_tasks_in_flight_per_actor`). A failed replica costs a retry with exponential backoff, never a
+    batch: after `max_attempts` the stage fails loudly rather than hand the trainer a batch without
+    targets.
     """
 
-    def __init__(self, app_name: str, deployment_name: str, max_attempts: int = 4, backoff_s: float = 0.5):
+    def __init__(self, mixture_name: str, app_name: Optional[str], deployment_name: str,
+                 max_attempts: int = 4, backoff_s: float = 0.5):
         from ray import serve
 
-        self.handle = serve.get_deployment_handle(deployment_name, app_name=app_name)
+        self.mixture = ray.get_actor(mixture_name)
+        self.handle = serve.get_deployment_handle(deployment_name, app_name=app_name) if app_name else None
         self.max_attempts, self.backoff_s = max_attempts, backoff_s
         self.retryable = _retryable()
 
     async def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-        ids = np.ascontiguousarray(batch["input_ids"])
+        rows = await self.mixture.draw.remote(batch["sample_id"])
+        if self.handle is None:
+            return rows
+        ids = np.ascontiguousarray(rows["input_ids"])
         for attempt in range(1, self.max_attempts + 1):
             try:
                 answer = await self.handle.remote(ids)
-                return {**batch, **answer}
+                return {**rows, **answer}
             except self.retryable as exc:
                 if attempt == self.max_attempts:
                     raise RuntimeError(f"teacher pool failed {attempt} times for one batch: {exc}") from exc
                 await asyncio.sleep(self.backoff_s * 2 ** (attempt - 1))
 
 
-def training_dataset(rows: Dict[str, np.ndarray], app_name: str, deployment_name: str,
-                     teacher_batch_size: int, max_attempts: int = 4) -> "ray.data.Dataset":
-    """Rows (sample_id, source, input_ids) in plan order -> rows with teacher columns, order preserved."""
+def rank_sample_ids(rank: int, world: int, batch_size: int, grad_accum: int, start_step: int,
+                    max_steps: int) -> np.ndarray:
+    """The global sample ids this rank trains on, in order: micro-batch m of step s on rank r holds
+    ids ((s * grad_accum + m) * world + r) * batch_size + [0, batch_size). Fixed by rank, so a resumed
+    run gives every rank exactly the samples it would have had."""
+    micro = np.arange(start_step * grad_accum, max_steps * grad_accum, dtype=np.int64)
+    base = (micro * world + rank) * batch_size
+    return (base[:, None] + np.arange(batch_size, dtype=np.int64)[None, :]).ravel()
+
+
+def worker_stream(sample_ids: np.ndarray, mixture_name: str, app_name: Optional[str], deployment_name: str,
+                  batch_size: int, max_in_flight: int, max_attempts: int) -> "ray.data.Dataset":
+    """This rank's rows with teacher columns, in sample-id order.
+
+    Built inside the training worker, not split from one dataset by Ray Train: `streaming_split`
+    hands blocks to whichever worker asks first, and exact resume needs the assignment fixed."""
+    from ray.data import ActorPoolStrategy
+
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True
     context.enable_progress_bars = False  # the driver shows one training progress bar instead
-    items = [{key: rows[key][i] for key in rows} for i in range(len(rows["sample_id"]))]
-    return ray.data.from_items(items).map_batches(
-        TeacherAnnotator, fn_constructor_kwargs={"app_name": app_name, "deployment_name": deployment_name,
-                                                 "max_attempts": max_attempts},
-        batch_size=teacher_batch_size, concurrency=1, num_cpus=0)  # it only awaits the teacher pool
+    return ray.data.from_items([{"sample_id": int(i)} for i in sample_ids]).map_batches(
+        DrawAndAnnotate, fn_constructor_kwargs={"mixture_name": mixture_name, "app_name": app_name,
+                                                "deployment_name": deployment_name, "max_attempts": max_attempts},
+        batch_size=batch_size, num_cpus=0,  # it only awaits the mixture and the teacher pool
+        compute=ActorPoolStrategy(size=1, max_tasks_in_flight_per_actor=max_in_flight))

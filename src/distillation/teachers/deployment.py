@@ -131,7 +131,7 @@ def teacher_app(cfg: DictConfig, model_dir: str, qkv_layer: Optional[int], vocab
         cache = {"dir": t.cache_dir, "write_through": t.write_through,
                  "signature": teacher_signature(model_dir, signal_settings(cfg, qkv_layer, vocab_size))}
     return TeacherDeployment.options(
-        ray_actor_options={"num_cpus": t.num_cpus, "num_gpus": t.num_gpus},
+        ray_actor_options={"num_cpus": t.num_cpus, "num_gpus": t.num_gpus, "resources": dict(t.resources)},
         max_ongoing_requests=max(4, 2 * t.max_batch_size), health_check_period_s=t.health_check_period_s,
         **scaling,
         logging_config={"log_level": "WARNING", "enable_access_log": False},  # one line per request otherwise

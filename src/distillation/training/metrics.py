@@ -1,17 +1,43 @@
-"""Training metrics: a tiny Ray actor the workers push to (the driver's progress bar reads it), a
-JSON-lines file and a loss-curve PNG next to the checkpoints."""
+"""Training metrics: Prometheus gauges (Ray dashboard), a tiny Ray actor the workers push rows and
+the sample ledger to (the driver's progress bar and files read it), a JSON-lines file and a
+loss-curve PNG next to the checkpoints."""
 
 import json
 from pathlib import Path
-from typing import List
+from typing import Dict, List, Sequence
 
 import ray
+
+
+class TrainingGauges:
+    """`ray.util.metrics` gauges, exported by every node's metrics agent to the dashboard and Prometheus."""
+
+    def __init__(self, sources: Sequence[str]):
+        from ray.util.metrics import Gauge
+
+        self.sources = list(sources)
+        self.loss = Gauge("distill_loss", "loss components, averaged over the logging window", tag_keys=("component",))
+        self.scalars = {key: Gauge(f"distill_{key}", doc) for key, doc in (
+            ("tokens_per_s", "student training tokens per second"), ("lr", "learning rate"),
+            ("grad_norm", "gradient norm before clipping"),
+            ("data_wait_s", "seconds the trainer waited for teacher-annotated data in the window"),
+            ("nan_skipped", "optimizer steps skipped for a non-finite gradient"), ("step", "optimizer step"))}
+        self.mixture = Gauge("distill_mixture_weight", "sampling weight per source", tag_keys=("source",))
+
+    def set(self, row: dict) -> None:
+        for component in ("loss", "ce", "logits_kl", "attention"):
+            self.loss.set(row[component], tags={"component": component})
+        for key, gauge in self.scalars.items():
+            gauge.set(row[key])
+        for name, weight in zip(self.sources, row["mixture"]):
+            self.mixture.set(weight, tags={"source": name})
 
 
 @ray.remote(num_cpus=0)
 class MetricsBoard:
     def __init__(self):
         self.rows: List[dict] = []
+        self.ledger: Dict[int, Dict[int, list]] = {}  # step -> rank -> [(sample_id, source, row)]
 
     def push(self, row: dict) -> None:
         self.rows.append(row)
@@ -19,9 +45,17 @@ class MetricsBoard:
     def since(self, index: int) -> List[dict]:
         return self.rows[index:]
 
+    def push_ledger(self, rank: int, step: int, entries: list) -> None:
+        # A step redone after a restart replaces what the failed attempt recorded.
+        self.ledger.setdefault(step, {})[rank] = entries
 
-def append_jsonl(path: Path, rows: List[dict]) -> None:
-    with open(path, "a") as handle:
+    def ledger_rows(self) -> List[dict]:
+        return [{"step": step, "rank": rank, "samples": entries}
+                for step in sorted(self.ledger) for rank, entries in sorted(self.ledger[step].items())]
+
+
+def append_jsonl(path: Path, rows: List[dict], mode: str = "a") -> None:
+    with open(path, mode) as handle:
         for row in rows:
             handle.write(json.dumps(row) + "\n")
 
@@ -43,6 +77,40 @@ def plot_losses(rows: List[dict], path: Path) -> None:
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.set_yscale("log")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def read_jsonl(path: Path) -> List[dict]:
+    """Rows of a JSON-lines file; a step written twice (redone after a restart) keeps its last row."""
+    if not Path(path).is_file():
+        return []
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    if rows and "step" in rows[0]:
+        key = (lambda r: (r["step"], r.get("rank", 0)))
+        latest = {key(r): r for r in rows}
+        rows = [latest[k] for k in sorted(latest)]
+    return rows
+
+
+def plot_mixture(history: List[dict], names: Sequence[str], max_steps: int, path: Path) -> None:
+    """Sampling weight per source over optimizer steps (a step function: each update holds until the next)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    steps = [e["step"] for e in history] + [max_steps]
+    for i, name in enumerate(names):
+        values = [e["weights"][i] for e in history]
+        ax.step(steps, values + values[-1:], where="post", label=name)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("sampling weight")
+    ax.set_ylim(0, 1)
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()

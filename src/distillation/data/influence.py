@@ -1,0 +1,62 @@
+"""Each source's influence on a probe (target) set, from the student's own gradients. Plain torch.
+
+Estimator (first order, after DoGE, Fan et al. 2024, and Influence Distillation, arXiv 2505.19051):
+a small step along the gradient g_s of a batch from source s changes the probe loss by about
+-lr * <g_s, g_probe>. Each source is scored by the cosine of g_s with g_probe, which does not depend
+on the step size or on how loud a source's gradients are; scores are smoothed with an exponential
+moving average and the weights move multiplicatively (exponentiated gradient, as in DoReMi):
+
+    w_s <- w_s * exp(eta * score_s), renormalised, then mixed with uniform so none falls below `floor`.
+
+Gradients are of the next-token cross-entropy (the student's own objective without the teacher),
+so influence needs no teacher answers. Cost per update: (sources + 1) forward + backward passes of
+`batch_size` sequences on one worker, and two parameter-sized fp32 vectors.
+"""
+
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distillation.data.packing import next_token_labels
+from distillation.losses import IGNORE_INDEX
+
+
+def flat_gradient(model: nn.Module, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """The gradient of the mean next-token CE over all trainable parameters, as one fp32 vector.
+
+    `torch.autograd.grad` leaves `.grad` (and so DDP's gradient hooks) untouched."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    logits = model(input_ids=input_ids).logits  # right padding: causal attention never sees it
+    labels = next_token_labels(input_ids, lengths)
+    loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten().float() for g, p in zip(grads, params)])
+
+
+def alignment_scores(model: nn.Module, probe: tuple, batches: Mapping[str, tuple]) -> dict:
+    """Cosine of each source batch's gradient with the probe gradient; batches are (ids, lengths)."""
+    probe_grad = flat_gradient(model, *probe)
+    scores = {}
+    for name, batch in batches.items():
+        grad = flat_gradient(model, *batch)
+        scores[name] = float(F.cosine_similarity(grad, probe_grad, dim=0))
+        del grad
+    return scores
+
+
+def move_weights(weights: Sequence[float], scores: Sequence[float], eta: float, floor: float) -> np.ndarray:
+    w = np.asarray(weights, dtype=np.float64) * np.exp(eta * np.asarray(scores, dtype=np.float64))
+    w = w / w.sum()
+    n = len(w)
+    if not 0 <= floor * n <= 1:
+        raise ValueError(f"influence.floor={floor} must be within [0, 1/{n}] for {n} sources")
+    return (1 - floor * n) * w + floor
+
+
+def smooth(previous: Sequence[float], scores: Sequence[float], beta: float) -> np.ndarray:
+    """Exponential moving average of the scores (the first update has no `previous`: empty)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    return scores if len(previous) == 0 else beta * np.asarray(previous, dtype=np.float64) + (1 - beta) * scores
