@@ -53,3 +53,23 @@ def test_weights_move_toward_aligned_sources_with_a_floor():
 def test_scores_are_smoothed_by_an_exponential_moving_average():
     assert smooth([], [0.2, 0.4], 0.5).tolist() == [0.2, 0.4]
     np.testing.assert_allclose(smooth([0.2, 0.4], [0.6, 0.0], 0.75), [0.3, 0.3])
+
+
+@pytest.mark.slow
+def test_on_real_text_the_shakespeare_weight_rises_toward_a_shakespeare_probe(ray_cluster, smollm2_dir, tmp_path):
+    """Sources {Shakespeare, Python code, Python docs}, probe of held-out Shakespeare, the converted
+    SmolLM2 student (2 layers, CE only so no teacher is needed), through the real pipeline."""
+    from distillation.config import load_config
+    from distillation.run import run
+
+    summary = run(load_config([
+        "distillation=ce_only", "student.num_layers=2", "data.seq_len=64", "data.max_tokens_per_source=60000",
+        "training.batch_size=4", "training.max_steps=7", "influence.enabled=true", "influence.update_interval=2",
+        "influence.delay_steps=1", "influence.probe_sequences=4", f"run.output_dir={tmp_path}", "run.name=influence",
+        "run.progress=false"]))
+    history = summary["mixture"]
+    assert [e["computed_at"] for e in history] == [None, 2, 4]  # an update at 6 would take effect after the end
+    start, end = history[0]["weights"], history[-1]["weights"]
+    assert end[0] > start[0] + 0.05 and end[0] == max(end), history  # Shakespeare is source 0
+    assert all(e["scores"][0] == max(e["scores"]) for e in history[1:])  # it aligns best at every update
+    assert summary["teacher"] is None  # CE only: no teacher pool was deployed

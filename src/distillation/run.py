@@ -90,6 +90,7 @@ def init_ray(cfg: DictConfig) -> None:
 class Corpus:
     train: Dict[str, Packed]  # per source
     heldout: Packed  # evaluation rows (every source)
+    heldout_by_source: Dict[str, Packed]
     heldout_bytes: int  # UTF-8 bytes of the held-out tokens that are predicted
     probe: Packed  # the influence target set (probe documents of influence.probe_source)
     digests: Dict[str, str]
@@ -110,7 +111,7 @@ def prepare_data(cfg: DictConfig, tokenizer_dir: str, tokenizer) -> Corpus:
         docs.extend(loaded)
     tokens = tokenize_documents(docs, tokenizer_dir)  # per source, in document order
     pad = tokenizer.eos_token_id
-    train, heldout, probe = {}, [], []
+    train, heldout, probe = {}, {}, []
     probe_source = cfg.influence.probe_source or d.sources[0].name
     for source in d.sources:
         mine = [doc for doc in docs if doc.source == source.name]
@@ -120,15 +121,16 @@ def prepare_data(cfg: DictConfig, tokenizer_dir: str, tokenizer) -> Corpus:
         train[source.name] = pack(by_split["train"], pad, d.seq_len, d.max_tokens_per_source)
         if len(train[source.name].rows) == 0:
             raise DistillError(f"source '{source.name}' yields no training row (documents need at least 2 tokens)")
-        heldout.append(pack(by_split["heldout"], pad, d.seq_len, d.heldout_sequences * d.seq_len))
+        heldout[source.name] = pack(by_split["heldout"], pad, d.seq_len, d.heldout_sequences * d.seq_len)
         if source.name == probe_source:
             probe.append(pack(by_split["probe"], pad, d.seq_len, cfg.influence.probe_sequences * d.seq_len))
+    by_source, heldout = heldout, list(heldout.values())
     heldout = Packed(np.concatenate([h.rows for h in heldout]), np.concatenate([h.lengths for h in heldout]),
                      sum(h.dropped_tokens for h in heldout))
     if cfg.influence.enabled and len(probe[0].rows) == 0:
         raise DistillError(f"influence probe source '{probe_source}' has no probe documents; raise data.probe_fraction")
     heldout_bytes = sum(len(tokenizer.decode(row[1:n]).encode("utf-8")) for row, n in zip(heldout.rows, heldout.lengths))
-    return Corpus(train, heldout, heldout_bytes, probe[0], digests)
+    return Corpus(train, heldout, by_source, heldout_bytes, probe[0], digests)
 
 
 def create_mixture(cfg: DictConfig, corpus: Corpus, name: str, resume_state: Optional[dict] = None):
@@ -167,8 +169,7 @@ def _train(cfg: DictConfig, run_dir: Path, loop_config: dict, start_step: int):
     outcome = {}
     thread = threading.Thread(target=lambda: outcome.update(result=_fit(trainer, outcome)), daemon=True)
     thread.start()
-    rows = _follow(board, thread, start_step, t.max_steps, run_dir / "metrics.jsonl", cfg.run.progress)
-    append_jsonl(run_dir / "ledger.jsonl", ray.get(board.ledger_rows.remote()))
+    rows = _follow(board, thread, start_step, t.max_steps, run_dir, cfg.run.progress)
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"], rows
@@ -181,18 +182,23 @@ def _fit(trainer, outcome):
         outcome["error"] = exc
 
 
-def _follow(board, thread, start_step: int, max_steps: int, metrics_path: Path, progress: bool):
+def _follow(board, thread, start_step: int, max_steps: int, run_dir: Path, progress: bool):
+    """Copy the board's metrics and ledger to files as they grow (a killed driver keeps what it saw)."""
     from tqdm import tqdm
 
-    rows = []
+    rows, ledger = [], 0
     bar = tqdm(total=max_steps, initial=start_step, desc="distill", unit="step", disable=not progress,
                dynamic_ncols=True)
     while True:
         alive = thread.is_alive()
-        new = ray.get(board.since.remote(len(rows)))
+        fresh = ray.get(board.since.remote({"metrics": len(rows), "ledger": ledger}))
+        if fresh["ledger"]:
+            ledger += len(fresh["ledger"])
+            append_jsonl(run_dir / "ledger.jsonl", fresh["ledger"])
+        new = fresh["metrics"]
         if new:
             rows.extend(new)
-            append_jsonl(metrics_path, new)
+            append_jsonl(run_dir / "metrics.jsonl", new)
             last = new[-1]
             bar.update(last["step"] - bar.n)
             bar.set_postfix(loss=f"{last['loss']:.3f}", ce=f"{last['ce']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
@@ -246,12 +252,12 @@ def run(cfg: DictConfig) -> dict:
     student = build_student(cfg)
     say(f"teacher {cfg.teacher.model} ({cfg.teacher.kind}{'' if use_teacher else ', not needed by this loss'}); "
         f"student: BitNet, subln={cfg.student.subln}, {sum(p.numel() for p in student.parameters()) / 1e6:.1f}M parameters")
+    init_ray(cfg)
+    if cfg.run.check_placement:
+        check_placement(cfg)
     run_dir = _run_dir(cfg)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     say(f"run folder: {run_dir}")
-
-    init_ray(cfg)
-    check_placement(cfg)
     resumed = latest_checkpoint_state(run_dir) if cfg.run.resume else None
     start_step = resumed["step"] if resumed else 0
     if resumed:
@@ -279,7 +285,8 @@ def run(cfg: DictConfig) -> dict:
             say(f"teacher pool up: {handle.describe.remote().result()}")
         loop_config = {"cfg": OmegaConf.to_container(cfg, resolve=True), "board": f"distill-metrics-{run_dir.name}",
                        "mixture": mixture_name, "app_name": app_name, "vocab_size": vocab_size,
-                       "probe": (corpus.probe.rows, corpus.probe.lengths)}
+                       "probe": (corpus.probe.rows, corpus.probe.lengths),
+                       "eval": {n: (p.rows, p.lengths) for n, p in corpus.heldout_by_source.items() if len(p.rows)}}
         result, rows = _train(cfg, run_dir, loop_config, start_step)
         mixture_history = ray.get(mixture.history.remote())
         if use_teacher:

@@ -121,6 +121,7 @@ class TrainingConfig:
     max_nan_steps: int = 10  # optimizer steps skipped for a non-finite gradient before the run stops
     seed: int = 0
     log_every: int = 1
+    eval_every: int = 0  # every N steps, log each source's held-out loss (eval_<source>); 0: never
 
 
 @dataclass
@@ -129,6 +130,9 @@ class RunConfig:
     output_dir: str = "outputs"
     ray_address: Optional[str] = None  # None: join RAY_ADDRESS if set, else start a local cluster
     num_cpus: Optional[int] = None  # local cluster only
+    # Fail at once when the live nodes cannot hold training.num_workers (Ray Train would wait forever);
+    # turn off on an autoscaling cluster whose worker nodes start on demand.
+    check_placement: bool = True
     resume: bool = False  # continue run.name from its latest checkpoint (same config required)
     progress: bool = True
 

@@ -19,13 +19,14 @@ import torch
 from omegaconf import OmegaConf
 
 from distillation.data.influence import alignment_scores, move_weights, smooth
-from distillation.data.packing import next_token_labels, token_mask
+from distillation.data.packing import Packed, next_token_labels, token_mask
 from distillation.data.pipeline import rank_sample_ids, worker_stream
 from distillation.errors import DistillError
 from distillation.losses import LossWeights, SampledTargets, SparseTargets, bitdistill_loss
 from distillation.models import capture_qkv
 from distillation.teachers.deployment import DEPLOYMENT_NAME
 from distillation.teachers.schema import PREFIX, QKV
+from distillation.training.evaluate import heldout_loss
 from distillation.training.checkpoint import load_training_checkpoint, restore_optimizer, save_training_checkpoint
 from distillation.training.metrics import TrainingGauges
 from distillation.training.student_init import build_student, set_compile
@@ -65,10 +66,11 @@ def lr_lambda(tcfg):
 
 
 def influence_steps(icfg, max_steps: int) -> list:
-    """Optimizer steps after which influence moves the mixture weights."""
+    """Optimizer steps after which influence moves the mixture weights (only those whose update
+    takes effect before the run ends)."""
     if not icfg.enabled:
         return []
-    return list(range(icfg.update_interval, max_steps, icfg.update_interval))
+    return list(range(icfg.update_interval, max_steps - icfg.delay_steps, icfg.update_interval))
 
 
 class NanGuard:
@@ -187,21 +189,25 @@ def train_loop_per_worker(config: dict) -> None:
             if board is not None:
                 board.push_ledger.remote(rank, step, ledger)
             ledger = []
-            if rank == 0 and (step % tcfg.log_every == 0 or done):
+            evaluate = rank == 0 and tcfg.eval_every and (step % tcfg.eval_every == 0 or done)
+            if rank == 0 and (step % tcfg.log_every == 0 or done or evaluate):
                 now = time.perf_counter()
+                scores = {f"eval_{name}": heldout_loss(core, Packed(*rows, 0), 0)["loss"]
+                          for name, rows in config["eval"].items()} if evaluate else {}
+                model.train()
                 n = window["n"]
                 row = {"step": step, "tokens": tokens, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                        "tokens_per_s": window_tokens / (now - window_start), "data_wait_s": window["data_wait_s"],
-                       "nan_skipped": guard.skipped,
+                       "nan_skipped": guard.skipped, **scores,
                        **{k: window[k] / n for k in ("loss", "ce", "logits_kl", "attention")}}
                 row["logits_kl_weighted"] = dcfg.logits_weight * row["logits_kl"]
                 row["attention_weighted"] = dcfg.attention_weight * row["attention"]
-                row["mixture"] = ray.get(mixture.weights_at.remote(step)).tolist()
+                row["mixture"] = ray.get(mixture.weights_at.remote(step - 1)).tolist()  # in force for this step
                 gauges.set(row)
                 if board is not None:
                     board.push.remote(row)
                 window = {k: 0.0 for k in window} | {"n": 0}
-                window_start, window_tokens = now, 0
+                window_start, window_tokens = time.perf_counter(), 0  # evaluation is not training time
             if done or (tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0):
                 saved = None
                 if rank == 0:

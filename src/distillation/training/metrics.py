@@ -35,27 +35,25 @@ class TrainingGauges:
 
 @ray.remote(num_cpus=0)
 class MetricsBoard:
+    """Append-only logs the driver copies to files as they grow: metrics rows and the sample ledger
+    (one row per step and rank: [(sample_id, source, row)]). A step redone after a restart appears
+    again; readers keep its last row (`read_jsonl`)."""
+
     def __init__(self):
-        self.rows: List[dict] = []
-        self.ledger: Dict[int, Dict[int, list]] = {}  # step -> rank -> [(sample_id, source, row)]
+        self.logs: Dict[str, List[dict]] = {"metrics": [], "ledger": []}
 
     def push(self, row: dict) -> None:
-        self.rows.append(row)
-
-    def since(self, index: int) -> List[dict]:
-        return self.rows[index:]
+        self.logs["metrics"].append(row)
 
     def push_ledger(self, rank: int, step: int, entries: list) -> None:
-        # A step redone after a restart replaces what the failed attempt recorded.
-        self.ledger.setdefault(step, {})[rank] = entries
+        self.logs["ledger"].append({"step": step, "rank": rank, "samples": entries})
 
-    def ledger_rows(self) -> List[dict]:
-        return [{"step": step, "rank": rank, "samples": entries}
-                for step in sorted(self.ledger) for rank, entries in sorted(self.ledger[step].items())]
+    def since(self, counts: Dict[str, int]) -> Dict[str, List[dict]]:
+        return {name: rows[counts[name]:] for name, rows in self.logs.items()}
 
 
-def append_jsonl(path: Path, rows: List[dict], mode: str = "a") -> None:
-    with open(path, mode) as handle:
+def append_jsonl(path: Path, rows: List[dict]) -> None:
+    with open(path, "a") as handle:
         for row in rows:
             handle.write(json.dumps(row) + "\n")
 

@@ -1,0 +1,62 @@
+"""`ray job submit --working-dir . --runtime-env ray_jobs/runtime_env.yaml -- python ray_jobs/distill.py
+<overrides>` against a real `ray start --head` on loopback (its own cluster, token authentication
+as configured, separate from the session's test cluster)."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from test_end_to_end import _tiny_overrides, tiny_teacher  # noqa: F401 (a fixture)
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_job_submit_runs_the_distill_entry_point_on_a_loopback_head(tiny_teacher, tmp_path):
+    bin_dir = Path(sys.executable).parent
+    temp_dir = tempfile.mkdtemp(prefix="rayjob-", dir="/tmp")  # Ray's socket paths must stay short
+    gcs_port, dashboard_port = _free_port(), _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    head = subprocess.Popen([str(bin_dir / "ray"), "start", "--head", "--block", f"--port={gcs_port}",
+                             "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+                             f"--dashboard-port={dashboard_port}", "--num-cpus=2", "--include-dashboard=true",
+                             f"--temp-dir={temp_dir}"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        address = f"http://127.0.0.1:{dashboard_port}"
+        overrides = [o for o in _tiny_overrides(tiny_teacher, tmp_path / "out", steps=2)]
+        deadline, result = time.time() + 120, None
+        while time.time() < deadline:  # the dashboard's job API takes a moment to come up
+            result = subprocess.run([str(bin_dir / "ray"), "job", "submit", f"--address={address}",
+                                     "--working-dir", str(ROOT), "--runtime-env",
+                                     str(ROOT / "ray_jobs" / "runtime_env.yaml"), "--",
+                                     "python", "ray_jobs/distill.py", *overrides],
+                                    env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+            if "Connection refused" not in result.stderr + result.stdout and "Failed to connect" not in result.stderr:
+                break
+            time.sleep(3)
+        log = result.stdout + result.stderr
+        assert result.returncode == 0, log[-4000:]
+        assert "succeeded" in log and "=== distillation summary ===" in log
+        assert (tmp_path / "out" / "e2e" / "student" / "config.json").is_file()
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(temp_dir, ignore_errors=True)
