@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from distillation.config import load_config
-from distillation.data.packing import next_token_labels, pack
+from distillation.data.packing import full_rows, next_token_labels
 from distillation.data.sources import load_documents
 from distillation.losses import DenseTargets, LossWeights, bitdistill_loss, cross_entropy, logits_kl
 from distillation.models import load_causal_lm, load_tokenizer, resolve_model
@@ -42,8 +42,7 @@ def run(signal: str, steps: int) -> tuple:
     model_dir = resolve_model(cfg.teacher.model, cfg.data.cache_dir)
     tokenizer = load_tokenizer(model_dir)
     docs = load_documents("shakespeare", "shakespeare", None, cfg.data.cache_dir, 200_000)
-    rows, _ = pack([np.array(tokenizer(d.text, add_special_tokens=False)["input_ids"]) for d in docs[:30]],
-                   tokenizer.eos_token_id, 256, 10**9)
+    rows = full_rows([np.array(tokenizer(d.text, add_special_tokens=False)["input_ids"]) for d in docs[:30]], 256)
     order = np.random.default_rng(0).permutation(len(rows))
     held, train = torch.as_tensor(rows[order[:8]]).long(), rows[order[8:]]
     teacher = HFTeacher(model_dir, 32, TAU, None, signal=signal, draws=12)

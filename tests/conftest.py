@@ -1,5 +1,7 @@
 """Shared fixtures: tiny real transformers models (random init, safetensors on disk)."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -39,3 +41,27 @@ def ray_cluster():
     yield
     serve.shutdown()
     ray.shutdown()
+
+
+def tiny_model_dir(root: Path, vocab_size: int, seed: int, smollm2: Path, **config) -> Path:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_llama_config(vocab_size=vocab_size, **config))
+    out = root / f"tiny-{vocab_size}-{seed}"
+    model.save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(smollm2).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory, smollm2_dir):
+    return tiny_model_dir(tmp_path_factory.mktemp("models"), 49152, seed=1, smollm2=smollm2_dir)
+
+
+def tiny_overrides(model_dir: Path, out: Path, steps: int = 4):
+    return [f"teacher.model={model_dir}", "student.num_layers=null", f"run.output_dir={out}", "run.name=e2e",
+            "run.progress=false", "data.seq_len=64", "data.max_tokens_per_source=20000", "data.heldout_sequences=2",
+            "data.heldout_fraction=0.2", f"training.max_steps={steps}", "training.batch_size=2", "training.grad_accum=2",
+            "training.warmup_steps=1", "distillation.split_heads=4", "distillation.teacher_layer=-1",
+            "distillation.student_layer=-1", "teacher.top_k=16"]

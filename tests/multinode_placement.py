@@ -13,7 +13,7 @@ from distillation.config import load_config
 from distillation.run import run
 
 overrides, out = sys.argv[2:], sys.argv[1]
-cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True})  # state API
 nodes = {"teacher": cluster.add_node(num_cpus=1, resources={"teacher": 4}),
          "student": cluster.add_node(num_cpus=1, resources={"student": 4})}
 cluster.wait_for_nodes()
@@ -22,7 +22,7 @@ summary = run(load_config(overrides + ["placement=labelled"]))
 actors = list_actors(limit=10_000)
 placed = {"replicas": sorted({a.node_id for a in actors if a.class_name.startswith("ServeReplica")}),
           "train_workers": sorted({a.node_id for a in actors if a.class_name == "RayTrainWorker"}),
-          "nodes": {name: node.unique_id for name, node in nodes.items()}, "steps": summary["steps"]}
+          "nodes": {name: node.node_id for name, node in nodes.items()}, "steps": summary["steps"]}
 with open(out, "w") as handle:
     json.dump(placed, handle)
 ray.shutdown()

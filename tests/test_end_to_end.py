@@ -9,37 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from distillation.config import load_config
 
-from conftest import tiny_llama_config
+from conftest import tiny_model_dir, tiny_overrides
 
 pytestmark = pytest.mark.slow
-
-
-def _tiny_model_dir(root: Path, vocab_size: int, seed: int, smollm2: Path, **config) -> Path:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_llama_config(vocab_size=vocab_size, **config))
-    out = root / f"tiny-{vocab_size}-{seed}"
-    model.save_pretrained(out, safe_serialization=True)
-    AutoTokenizer.from_pretrained(smollm2).save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def tiny_teacher(tmp_path_factory, smollm2_dir):
-    return _tiny_model_dir(tmp_path_factory.mktemp("models"), 49152, seed=1, smollm2=smollm2_dir)
-
-
-def _tiny_overrides(model_dir: Path, out: Path, steps: int = 4):
-    return [f"teacher.model={model_dir}", "student.num_layers=null", f"run.output_dir={out}", "run.name=e2e",
-            "run.progress=false", "data.seq_len=64", "data.max_tokens_per_source=20000", "data.heldout_sequences=2",
-            "data.heldout_fraction=0.2", f"training.max_steps={steps}", "training.batch_size=2", "training.grad_accum=2",
-            "training.warmup_steps=1", "distillation.split_heads=4", "distillation.teacher_layer=-1",
-            "distillation.student_layer=-1", "teacher.top_k=16"]
 
 
 def test_distill_runs_serve_data_train_and_writes_a_strict_checkpoint(tiny_teacher, ray_cluster, tmp_path):
@@ -48,7 +23,7 @@ def test_distill_runs_serve_data_train_and_writes_a_strict_checkpoint(tiny_teach
     from distillation.run import run
     from distillation.student import load_student
 
-    cfg = load_config(_tiny_overrides(tiny_teacher, tmp_path))
+    cfg = load_config(tiny_overrides(tiny_teacher, tmp_path))
     summary = run(cfg)
 
     assert summary["steps"] == 4
@@ -82,7 +57,7 @@ def test_distill_runs_serve_data_train_and_writes_a_strict_checkpoint(tiny_teach
 def test_sampled_teacher_signal_trains_end_to_end(tiny_teacher, ray_cluster, tmp_path):
     from distillation.run import run
 
-    overrides = [o for o in _tiny_overrides(tiny_teacher, tmp_path, steps=2) if not o.startswith("run.name")]
+    overrides = [o for o in tiny_overrides(tiny_teacher, tmp_path, steps=2) if not o.startswith("run.name")]
     summary = run(load_config(overrides + ["run.name=sampled", "teacher.signal=sampled", "teacher.draws=6"]))
     assert summary["steps"] == 2 and summary["teacher"]["signal"] == "sampled"
     assert summary["last"]["logits_kl"] != 0
@@ -93,7 +68,7 @@ def test_precomputed_cache_replays_the_whole_run_without_a_teacher_model(tiny_te
     from distillation.run import run
 
     cache = ["teacher=cached", f"teacher.cache_dir={tmp_path / 'cache'}"]
-    overrides = _tiny_overrides(tiny_teacher, tmp_path) + cache
+    overrides = tiny_overrides(tiny_teacher, tmp_path) + cache
     filled = precompute(load_config(overrides))
     assert filled["planned"] > 4 * 2 * 2 and filled["cached"] == filled["scored"] > 0  # every training row
     assert precompute(load_config(overrides))["scored"] == 0  # a rerun scores nothing new
@@ -120,7 +95,7 @@ def _cli(*args, cwd):
 ])
 def test_bad_input_exits_nonzero_with_one_line_and_writes_nothing(tiny_teacher, smollm2_dir, tmp_path, make_args,
                                                                  message):
-    dirs = {"teacher": tiny_teacher, "small_vocab": _tiny_model_dir(tmp_path, 128, seed=2, smollm2=smollm2_dir)}
+    dirs = {"teacher": tiny_teacher, "small_vocab": tiny_model_dir(tmp_path, 128, seed=2, smollm2=smollm2_dir)}
     out = tmp_path / "outputs"
     result = _cli(*make_args(dirs, out), f"run.output_dir={out}", cwd=tmp_path)
     assert result.returncode == 2

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from distillation.losses import (IGNORE_INDEX, DenseTargets, LossWeights, SampledTargets, SparseTargets,
+from distillation.losses import (IGNORE_INDEX, DenseTargets, LossWeights,
                                  attention_relation_loss, bitdistill_loss, cross_entropy, logit_losses, logits_kl,
                                  sampled_targets, sparse_targets)
 

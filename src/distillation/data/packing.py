@@ -8,7 +8,7 @@ never see the padding either). A piece of one token has no next token to predict
 and counted, never silently.
 """
 
-from typing import List, NamedTuple
+from typing import List, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -39,6 +39,15 @@ def pack(token_lists: List[np.ndarray], pad_id: int, seq_len: int, max_tokens: i
     if not rows:
         return Packed(np.zeros((0, seq_len), np.int32), np.zeros(0, np.int32), dropped)
     return Packed(np.stack(rows), np.asarray(lengths, dtype=np.int32), dropped)
+
+
+def full_rows(token_lists: List[np.ndarray], seq_len: int, count: Optional[int] = None) -> np.ndarray:
+    """The first `count` (default: all) rows with no padding, for benchmarks that compare like with like."""
+    packed = pack(token_lists, 0, seq_len, max_tokens=10**12)
+    rows = packed.rows[packed.lengths == seq_len][:count]
+    if count is not None and len(rows) < count:
+        raise ValueError(f"only {len(rows)} full rows of {seq_len} tokens; {count} wanted")
+    return rows
 
 
 def next_token_labels(input_ids: torch.Tensor, lengths: torch.Tensor = None) -> torch.Tensor:

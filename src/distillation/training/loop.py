@@ -11,7 +11,6 @@ import math
 import time
 from contextlib import nullcontext
 
-import numpy as np
 import ray
 import ray.train
 import ray.train.torch
