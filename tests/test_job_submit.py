@@ -3,6 +3,7 @@
 as configured, separate from the session's test cluster)."""
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -30,10 +31,16 @@ def test_ray_job_submit_runs_the_distill_entry_point_on_a_loopback_head(tiny_tea
     bin_dir = Path(sys.executable).parent
     temp_dir = tempfile.mkdtemp(prefix="rayjob-", dir="/tmp")  # Ray's socket paths must stay short
     gcs_port, dashboard_port = _free_port(), _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    # Token authentication on, with a token of this test's own that the head and the client share.
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")},
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+           "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}  # an activated venv: `python` is ours
     head = subprocess.Popen([str(bin_dir / "ray"), "start", "--head", "--block", f"--port={gcs_port}",
                              "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
                              f"--dashboard-port={dashboard_port}", "--num-cpus=2", "--include-dashboard=true",
+                             # the session's test cluster holds the default agent ports on this machine
+                             f"--dashboard-agent-listen-port={_free_port()}",
+                             f"--dashboard-agent-grpc-port={_free_port()}", f"--metrics-export-port={_free_port()}",
                              f"--temp-dir={temp_dir}"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
