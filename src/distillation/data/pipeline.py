@@ -30,6 +30,7 @@ class Tokenize:
 
 def tokenize_documents(docs: List[Document], tokenizer_dir: str) -> Dict[str, List[np.ndarray]]:
     """Token arrays per source, in document order."""
+    ray.data.DataContext.get_current().enable_progress_bars = False  # one training progress bar, later
     items = [{"source": d.source, "doc_id": d.doc_id, "text": d.text} for d in docs]
     ds = ray.data.from_items(items).map_batches(
         Tokenize, fn_constructor_kwargs={"tokenizer_dir": tokenizer_dir}, batch_size=64, concurrency=1, num_cpus=1)
