@@ -8,7 +8,7 @@ same converted SmolLM2 student and seed. Uniform's held-out Shakespeare loss at 
 is the target; the influence arm's tokens to reach it (interpolated between evaluations) over
 uniform's budget is the ratio. Several seeds; median and spread.
 
-    python bench/bench_mixture.py [--seeds 0 1 2] [--steps 30]
+    python -m bench mixture [--seeds 0 1 2] [--steps 30]
 """
 
 import argparse
@@ -48,12 +48,11 @@ def tokens_to_reach(curve: list, target: float) -> float:
     return float("inf")
 
 
-def main() -> None:
+def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--json", default="bench/results/mixture.json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     results = []
     with tempfile.TemporaryDirectory() as out:
         for seed in args.seeds:
@@ -67,17 +66,10 @@ def main() -> None:
             print(f"seed {seed}: uniform final {target:.3f}, influence final {weighted[-1][1]:.3f}, "
                   f"tokens ratio {ratio:.2f}, weights {np.round(history[-1]['weights'], 2).tolist()}", flush=True)
     ratios = [r["ratio"] for r in results]
-    print("\n| arm | held-out Shakespeare loss at budget (median) | tokens to uniform's final loss |")
-    print("|---|---|---|")
-    print(f"| uniform | {statistics.median(r['uniform_final'] for r in results):.3f} | 1.00 (by definition) |")
-    print(f"| influence | {statistics.median(r['influence_final'] for r in results):.3f} | "
-          f"{statistics.median(ratios):.2f}x (min {min(ratios):.2f}, max {max(ratios):.2f}, {len(ratios)} seeds) |")
-    import os
-
-    os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    with open(args.json, "w") as handle:
-        json.dump(results, handle, indent=1)
-
-
-if __name__ == "__main__":
-    main()
+    lines = ["| arm | held-out Shakespeare loss at budget (median) | tokens to uniform's final loss |", "|---|---|---|",
+             f"| uniform | {statistics.median(r['uniform_final'] for r in results):.3f} | 1.00x (by definition) |",
+             f"| influence | {statistics.median(r['influence_final'] for r in results):.3f} | "
+             f"{statistics.median(ratios):.2f}x [{min(ratios):.2f}, {max(ratios):.2f}] over {len(ratios)} seeds |"]
+    table = "\n".join(lines)
+    print(table)
+    return {"table": table, "runs": results}

@@ -33,7 +33,8 @@ class ScoreAndStore:
 
 
 def precompute(cfg: DictConfig) -> dict:
-    from distillation.run import init_ray, prepare_data, resolve_teacher, say
+    from distillation.data.corpus import prepare_corpus
+    from distillation.run import init_ray, resolve_teacher, say
     from distillation.teachers.cache import TeacherCache, sequence_key, teacher_signature
     from distillation.teachers.deployment import hf_teacher_kwargs, signal_settings
 
@@ -43,7 +44,7 @@ def precompute(cfg: DictConfig) -> dict:
     signature = teacher_signature(teacher_dir, signal_settings(cfg, qkv_layer, vocab_size))
     cache = TeacherCache(cfg.teacher.cache_dir, signature, create=True)
     init_ray(cfg)
-    corpus = prepare_data(cfg, str(teacher_dir), tokenizer)
+    corpus = prepare_corpus(cfg, str(teacher_dir), tokenizer)
     planned = np.concatenate([packed.rows for packed in corpus.train.values()])
     todo, seen = [], set(cache.rows)
     for row in planned:

@@ -1,7 +1,8 @@
 """The driver: one distillation run on a Ray cluster, from config to summary.
 
-assets -> Ray cluster -> tokenize (Ray Data) -> teacher pool (Ray Serve) -> annotate (Ray Data)
--> TorchTrainer -> strict reload of the final student -> held-out loss -> summary.
+assets -> Ray cluster -> corpus (tokenized with Ray Data) -> Mixture actor + teacher pool (Ray Serve)
+-> TorchTrainer (each worker streams its rows: Mixture draw + teacher answer, Ray Data) -> strict
+reload of the final student -> held-out loss -> summary. `run.resume=true` continues a run.
 """
 
 import json
@@ -9,20 +10,16 @@ import os
 import shutil
 import threading
 import time
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Optional
 
-import numpy as np
 import ray
 from omegaconf import DictConfig, OmegaConf
 
 from distillation.config import to_yaml
+from distillation.data.corpus import Corpus, prepare_corpus
 from distillation.data.mixture import validate_weights
-from distillation.data.packing import Packed, pack
-from distillation.data.pipeline import tokenize_documents
-from distillation.data.sources import content_digest, load_documents, split_of
 from distillation.errors import DistillError
 from distillation.models import TOKENIZER_FILES, load_causal_lm, load_tokenizer, resolve_model
 from distillation.student import load_student
@@ -84,65 +81,6 @@ def init_ray(cfg: DictConfig) -> None:
     context = ray.init(log_to_driver=True, **kwargs)
     say(f"Ray cluster ready; dashboard: http://{context.dashboard_url}" if context.dashboard_url
         else "Ray cluster ready (no dashboard)")
-
-
-@dataclass
-class Corpus:
-    train: Dict[str, Packed]  # per source
-    heldout: Packed  # evaluation rows (every source)
-    heldout_by_source: Dict[str, Packed]
-    heldout_bytes: int  # UTF-8 bytes of the held-out tokens that are predicted
-    probe: Packed  # the influence target set (probe documents of influence.probe_source)
-    digests: Dict[str, str]
-
-
-def prepare_data(cfg: DictConfig, tokenizer_dir: str, tokenizer) -> Corpus:
-    """Training rows per source, held-out rows with their byte count, and the probe rows."""
-    d = cfg.data
-    split: Dict[tuple, str] = {}
-    docs, digests = [], {}
-    for source in d.sources:
-        loaded = load_documents(source.name, source.kind, source.path, d.cache_dir, d.max_tokens_per_source,
-                                source.text_field, source.split)
-        digests[source.name] = content_digest(loaded)
-        for doc in loaded:
-            split[(doc.source, doc.doc_id)] = split_of(f"{source.name}/{doc.doc_id}", d.heldout_fraction,
-                                                       d.probe_fraction)
-        docs.extend(loaded)
-    tokens = tokenize_documents(docs, tokenizer_dir)  # per source, in document order
-    pad = tokenizer.eos_token_id
-    train, heldout, probe = {}, {}, []
-    probe_source = cfg.influence.probe_source or d.sources[0].name
-    for source in d.sources:
-        mine = [doc for doc in docs if doc.source == source.name]
-        by_split = {"train": [], "heldout": [], "probe": []}
-        for doc, toks in zip(mine, tokens.get(source.name, [])):
-            by_split[split[(doc.source, doc.doc_id)]].append(toks)
-        train[source.name] = pack(by_split["train"], pad, d.seq_len, d.max_tokens_per_source)
-        if len(train[source.name].rows) == 0:
-            raise DistillError(f"source '{source.name}' yields no training row (documents need at least 2 tokens)")
-        # Rows spread over all held-out (probe) documents, not the first few: the first piece of a
-        # document can be unrepresentative (a licence header, say).
-        heldout[source.name] = spread(pack(by_split["heldout"], pad, d.seq_len, d.max_tokens_per_source),
-                                      d.heldout_sequences)
-        if source.name == probe_source:
-            probe.append(spread(pack(by_split["probe"], pad, d.seq_len, d.max_tokens_per_source),
-                                cfg.influence.probe_sequences))
-    by_source, heldout = heldout, list(heldout.values())
-    heldout = Packed(np.concatenate([h.rows for h in heldout]), np.concatenate([h.lengths for h in heldout]),
-                     sum(h.dropped_tokens for h in heldout))
-    if cfg.influence.enabled and len(probe[0].rows) == 0:
-        raise DistillError(f"influence probe source '{probe_source}' has no probe documents; raise data.probe_fraction")
-    heldout_bytes = sum(len(tokenizer.decode(row[1:n]).encode("utf-8")) for row, n in zip(heldout.rows, heldout.lengths))
-    return Corpus(train, heldout, by_source, heldout_bytes, probe[0], digests)
-
-
-def spread(packed: Packed, count: int) -> Packed:
-    """`count` rows picked evenly across `packed` (all of them if there are fewer)."""
-    if len(packed.rows) <= count:
-        return packed
-    index = np.linspace(0, len(packed.rows) - 1, count).round().astype(int)
-    return Packed(packed.rows[index], packed.lengths[index], packed.dropped_tokens)
 
 
 def create_mixture(cfg: DictConfig, corpus: Corpus, name: str, resume_state: Optional[dict] = None):
@@ -274,7 +212,7 @@ def run(cfg: DictConfig) -> dict:
     start_step = resumed["step"] if resumed else 0
     if resumed:
         say(f"resuming from the checkpoint of step {start_step}")
-    corpus = prepare_data(cfg, str(teacher_dir), tokenizer)
+    corpus = prepare_corpus(cfg, str(teacher_dir), tokenizer)
     say("data: " + ", ".join(f"{n} {len(v.rows)} rows (sha256 {corpus.digests[n][:12]})" for n, v in corpus.train.items())
         + f"; held-out {len(corpus.heldout.rows)} rows; probe {len(corpus.probe.rows)} rows")
 

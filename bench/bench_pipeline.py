@@ -1,0 +1,125 @@
+"""Table B: the distillation pipeline against its limit, same models, batches and machine, one run.
+
+Every arm trains the CPU-default student (SmolLM2's first 8 layers as BitNet, one torch thread)
+on batches of 4 x 256 tokens with logits-only BitDistill at tau = 1 on top-32 + tail targets, the
+one setting every teacher kind serves (vLLM returns temperature-1 log-probabilities and no Q/K/V):
+
+- limit:     student steps on teacher targets already in memory (what the trainer could do alone);
+- cached:    `distill teacher=cached` (Ray Data + Mixture + Ray Train; answers replayed from Parquet);
+- hf:        `distill teacher=hf` (transformers teacher on Ray Serve, bf16, one core);
+- vllm:      `distill teacher=vllm` (vLLM engine on Ray Serve, bf16, one core);
+- sync:      the brief's original design: one process calls the teacher in-process, then steps the
+             student (two torch threads: it has both cores, one thing at a time).
+
+Tokens/s per optimizer step (real tokens), median and spread over the steps after `--warmup`.
+
+    python -m bench pipeline [--steps 12] [--warmup 2]
+"""
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+BASE = ["distillation=logits_only", "distillation.temperature=1", "teacher.signal=topk", "teacher.top_k=32",
+        "data.max_tokens_per_source=20000", "run.progress=false"]
+
+
+def _student_steps(cfg, batches, targets_for, threads: int) -> list:
+    """Plain-torch training steps; `targets_for(ids)` gives the teacher columns (timed with the step)."""
+    from distillation.data.packing import next_token_labels
+    from distillation.losses import bitdistill_loss
+    from distillation.training.loop import loss_weights, targets_from_columns
+    from distillation.training.student_init import build_student, set_compile
+
+    torch.set_num_threads(threads)
+    set_compile(False)
+    torch.manual_seed(0)
+    student = build_student(cfg)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.training.lr, betas=(0.9, 0.95))
+    weights = loss_weights(cfg.distillation)
+    rates = []
+    for ids in batches:
+        start = time.perf_counter()
+        columns = {k: torch.as_tensor(v) for k, v in targets_for(ids).items()}
+        x = torch.as_tensor(ids).long()
+        out = bitdistill_loss(student(input_ids=x).logits, next_token_labels(x), weights, targets_from_columns(columns))
+        out.total.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        rates.append(ids.size / (time.perf_counter() - start))
+    return rates
+
+
+def _in_process(steps: int) -> dict:
+    from distillation.config import load_config
+    from distillation.data.packing import full_rows
+    from distillation.data.sources import load_documents
+    from distillation.models import load_tokenizer, resolve_model
+    from distillation.teachers.hf import HFTeacher
+
+    cfg = load_config(BASE)
+    model_dir = resolve_model(cfg.teacher.model, cfg.data.cache_dir)
+    tokenizer = load_tokenizer(model_dir)
+    docs = load_documents("shakespeare", "shakespeare", None, cfg.data.cache_dir, 100_000)
+    rows = full_rows([np.array(tokenizer(d.text, add_special_tokens=False)["input_ids"]) for d in docs], 256, 4 * steps)
+    batches = [rows[i * 4:(i + 1) * 4] for i in range(steps)]
+    torch.set_num_threads(2)
+    teacher = HFTeacher(model_dir, 32, 1.0, None, dtype="bfloat16", signal="topk")
+    answers = {i: teacher.score(b).to_columns() for i, b in enumerate(batches)}  # for the limit arm
+    index = {id(b): i for i, b in enumerate(batches)}
+    limit = _student_steps(cfg, batches, lambda ids: answers[index[id(ids)]], threads=1)
+    sync = _student_steps(cfg, batches, lambda ids: teacher.score(ids).to_columns(), threads=2)
+    return {"limit": limit, "sync": sync}
+
+
+def _ray_arm(kind: str, steps: int, out: str) -> list:
+    from distillation.config import load_config
+    from distillation.precompute import precompute
+    from distillation.run import run
+    from distillation.training.metrics import read_jsonl
+
+    overrides = BASE + [f"training.max_steps={steps}", f"run.output_dir={out}", f"run.name={kind}",
+                        "training.warmup_steps=1"]
+    if kind == "cached":
+        overrides += ["teacher=cached", f"teacher.cache_dir={out}/cache"]
+        precompute(load_config(overrides))
+    elif kind == "vllm":
+        overrides += ["teacher=vllm", "teacher.max_model_len=512", "teacher.dtype=bfloat16"]
+    summary = run(load_config(overrides))
+    return [r["tokens_per_s"] for r in read_jsonl(summary["metrics"])]
+
+
+def _stats(rates: list, warmup: int) -> dict:
+    kept = rates[warmup:]
+    return {"median": statistics.median(kept), "min": min(kept), "max": max(kept), "n": len(kept)}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--arms", nargs="+", default=["cached", "hf", "vllm"])
+    args = parser.parse_args(argv)
+    rates = _in_process(args.steps)
+    with tempfile.TemporaryDirectory() as out:
+        for kind in args.arms:
+            rates[kind] = _ray_arm(kind, args.steps, out)
+    stats = {k: _stats(v, args.warmup) for k, v in rates.items()}
+    limit = stats["limit"]["median"]
+    lines = ["| arm | tokens/s (median [min, max]) | vs limit |", "|---|---|---|"]
+    for kind in ["limit", "cached", "hf", "vllm", "sync"]:
+        if kind in stats:
+            s = stats[kind]
+            lines.append(f"| {kind} | {s['median']:.0f} [{s['min']:.0f}, {s['max']:.0f}] | {s['median'] / limit:.2f}x |")
+    table = "\n".join(lines)
+    print(table)
+    return {"table": table, "stats": stats, "rates": rates, "steps": args.steps, "warmup": args.warmup}
+
+
+if __name__ == "__main__":
+    main()
