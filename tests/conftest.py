@@ -64,4 +64,4 @@ def tiny_overrides(model_dir: Path, out: Path, steps: int = 4):
             "run.progress=false", "data.seq_len=64", "data.max_tokens_per_source=20000", "data.heldout_sequences=2",
             "data.heldout_fraction=0.2", f"training.max_steps={steps}", "training.batch_size=2", "training.grad_accum=2",
             "training.warmup_steps=1", "distillation.split_heads=4", "distillation.teacher_layer=-1",
-            "distillation.student_layer=-1", "teacher.top_k=16"]
+            "distillation.student_layer=-1", "teacher.top_k=16", "training.num_threads=1"]
