@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import ray
 
@@ -52,6 +53,13 @@ def reference(tiny_teacher, ray_cluster, tmp_path_factory):
     assert schedule == [(0, None), (3, 2), (5, 4)]  # updates after steps 2 and 4, used one step later
     assert not np.allclose(weights[0], weights[-1])  # the weights really moved
     return ledger, schedule, weights
+
+
+def _titled(process, title: str) -> bool:
+    try:
+        return any(title in part for part in process.cmdline())
+    except psutil.Error:  # ended since it was listed
+        return False
 
 
 def _assert_same_run(run_dir: Path, reference):
@@ -104,8 +112,6 @@ def test_killed_driver_resumes_from_its_storage_path_with_the_same_ledger(tiny_t
 
 def test_killed_training_worker_is_restarted_from_the_checkpoint_with_the_same_ledger(tiny_teacher, reference,
                                                                                       tmp_path):
-    import psutil
-
     from distillation.run import run
 
     run_dir = tmp_path / "worker"
@@ -114,9 +120,8 @@ def test_killed_training_worker_is_restarted_from_the_checkpoint_with_the_same_l
     def kill_worker():
         _wait_for(lambda: _last_step(run_dir) >= 3, 400, "step 3")
         # Ray titles a worker process after the actor it hosts (the test cluster runs no dashboard,
-        # so the state API is not available here).
-        pids = [p.pid for p in psutil.process_iter(["cmdline"])
-                if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))]
+        # so the state API is not available here); only this test's cluster, which this process started.
+        pids = [p.pid for p in psutil.Process().children(recursive=True) if _titled(p, "RayTrainWorker")]
         assert len(pids) == 1, pids
         os.kill(pids[0], signal.SIGKILL)
         killed.append(pids[0])
