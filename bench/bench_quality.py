@@ -53,7 +53,7 @@ def main(argv=None) -> dict:
         closed = [(s - v) / (s - teacher) for s, v in zip(sft, values)]
         rows[f"{arm}/{stage}"] = {"bits_per_byte": values, "gap_closed": closed}
         gap = "-" if arm == "sft" else f"{statistics.median(closed):.2f} [{min(closed):.2f}, {max(closed):.2f}]"
-        lines.append(f"| {arm} | {'yes' if stage == 'stage2' else 'no'} ({args.stage2_steps} steps) | "
+        lines.append(f"| {arm} | {f'yes ({args.stage2_steps} steps)' if stage == 'stage2' else 'no'} | "
                      f"{statistics.median(values):.3f} [{min(values):.3f}, {max(values):.3f}] | {gap} |")
     table = "\n".join(lines)
     print(table)
