@@ -5,8 +5,7 @@ torch threads (default: every core) on batches of 4 x 256 tokens with logits-onl
 tau = 1 on top-32 + tail targets, the one setting every teacher kind serves (vLLM returns
 temperature-1 log-probabilities and no Q/K/V):
 
-- limit:     student steps on teacher targets already in memory (what the trainer could do alone
-             with the whole machine);
+- limit:     student steps on teacher targets already in memory (what the trainer could do alone);
 - cached:    `distill teacher=cached` (Ray Data + Mixture + Ray Train; answers replayed from Parquet);
 - hf:        `distill teacher=hf` (transformers teacher on Ray Serve, bf16, one thread);
 - vllm:      `distill teacher=vllm` (vLLM engine on Ray Serve, bf16, one thread);
