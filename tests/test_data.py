@@ -9,7 +9,7 @@ import torch
 
 from distillation.data.mixture import Mixture, MixturePlan, validate_weights
 from distillation.data.packing import next_token_labels, pack, token_mask
-from distillation.data.pipeline import rank_sample_ids
+from distillation.data.pipeline import rank_sample_ids, step_blocks, worker_stream
 from distillation.data.sources import load_documents, split_of
 from distillation.errors import DistillError
 from distillation.losses import IGNORE_INDEX
@@ -90,6 +90,38 @@ def test_mixture_actor_proportions_follow_an_update_from_the_next_step_on(ray_cl
     assert batch["input_ids"].shape == (2, 4) and batch["length"].tolist() == [4, 4]
     replay = MixturePlan.from_state(ray.get(mixture.state_at.remote(1500)))
     assert replay.count == 1500 and replay.weights_at(20).tolist() == [0.1, 0.9]
+
+
+def test_teacher_requests_never_span_two_steps():
+    blocks = step_blocks(np.arange(10, 20), rows_per_step=4, request_size=3)
+    assert [b.tolist() for b in blocks] == [[10, 11, 12], [13], [14, 15, 16], [17], [18, 19]]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_the_stream_never_waits_on_its_own_rows_when_every_step_moves_the_weights(ray_cluster):
+    """The tightest schedule: the consumer sends the update of step s only after reading step s, and
+    step s + 1 draws with it (delay 1). Hundreds of one-row steps (a long run in miniature), several requests in flight run out
+    of order by Ray Data: a request holding rows of three steps, or one call slot for all requests,
+    waits forever here."""
+    steps = 450  # over 200 rows: what from_items would merge into blocks of three
+    plan = MixturePlan(["a", "b"], [60, 60], [0.5, 0.5], seed=0, samples_per_step=1,
+                       update_steps=range(1, steps - 1), delay=1)
+    rows = {n: np.arange(60 * 4, dtype=np.int32).reshape(60, 4) for n in "ab"}
+    mixture = Mixture.options(name="stream-mixture").remote(plan.state(), rows,
+                                                            {n: np.full(60, 4, np.int32) for n in "ab"})
+    try:
+        stream = worker_stream(np.arange(steps), 1, "stream-mixture", None, "no-teacher", request_size=1,
+                               max_in_flight=4, max_attempts=1)
+        seen = []
+        for step, batch in enumerate(stream.iter_batches(batch_size=1, prefetch_batches=0), start=1):
+            seen.extend(batch["sample_id"].tolist())
+            if step in plan.update_steps:
+                ray.get(mixture.set_weights.remote(step, [0.9, 0.1] if step % 2 else [0.1, 0.9]))
+        assert seen == list(range(steps))
+        assert len(ray.get(mixture.history.remote())) == steps - 1  # every update arrived and was used
+    finally:
+        ray.kill(mixture)
 
 
 def test_rank_sample_ids_partition_the_run_and_start_at_the_resumed_step():

@@ -1,8 +1,9 @@
 """Placement across several Ray nodes on one machine (custom resources): teacher replicas land on
 the teacher node and training workers on the student node; asking for more workers than the
-cluster can place is a clear error, not a hang."""
+cluster can place is a clear error, not a hang; so is a run whose workers never start."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 def test_teacher_replicas_and_train_workers_land_on_their_nodes(tiny_teacher, tmp_path):
     out = tmp_path / "placed.json"
-    overrides = [o for o in tiny_overrides(tiny_teacher, tmp_path, steps=2)]
+    overrides = tiny_overrides(tiny_teacher, tmp_path, steps=2)
     result = subprocess.run([sys.executable, str(Path(__file__).with_name("multinode_placement.py")), str(out),
                              *overrides, "run.progress=false"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -36,3 +37,17 @@ def test_more_workers_than_the_cluster_can_place_is_a_clear_error(ray_cluster):
         check_placement(load_config(["training.num_workers=5"]))
     with pytest.raises(DistillError, match="cannot be placed"):
         check_placement(load_config(["placement=labelled"]))  # no node offers `student` here
+
+
+def test_a_run_whose_workers_never_start_stops_after_the_stall_timeout(tiny_teacher, ray_cluster, tmp_path):
+    """Labelled placement with the up-front check off, as on an autoscaling cluster, but the student
+    nodes never come: Ray Train would wait forever; the driver stops, says where it stood, exits 2.
+    A separate driver process, so that ending it also ends the Ray Train run it leaves waiting."""
+    import ray
+
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    result = subprocess.run([sys.executable, "-m", "distillation.cli", *tiny_overrides(tiny_teacher, tmp_path),
+                             "distillation=ce_only", "placement=labelled", "run.check_placement=false",
+                             "run.stall_timeout_s=20"], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "error: no optimizer step finished in 20 s (last finished: step 0)" in result.stderr

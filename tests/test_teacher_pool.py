@@ -80,8 +80,8 @@ def test_killed_replica_loses_no_batch(tiny_dir, ray_cluster):
         plan = MixturePlan(["only"], [count], [1.0], seed=0, samples_per_step=2)
         mixture = Mixture.options(name="pool-kill-mixture").remote(plan.state(), {"only": rows},
                                                                    {"only": np.full(count, 256, np.int32)})
-        dataset = worker_stream(np.arange(count), "pool-kill-mixture", "pool-kill", DEPLOYMENT_NAME, batch_size=2,
-                                max_in_flight=4, max_attempts=6)
+        dataset = worker_stream(np.arange(count), 2, "pool-kill-mixture", "pool-kill", DEPLOYMENT_NAME,
+                                request_size=2, max_in_flight=4, max_attempts=6)
         replicas = [a for a in ray.util.list_named_actors(all_namespaces=True)
                     if "pool-kill" in a["name"] and a["namespace"] == "serve"]
         assert len(replicas) == 2, replicas

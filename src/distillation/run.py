@@ -119,7 +119,7 @@ def _train(cfg: DictConfig, run_dir: Path, loop_config: dict, start_step: int):
     outcome = {}
     thread = threading.Thread(target=lambda: outcome.update(result=_fit(trainer, outcome)), daemon=True)
     thread.start()
-    rows = _follow(board, thread, start_step, t.max_steps, run_dir, cfg.run.progress)
+    rows = _follow(board, thread, start_step, t.max_steps, run_dir, cfg.run.progress, cfg.run.stall_timeout_s)
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"], rows
@@ -132,16 +132,27 @@ def _fit(trainer, outcome):
         outcome["error"] = exc
 
 
-def _follow(board, thread, start_step: int, max_steps: int, run_dir: Path, progress: bool):
-    """Copy the board's metrics and ledger to files as they grow (a killed driver keeps what it saw)."""
+def _follow(board, thread, start_step: int, max_steps: int, run_dir: Path, progress: bool, stall_timeout_s: float):
+    """Copy the board's metrics and ledger to files as they grow (a killed driver keeps what it saw);
+    a run with no finished step for `stall_timeout_s` is an error, not a silent wait."""
     from tqdm import tqdm
 
-    rows, ledger = [], 0
+    rows, ledger, last_step = [], 0, start_step
+    last_progress = time.monotonic()
     bar = tqdm(total=max_steps, initial=start_step, desc="distill", unit="step", disable=not progress,
                dynamic_ncols=True)
     while True:
         alive = thread.is_alive()
         fresh = ray.get(board.since.remote({"metrics": len(rows), "ledger": ledger}))
+        if fresh["ledger"]:
+            last_progress, last_step = time.monotonic(), max(e["step"] for e in fresh["ledger"])
+        elif alive and stall_timeout_s and time.monotonic() - last_progress > stall_timeout_s:
+            bar.close()
+            raise DistillError(
+                f"no optimizer step finished in {stall_timeout_s:.0f} s (last finished: step {last_step}); "
+                f"free cluster resources now: "
+                f"{ray.available_resources()}. The workers' logs and the Ray dashboard show where they wait; "
+                f"raise run.stall_timeout_s if a step really takes this long")
         if fresh["ledger"]:
             ledger += len(fresh["ledger"])
             append_jsonl(run_dir / "ledger.jsonl", fresh["ledger"])

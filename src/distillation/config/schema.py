@@ -78,8 +78,12 @@ class DataConfig:
     heldout_fraction: float = 0.05  # share of each source's documents held out (chosen by name hash)
     heldout_sequences: int = 4  # held-out sequences per source used for the summary's loss
     probe_fraction: float = 0.05  # share of documents set aside for the influence probe (never trained on)
-    teacher_batch_size: int = 4  # sequences per teacher request
-    teacher_max_in_flight: int = 4  # teacher requests awaiting an answer per training worker (backpressure)
+    teacher_batch_size: int = 4  # sequences per teacher request (at most: one never spans two steps)
+    # Teacher requests awaiting an answer per training worker (backpressure). 1: the teacher scores the
+    # next rows while the student trains, and a run's answers are reproducible, so resumed influence
+    # updates equal the originals. More lets Serve batch requests into one forward pass (faster on a
+    # GPU), whose answers then depend in their last bits on which requests shared it.
+    teacher_max_in_flight: int = 1
     teacher_max_attempts: int = 4  # per batch, with exponential backoff, when a teacher replica fails
     cache_dir: str = "~/.cache/wrinklefree-distillation"
 
@@ -135,6 +139,9 @@ class RunConfig:
     check_placement: bool = True
     resume: bool = False  # continue run.name from its latest checkpoint (same config required)
     progress: bool = True
+    # Stop with an error when no optimizer step finishes for this long (the first one includes
+    # starting the workers and loading the student) instead of waiting forever; 0 waits forever.
+    stall_timeout_s: float = 1800.0
 
 
 @dataclass

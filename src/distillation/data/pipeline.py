@@ -95,19 +95,39 @@ def rank_sample_ids(rank: int, world: int, batch_size: int, grad_accum: int, sta
     return (base[:, None] + np.arange(batch_size, dtype=np.int64)[None, :]).ravel()
 
 
-def worker_stream(sample_ids: np.ndarray, mixture_name: str, app_name: Optional[str], deployment_name: str,
-                  batch_size: int, max_in_flight: int, max_attempts: int) -> "ray.data.Dataset":
-    """This rank's rows with teacher columns, in sample-id order.
+def step_blocks(sample_ids: np.ndarray, rows_per_step: int, request_size: int) -> List[np.ndarray]:
+    """This rank's ids cut into teacher requests of at most `request_size` that never span two optimizer
+    steps. A draw for step s may wait for the weight update computed after step s - delay (mixture.py),
+    and a request's answer reaches the trainer only once all of it is done: a request reaching into the
+    next step could wait for an update that needs its own first rows trained."""
+    blocks = []
+    for start in range(0, len(sample_ids), rows_per_step):
+        step = sample_ids[start:start + rows_per_step]
+        blocks.extend(step[i:i + request_size] for i in range(0, len(step), request_size))
+    return blocks
+
+
+def worker_stream(sample_ids: np.ndarray, rows_per_step: int, mixture_name: str, app_name: Optional[str],
+                  deployment_name: str, request_size: int, max_in_flight: int, max_attempts: int) -> "ray.data.Dataset":
+    """This rank's rows with teacher columns, in sample-id order, one block per teacher request.
 
     Built inside the training worker, not split from one dataset by Ray Train: `streaming_split`
-    hands blocks to whichever worker asks first, and exact resume needs the assignment fixed."""
+    hands blocks to whichever worker asks first, and exact resume needs the assignment fixed.
+    Deadlock-free with scheduled weight updates because (1) blocks follow `step_blocks` and map one to
+    one onto tasks (`from_blocks` keeps them, `batch_size=None` does not merge them); (2) Ray Data runs
+    a pool actor's tasks out of order, so every task in flight gets its own call slot and a later
+    step's draw waiting for an update cannot hold back an earlier step's; (3) the trainer iterates
+    with `prefetch_batches=0` (training.loop), so it never waits for rows beyond its current step."""
+    import pyarrow as pa
     from ray.data import ActorPoolStrategy
 
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True
     context.enable_progress_bars = False  # the driver shows one training progress bar instead
-    return ray.data.from_items([{"sample_id": int(i)} for i in sample_ids]).map_batches(
+    blocks = [pa.table({"sample_id": ids}) for ids in step_blocks(sample_ids, rows_per_step, request_size)]
+    return ray.data.from_blocks(blocks).map_batches(
         DrawAndAnnotate, fn_constructor_kwargs={"mixture_name": mixture_name, "app_name": app_name,
                                                 "deployment_name": deployment_name, "max_attempts": max_attempts},
-        batch_size=batch_size, num_cpus=0,  # it only awaits the mixture and the teacher pool
-        compute=ActorPoolStrategy(size=1, max_tasks_in_flight_per_actor=max_in_flight))
+        batch_size=None, num_cpus=0,  # it only awaits the mixture and the teacher pool
+        compute=ActorPoolStrategy(size=1, max_tasks_in_flight_per_actor=max_in_flight,
+                                  max_concurrent_calls_per_actor=max_in_flight))

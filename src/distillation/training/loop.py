@@ -143,8 +143,9 @@ def train_loop_per_worker(config: dict) -> None:
     step, tokens = state["step"], state["tokens"]
     samples_per_step = tcfg.batch_size * tcfg.grad_accum * world
     ids = rank_sample_ids(rank, world, tcfg.batch_size, tcfg.grad_accum, step, tcfg.max_steps)
-    stream = worker_stream(ids, config["mixture"], config["app_name"], DEPLOYMENT_NAME, cfg.data.teacher_batch_size,
-                           cfg.data.teacher_max_in_flight, cfg.data.teacher_max_attempts)
+    stream = worker_stream(ids, tcfg.batch_size * tcfg.grad_accum, config["mixture"], config["app_name"],
+                           DEPLOYMENT_NAME, cfg.data.teacher_batch_size, cfg.data.teacher_max_in_flight,
+                           cfg.data.teacher_max_attempts)
     vocab_size = config["vocab_size"]
     micro = 0
     window = {"loss": 0.0, "ce": 0.0, "logits_kl": 0.0, "attention": 0.0, "n": 0, "data_wait_s": 0.0}
@@ -155,7 +156,9 @@ def train_loop_per_worker(config: dict) -> None:
     student_qkv = qkv_ctx.__enter__() if qkv_ctx else None
     try:
         model.train()
-        for batch in stream.iter_torch_batches(batch_size=tcfg.batch_size, device=device):
+        # No local prefetch: it would wait for rows past this step, which may need an update from this
+        # step (data.pipeline.worker_stream). Teacher requests still run ahead inside Ray Data.
+        for batch in stream.iter_torch_batches(batch_size=tcfg.batch_size, device=device, prefetch_batches=0):
             window["data_wait_s"] += time.perf_counter() - last
             input_ids, lengths = batch["input_ids"].long(), batch["length"].long()
             labels = next_token_labels(input_ids, lengths)
