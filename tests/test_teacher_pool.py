@@ -41,7 +41,8 @@ def _wait_for(predicate, timeout, what):
         if predicate():
             return
         time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; free: {ray.available_resources()}; "
+                         f"replicas: {serve.status().applications}")
 
 
 def test_pool_scales_out_under_load_and_back_in(tiny_dir, ray_cluster):
@@ -61,11 +62,12 @@ def test_pool_scales_out_under_load_and_back_in(tiny_dir, ray_cluster):
         workers = [threading.Thread(target=load, daemon=True) for _ in range(2)]
         for w in workers:
             w.start()
-        _wait_for(lambda: _running("pool-autoscale") == 2, 90, "a second replica under load")
+        # Generous: on two busy cores a new replica process needs a while to import torch and load.
+        _wait_for(lambda: _running("pool-autoscale") == 2, 240, "a second replica under load")
         stop.set()
         for w in workers:
             w.join()
-        _wait_for(lambda: _running("pool-autoscale") == 1, 90, "scale back to one replica")
+        _wait_for(lambda: _running("pool-autoscale") == 1, 120, "scale back to one replica")
     finally:
         serve.delete("pool-autoscale")
 

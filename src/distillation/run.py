@@ -119,7 +119,10 @@ def _train(cfg: DictConfig, run_dir: Path, loop_config: dict, start_step: int):
     outcome = {}
     thread = threading.Thread(target=lambda: outcome.update(result=_fit(trainer, outcome)), daemon=True)
     thread.start()
-    rows = _follow(board, thread, start_step, t.max_steps, run_dir, cfg.run.progress, cfg.run.stall_timeout_s)
+    try:
+        rows = _follow(board, thread, start_step, t.max_steps, run_dir, cfg.run.progress, cfg.run.stall_timeout_s)
+    finally:
+        ray.kill(board)  # named, so it would outlive this run in a driver that goes on (tests, notebooks)
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"], rows

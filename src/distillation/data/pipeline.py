@@ -97,9 +97,10 @@ def rank_sample_ids(rank: int, world: int, batch_size: int, grad_accum: int, sta
 
 def step_blocks(sample_ids: np.ndarray, rows_per_step: int, request_size: int) -> List[np.ndarray]:
     """This rank's ids cut into teacher requests of at most `request_size` that never span two optimizer
-    steps. A draw for step s may wait for the weight update computed after step s - delay (mixture.py),
-    and a request's answer reaches the trainer only once all of it is done: a request reaching into the
-    next step could wait for an update that needs its own first rows trained."""
+    steps. A draw may wait for a weight update computed after an earlier step (mixture.py), and a
+    request's answer reaches the trainer only once all of it is done: a request holding rows of
+    delay + 2 steps would wait for an update that needs its own first rows trained. Within one step,
+    it never can."""
     blocks = []
     for start in range(0, len(sample_ids), rows_per_step):
         step = sample_ids[start:start + rows_per_step]
