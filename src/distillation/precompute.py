@@ -58,7 +58,8 @@ def precompute(cfg: DictConfig) -> dict:
     if todo:
         t = cfg.teacher
         ds = ray.data.from_items([{"input_ids": row} for row in todo]).map_batches(
-            ScoreAndStore, batch_size=cfg.data.teacher_batch_size, concurrency=t.max_replicas, num_cpus=t.num_cpus,
+            ScoreAndStore, batch_size=cfg.data.teacher_batch_size, num_cpus=t.num_cpus,
+            compute=ray.data.ActorPoolStrategy(size=t.max_replicas),
             fn_constructor_kwargs={"teacher_kwargs": hf_teacher_kwargs(cfg, str(teacher_dir), qkv_layer, vocab_size),
                                    "num_threads": t.num_threads, "cache_dir": t.cache_dir, "signature": signature})
         scored = int(sum(r["rows"] for r in ds.take_all()))

@@ -33,7 +33,8 @@ def tokenize_documents(docs: List[Document], tokenizer_dir: str) -> Dict[str, Li
     ray.data.DataContext.get_current().enable_progress_bars = False  # one training progress bar, later
     items = [{"source": d.source, "doc_id": d.doc_id, "text": d.text} for d in docs]
     ds = ray.data.from_items(items).map_batches(
-        Tokenize, fn_constructor_kwargs={"tokenizer_dir": tokenizer_dir}, batch_size=64, concurrency=1, num_cpus=1)
+        Tokenize, fn_constructor_kwargs={"tokenizer_dir": tokenizer_dir}, batch_size=64, num_cpus=1,
+        compute=ray.data.ActorPoolStrategy(size=1))
     order = {(d.source, d.doc_id): i for i, d in enumerate(docs)}
     rows = sorted(ds.take_all(), key=lambda r: order[(r["source"], r["doc_id"])])
     out: Dict[str, List[np.ndarray]] = {}
@@ -120,7 +121,6 @@ def worker_stream(sample_ids: np.ndarray, rows_per_step: int, mixture_name: str,
     step's draw waiting for an update cannot hold back an earlier step's; (3) the trainer iterates
     with `prefetch_batches=0` (training.loop), so it never waits for rows beyond its current step."""
     import pyarrow as pa
-    from ray.data import ActorPoolStrategy
 
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True
@@ -130,5 +130,5 @@ def worker_stream(sample_ids: np.ndarray, rows_per_step: int, mixture_name: str,
         DrawAndAnnotate, fn_constructor_kwargs={"mixture_name": mixture_name, "app_name": app_name,
                                                 "deployment_name": deployment_name, "max_attempts": max_attempts},
         batch_size=None, num_cpus=0,  # it only awaits the mixture and the teacher pool
-        compute=ActorPoolStrategy(size=1, max_tasks_in_flight_per_actor=max_in_flight,
-                                  max_concurrent_calls_per_actor=max_in_flight))
+        compute=ray.data.ActorPoolStrategy(size=1, max_tasks_in_flight_per_actor=max_in_flight,
+                                           max_concurrent_calls_per_actor=max_in_flight))
