@@ -101,9 +101,9 @@ def test_teacher_requests_never_span_two_steps():
 @pytest.mark.timeout(180)
 def test_the_stream_never_waits_on_its_own_rows_when_every_step_moves_the_weights(ray_cluster):
     """The tightest schedule: the consumer sends the update of step s only after reading step s, and
-    step s + 1 draws with it (delay 1). Hundreds of one-row steps (a long run in miniature), several requests in flight run out
-    of order by Ray Data: a request holding rows of three steps, or one call slot for all requests,
-    waits forever here."""
+    step s + 1 draws with it (delay 1). Hundreds of one-row steps (a long run in miniature), several
+    requests in flight, run out of order by Ray Data: a request holding rows of three steps, or one
+    call slot for all requests, waits forever here."""
     steps = 450  # over 200 rows: what from_items would merge into blocks of three
     plan = MixturePlan(["a", "b"], [60, 60], [0.5, 0.5], seed=0, samples_per_step=1,
                        update_steps=range(1, steps - 1), delay=1)

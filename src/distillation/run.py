@@ -148,17 +148,15 @@ def _follow(board, thread, start_step: int, max_steps: int, run_dir: Path, progr
         alive = thread.is_alive()
         fresh = ray.get(board.since.remote({"metrics": len(rows), "ledger": ledger}))
         if fresh["ledger"]:
+            ledger += len(fresh["ledger"])
+            append_jsonl(run_dir / "ledger.jsonl", fresh["ledger"])
             last_progress, last_step = time.monotonic(), max(e["step"] for e in fresh["ledger"])
         elif alive and stall_timeout_s and time.monotonic() - last_progress > stall_timeout_s:
             bar.close()
             raise DistillError(
                 f"no optimizer step finished in {stall_timeout_s:.0f} s (last finished: step {last_step}); "
-                f"free cluster resources now: "
-                f"{ray.available_resources()}. The workers' logs and the Ray dashboard show where they wait; "
-                f"raise run.stall_timeout_s if a step really takes this long")
-        if fresh["ledger"]:
-            ledger += len(fresh["ledger"])
-            append_jsonl(run_dir / "ledger.jsonl", fresh["ledger"])
+                f"free cluster resources now: {ray.available_resources()}. The workers' logs and the Ray "
+                f"dashboard show where they wait; raise run.stall_timeout_s if a step really takes this long")
         new = fresh["metrics"]
         if new:
             rows.extend(new)
