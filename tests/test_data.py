@@ -9,7 +9,7 @@ import torch
 
 from distillation.data.mixture import Mixture, MixturePlan, validate_weights
 from distillation.data.packing import next_token_labels, pack, token_mask
-from distillation.data.pipeline import rank_sample_ids, step_blocks, worker_stream
+from distillation.data.pipeline import rank_sample_ids, read_batches, step_blocks, worker_stream
 from distillation.data.sources import load_documents, split_of
 from distillation.errors import DistillError
 from distillation.losses import IGNORE_INDEX
@@ -114,7 +114,7 @@ def test_the_stream_never_waits_on_its_own_rows_when_every_step_moves_the_weight
         stream = worker_stream(np.arange(steps), 1, "stream-mixture", None, "no-teacher", request_size=1,
                                max_in_flight=4, max_attempts=1)
         seen = []
-        for step, batch in enumerate(stream.iter_batches(batch_size=1, prefetch_batches=0), start=1):
+        for step, batch in enumerate(read_batches(stream, batch_size=1), start=1):  # as the trainer reads
             seen.extend(batch["sample_id"].tolist())
             if step in plan.update_steps:
                 ray.get(mixture.set_weights.remote(step, [0.9, 0.1] if step % 2 else [0.1, 0.9]))

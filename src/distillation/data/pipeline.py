@@ -118,8 +118,8 @@ def worker_stream(sample_ids: np.ndarray, rows_per_step: int, mixture_name: str,
     Deadlock-free with scheduled weight updates because (1) blocks follow `step_blocks` and map one to
     one onto tasks (`from_blocks` keeps them, `batch_size=None` does not merge them); (2) Ray Data runs
     a pool actor's tasks out of order, so every task in flight gets its own call slot and a later
-    step's draw waiting for an update cannot hold back an earlier step's; (3) the trainer iterates
-    with `prefetch_batches=0` (training.loop), so it never waits for rows beyond its current step."""
+    step's draw waiting for an update cannot hold back an earlier step's; (3) the trainer reads it
+    through `read_batches`, so it never waits for rows beyond its current step."""
     import pyarrow as pa
 
     context = ray.data.DataContext.get_current()
@@ -132,3 +132,10 @@ def worker_stream(sample_ids: np.ndarray, rows_per_step: int, mixture_name: str,
         batch_size=None, num_cpus=0,  # it only awaits the mixture and the teacher pool
         compute=ray.data.ActorPoolStrategy(size=1, max_tasks_in_flight_per_actor=max_in_flight,
                                            max_concurrent_calls_per_actor=max_in_flight))
+
+
+def read_batches(stream: "ray.data.Dataset", batch_size: int, device="auto"):
+    """The trainer's view of `worker_stream`: torch batches without local prefetch, which would wait
+    for rows past the current step (and so for an update only this step can produce). Teacher
+    requests still run ahead inside Ray Data."""
+    return stream.iter_torch_batches(batch_size=batch_size, device=device, prefetch_batches=0)

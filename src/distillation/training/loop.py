@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 from distillation.data.influence import alignment_scores, move_weights, smooth
 from distillation.data.packing import Packed, next_token_labels, token_mask
-from distillation.data.pipeline import rank_sample_ids, worker_stream
+from distillation.data.pipeline import rank_sample_ids, read_batches, worker_stream
 from distillation.errors import DistillError
 from distillation.losses import LossWeights, SampledTargets, SparseTargets, bitdistill_loss
 from distillation.models import capture_qkv
@@ -141,9 +141,10 @@ def train_loop_per_worker(config: dict) -> None:
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if tcfg.autocast == "bf16" else nullcontext())
 
     step, tokens = state["step"], state["tokens"]
-    samples_per_step = tcfg.batch_size * tcfg.grad_accum * world
+    rows_per_step = tcfg.batch_size * tcfg.grad_accum  # on this rank
+    samples_per_step = rows_per_step * world
     ids = rank_sample_ids(rank, world, tcfg.batch_size, tcfg.grad_accum, step, tcfg.max_steps)
-    stream = worker_stream(ids, tcfg.batch_size * tcfg.grad_accum, config["mixture"], config["app_name"],
+    stream = worker_stream(ids, rows_per_step, config["mixture"], config["app_name"],
                            DEPLOYMENT_NAME, cfg.data.teacher_batch_size, cfg.data.teacher_max_in_flight,
                            cfg.data.teacher_max_attempts)
     vocab_size = config["vocab_size"]
@@ -156,9 +157,7 @@ def train_loop_per_worker(config: dict) -> None:
     student_qkv = qkv_ctx.__enter__() if qkv_ctx else None
     try:
         model.train()
-        # No local prefetch: it would wait for rows past this step, which may need an update from this
-        # step (data.pipeline.worker_stream). Teacher requests still run ahead inside Ray Data.
-        for batch in stream.iter_torch_batches(batch_size=tcfg.batch_size, device=device, prefetch_batches=0):
+        for batch in read_batches(stream, tcfg.batch_size, device):
             window["data_wait_s"] += time.perf_counter() - last
             input_ids, lengths = batch["input_ids"].long(), batch["length"].long()
             labels = next_token_labels(input_ids, lengths)
