@@ -17,9 +17,10 @@ def free_port() -> int:
 def tiny_llama_config(vocab_size=128, layers=2, hidden=64, heads=4, kv_heads=2, **extra):
     from transformers import LlamaConfig
 
+    extra = {"tie_word_embeddings": True, **extra}
     return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
                        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                       max_position_embeddings=512, tie_word_embeddings=True, **extra)
+                       max_position_embeddings=512, **extra)
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from distillation.config import load_config
@@ -54,13 +55,17 @@ def test_distill_runs_serve_data_train_and_writes_a_strict_checkpoint(tiny_teach
     assert not serve.status().applications.get("teacher-e2e")  # the teacher pool was taken down
 
 
-def test_sampled_teacher_signal_trains_end_to_end(tiny_teacher, ray_cluster, tmp_path):
+@pytest.mark.parametrize("signal", ["sampled", "hidden"])
+def test_each_teacher_signal_trains_end_to_end(tiny_teacher, ray_cluster, tmp_path, signal):
     from distillation.run import run
 
     overrides = [o for o in tiny_overrides(tiny_teacher, tmp_path, steps=2) if not o.startswith("run.name")]
-    summary = run(load_config(overrides + ["run.name=sampled", "teacher.signal=sampled", "teacher.draws=6"]))
-    assert summary["steps"] == 2 and summary["teacher"]["signal"] == "sampled"
-    assert summary["last"]["logits_kl"] != 0
+    summary = run(load_config(overrides + [f"run.name={signal}", f"teacher.signal={signal}", "teacher.draws=6"]))
+    assert summary["steps"] == 2 and summary["teacher"]["signal"] == signal
+    if signal == "hidden":  # an exact KL of two different models: strictly positive
+        assert summary["first"]["logits_kl"] > 0 and summary["last"]["logits_kl"] > 0
+    else:  # an unbiased estimate: any sign on one batch, never exactly zero
+        assert summary["last"]["logits_kl"] != 0
 
 
 def test_precomputed_cache_replays_the_whole_run_without_a_teacher_model(tiny_teacher, ray_cluster, tmp_path):
@@ -78,6 +83,26 @@ def test_precomputed_cache_replays_the_whole_run_without_a_teacher_model(tiny_te
     assert summary["teacher"]["kind"] == "cached" and summary["teacher"]["misses"] == 0
     assert summary["teacher"]["hits"] == 4 * 2 * 2
     assert summary["heldout"]["teacher"] is None  # the driver did not load the teacher either
+
+    # The precompute job scored rows in batches on Ray Data actors; a live teacher scoring one row
+    # alone draws the same sampled targets for it.
+    from distillation.teachers.cache import TeacherCache, teacher_signature
+    from distillation.teachers.deployment import signal_settings
+    from distillation.teachers.hf import HFTeacher
+
+    cfg = load_config(overrides)
+    assert cfg.teacher.signal == "sampled"
+    cache = TeacherCache(cfg.teacher.cache_dir, teacher_signature(tiny_teacher, signal_settings(cfg, -1, 49152)),
+                         create=False)
+    live = HFTeacher(tiny_teacher, top_k=cfg.teacher.top_k, temperature=cfg.distillation.temperature, qkv_layer=-1,
+                     dtype=cfg.teacher.dtype, signal="sampled", draws=cfg.teacher.draws)
+    from distillation.data.corpus import prepare_corpus
+    from distillation.models import load_tokenizer
+
+    corpus = prepare_corpus(cfg, str(tiny_teacher), load_tokenizer(tiny_teacher))
+    for row in [packed.rows[i] for packed in corpus.train.values() for i in range(2)]:
+        cached, _ = cache.lookup(row[None])
+        np.testing.assert_array_equal(cached.sampled_ids, live.score(row[None]).sampled_ids)
 
 
 def _cli(*args, cwd):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from distillation.losses import (IGNORE_INDEX, DenseTargets, LossWeights,
+from distillation.losses import (IGNORE_INDEX, DenseTargets, HiddenTargets, LossWeights, OutputHead,
                                  attention_relation_loss, bitdistill_loss, cross_entropy, logit_losses, logits_kl,
                                  sampled_targets, sparse_targets)
 
@@ -106,6 +106,35 @@ def test_sparse_kl_matches_float64_topk_plus_tail_reference(gen, k):
     _close(*_grad(lambda x: logit_losses(x, labels, targets, tau, ce_weight=0.0, chunk_tokens=4)[0], s), *ref)
 
 
+@pytest.mark.parametrize("head_kind", ["plain", "bias+scale+softcap"])
+@pytest.mark.parametrize("chunk", [3, 1000])
+def test_hidden_state_kl_matches_float64_dense_reference_through_the_teachers_head(gen, head_kind, chunk):
+    # The teacher sends hidden states [B, T, H]; the loss rebuilds raw logits with the head's weights
+    # (cut to the shared vocabulary), so its KL is the dense one on those logits, values and gradients.
+    b, n, width, vocab, tau = 2, 5, 16, 40, 2.0
+    hidden = torch.randn(b, n, width, generator=gen)
+    weight = torch.randn(vocab + 8, width, generator=gen) * 0.5  # padded rows past the real vocabulary
+    extra = {}
+    if head_kind != "plain":
+        extra = {"bias": torch.randn(vocab + 8, generator=gen), "scale": 0.7, "softcap": 4.0}
+    head = OutputHead(weight, vocab_size=vocab, **extra)
+    t = hidden.double() @ weight[:vocab].double().T  # the raw teacher logits, by hand
+    if head_kind != "plain":
+        t = torch.tanh((t + extra["bias"][:vocab].double()) * 0.7 / 4.0) * 4.0
+    s = torch.randn(b, n, vocab, generator=gen) * 2
+    labels = _labels(b, n, vocab, gen)
+    targets = HiddenTargets(hidden=hidden, head=head)
+
+    def f(x):
+        return logit_losses(x, labels, targets, tau, True, 0.0, 1.0, chunk)[0]
+
+    _close(*_grad(f, s), *_grad(lambda x: _ref_dense_kl(t, x, labels, tau), s.double()))
+    torch.testing.assert_close(logits_kl(s, targets, labels, tau).double(), _ref_dense_kl(t, s, labels, tau),
+                               rtol=RTOL, atol=1e-7)
+    with pytest.raises(ValueError, match="width 16 but its output head expects 12"):
+        logit_losses(s, labels, HiddenTargets(hidden=hidden, head=OutputHead(weight[:, :12])), tau)
+
+
 def test_sparse_kl_with_full_vocabulary_equals_dense_kl(gen):
     vocab, tau = 32, 2.0
     t, s = torch.randn(2, 5, vocab, generator=gen) * 3, torch.randn(2, 5, vocab, generator=gen) * 3
@@ -191,8 +220,10 @@ def test_losses_are_means_not_sums_over_positions(gen):
     torch.testing.assert_close(short, long)
 
 
-def _ref_attention(teacher, student, heads, tau, mask):
-    """Per sequence, only its real tokens: relations among them, mean row KL, summed over q, k, v."""
+def _ref_attention(teacher, student, heads, tau, mask, normalization="reference"):
+    """Per sequence, only its real tokens: relations among them, mean row KL, summed over q, k, v;
+    divided by the relation heads under the official (reference) normalisation
+    (tests/test_attention_reference.py pins that one to the official formula)."""
     total = 0.0
     for key in "qkv":
         rows_kl = []
@@ -207,12 +238,13 @@ def _ref_attention(teacher, student, heads, tau, mask):
             p, q = rel
             rows_kl.append((p * (p.log() - q.log())).sum(-1).flatten())  # [H * n_b]
         total = total + torch.cat(rows_kl).mean()
-    return total
+    return total / heads if normalization == "reference" else total
 
 
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("chunk", [1, 8])
-def test_attention_relation_loss_matches_float64_reference_across_widths(gen, masked, chunk):
+@pytest.mark.parametrize("norm", ["reference", "paper"])
+def test_attention_relation_loss_matches_float64_reference_across_widths(gen, masked, chunk, norm):
     # Teacher with 8 q-heads x 8 and GQA k/v of width 32; student narrower: width 32 and k/v 16.
     b, n, heads = 2, 7, 4
     teacher = {"q": torch.randn(b, n, 64, generator=gen), "k": torch.randn(b, n, 32, generator=gen),
@@ -223,15 +255,15 @@ def test_attention_relation_loss_matches_float64_reference_across_widths(gen, ma
     if masked:
         mask = torch.ones(b, n, dtype=torch.bool)
         mask[1, -3:] = False
-    value = attention_relation_loss(teacher, student, heads, 1.3, mask, chunk)
-    ref = _ref_attention(teacher, student, heads, 1.3, mask)
+    value = attention_relation_loss(teacher, student, heads, 1.3, mask, chunk, norm)
+    ref = _ref_attention(teacher, student, heads, 1.3, mask, norm)
     torch.testing.assert_close(value.double(), ref, rtol=1e-5, atol=1e-7)
     for key in "qkv":
         def f(x, key=key):
-            return attention_relation_loss(teacher, {**student, key: x}, heads, 1.3, mask, chunk)
+            return attention_relation_loss(teacher, {**student, key: x}, heads, 1.3, mask, chunk, norm)
 
         def fr(x, key=key):
-            return _ref_attention(teacher, {**student, key: x}, heads, 1.3, mask)
+            return _ref_attention(teacher, {**student, key: x}, heads, 1.3, mask, norm)
 
         _, g = _grad(f, student[key])
         _, rg = _grad(fr, student[key].double())

@@ -39,7 +39,7 @@ def test_columns_round_trip_and_split_concat_are_inverse():
 def test_validate_rejects_wrong_shape_ids_and_nan():
     ids = np.zeros((3, 5), dtype=np.int64)
     _output().validate(ids, 100)
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(ValueError, match="do not match input"):
         _output().validate(np.zeros((3, 6)), 100)
     with pytest.raises(ValueError, match="outside"):
         _output().validate(ids, 50)

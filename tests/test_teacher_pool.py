@@ -100,3 +100,23 @@ def test_killed_replica_loses_no_batch(tiny_dir, ray_cluster):
     finally:
         serve.delete("pool-kill")
         ray.kill(mixture)
+
+
+def test_a_serve_batch_gives_each_row_the_draws_it_gets_alone(tiny_dir, ray_cluster):
+    from distillation.teachers.hf import HFTeacher
+
+    cfg = load_config(["teacher.num_cpus=0.5", "teacher.signal=sampled", "teacher.draws=12", "teacher.max_batch_size=4",
+                       "teacher.batch_wait_timeout_s=2.0"])
+    handle = deploy_teacher(cfg, str(tiny_dir), None, 128, "pool-batch")
+    try:
+        rows = np.random.default_rng(2).integers(0, 128, (4, 1, 64))
+        answers = [r.result() for r in [handle.remote(row) for row in rows]]  # sent together: one batch
+        assert handle.describe.remote().result()["largest_batch"] > 1
+        alone = HFTeacher(tiny_dir, top_k=cfg.teacher.top_k, temperature=cfg.distillation.temperature,
+                          dtype=cfg.teacher.dtype, signal="sampled", draws=12)
+        for row, answer in zip(rows, answers):
+            expected = alone.score(row)
+            np.testing.assert_array_equal(answer["teacher_sampled_ids"], expected.sampled_ids)
+            np.testing.assert_array_equal(answer["teacher_sampled_weights"], expected.sampled_weights)
+    finally:
+        serve.delete("pool-batch")

@@ -109,3 +109,13 @@ def test_schedule_warms_up_linearly_then_follows_a_cosine_to_the_floor():
     factor = lr_lambda(OmegaConf.create({"warmup_steps": 4, "max_steps": 20, "min_lr_ratio": 0.1}))
     assert [factor(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert factor(4) == pytest.approx(1.0) and factor(12) == pytest.approx(0.55) and factor(20) == pytest.approx(0.1)
+
+
+def test_a_weighted_term_that_dwarfs_the_others_is_named_in_a_warning():
+    from distillation.training.metrics import dominance_warning
+
+    calibrated = {"ce_weighted": 8.7, "logits_kl_weighted": 7.0, "attention_weighted": 40.0}
+    assert dominance_warning(calibrated) is None
+    assert dominance_warning({"ce_weighted": 9.0, "logits_kl_weighted": 0.0, "attention_weighted": 0.0}) is None
+    swamped = {"ce_weighted": 8.7, "logits_kl_weighted": 77.6, "attention_weighted": 10715.8}
+    assert "gamma * L_AD is 124x the other loss terms" in dominance_warning(swamped)

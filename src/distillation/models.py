@@ -2,7 +2,7 @@
 
 import contextlib
 from pathlib import Path
-from typing import Dict, Iterator
+from typing import Dict, Iterator, Optional
 
 import torch
 from torch import nn
@@ -38,6 +38,56 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
+def load_output_head(model_dir: Path, vocab_size: Optional[int] = None, trust_remote_code: bool = False):
+    """A frozen fp32 copy of a causal LM's output head (`losses.OutputHead`), read from its
+    safetensors files without loading the rest of the model.
+
+    The head's parameter names come from the model class itself (built on the meta device), so tied
+    heads (SmolLM2: lm_head shares the embedding matrix, whose tensor alone is stored) and untied
+    ones are found alike."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from distillation.losses.targets import OutputHead
+
+    model_dir = Path(model_dir)
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    names = {id(p): n for n, p in skeleton.named_parameters(remove_duplicate=False)}
+    head = skeleton.get_output_embeddings()
+    candidates = [n for n, p in skeleton.named_parameters(remove_duplicate=False) if p is head.weight]
+    if getattr(config, "tie_word_embeddings", False):
+        candidates.append(names[id(skeleton.get_input_embeddings().weight)])
+    bias_name = names[id(head.bias)] if getattr(head, "bias", None) is not None else None
+    tensors = {}
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as handle:
+            for key in handle.keys():
+                if key in candidates or key == bias_name:
+                    tensors[key] = handle.get_tensor(key)
+    weight = next((tensors[n] for n in candidates if n in tensors), None)
+    if weight is None:
+        raise DistillError(f"no output head weights ({' or '.join(candidates)}) in the safetensors files of {model_dir}")
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return OutputHead(weight, tensors.get(bias_name), scale=getattr(text_config, "logit_scale", None) or 1.0,
+                      softcap=getattr(text_config, "final_logit_softcapping", None), vocab_size=vocab_size)
+
+
+@contextlib.contextmanager
+def capture_head_input(model: nn.Module) -> Iterator[Dict[str, torch.Tensor]]:
+    """Record what enters the output head (the final hidden states, after the final norm)."""
+    states: Dict[str, torch.Tensor] = {}
+
+    def hook(_module, inputs):
+        states["hidden"] = inputs[0]
+    handle = model.get_output_embeddings().register_forward_pre_hook(hook)
+    try:
+        yield states
+    finally:
+        handle.remove()
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

@@ -26,7 +26,8 @@ from distillation.student import load_student
 from distillation.teachers.deployment import deploy_teacher
 from distillation.training.evaluate import heldout_loss
 from distillation.training.loop import needs_teacher, train_loop_per_worker
-from distillation.training.metrics import MetricsBoard, append_jsonl, plot_losses, plot_mixture, read_jsonl
+from distillation.training.metrics import (MetricsBoard, append_jsonl, dominance_warning, plot_losses, plot_mixture,
+                                          read_jsonl)
 from distillation.training.student_init import build_student, set_compile
 from distillation.vocab import check_vocab
 
@@ -140,7 +141,7 @@ def _follow(board, thread, start_step: int, max_steps: int, run_dir: Path, progr
     a run with no finished step for `stall_timeout_s` is an error, not a silent wait."""
     from tqdm import tqdm
 
-    rows, ledger, last_step = [], 0, start_step
+    rows, ledger, last_step, warned = [], 0, start_step, False
     last_progress = time.monotonic()
     bar = tqdm(total=max_steps, initial=start_step, desc="distill", unit="step", disable=not progress,
                dynamic_ncols=True)
@@ -164,6 +165,11 @@ def _follow(board, thread, start_step: int, max_steps: int, run_dir: Path, progr
             last = new[-1]
             bar.update(last["step"] - bar.n)
             bar.set_postfix(loss=f"{last['loss']:.3f}", ce=f"{last['ce']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
+            warning = dominance_warning(last)
+            if warning and not warned:
+                warned = True
+                message = f"warning at step {last['step']}: {warning}"
+                bar.write(f"[distill] {message}") if progress else say(message)
         if not alive:
             break
         thread.join(timeout=1.0)
@@ -247,6 +253,7 @@ def run(cfg: DictConfig) -> dict:
             say(f"teacher pool up: {handle.describe.remote().result()}")
         loop_config = {"cfg": OmegaConf.to_container(cfg, resolve=True), "board": f"distill-metrics-{run_dir.name}",
                        "mixture": mixture_name, "app_name": app_name, "vocab_size": vocab_size,
+                       "teacher_dir": str(teacher_dir),
                        "probe": (corpus.probe.rows, corpus.probe.lengths),
                        "eval": {n: (p.rows, p.lengths) for n, p in corpus.heldout_by_source.items() if len(p.rows)}}
         result, rows = _train(cfg, run_dir, loop_config, start_step)
@@ -322,7 +329,7 @@ def print_summary(s: dict) -> None:
         f"steps {s['steps']}, tokens seen {s['tokens_seen']:,}, wall time {s['wall_s']:.0f} s",
         "loss components (first -> last logged step):",
         *(f"  {k:<20} {first.get(k, 0):10.4f} -> {last.get(k, 0):10.4f}"
-          for k in ("loss", "ce", "logits_kl_weighted", "attention_weighted")),
+          for k in ("loss", "ce_weighted", "logits_kl_weighted", "attention_weighted")),
         "held-out next-token loss (nats/token, bits/byte):",
         f"  student before  {h['student_before']['loss']:.3f}  {h['student_before']['bits_per_byte']:.3f}",
         f"  student after   {h['student_after']['loss']:.3f}  {h['student_after']['bits_per_byte']:.3f}",
@@ -330,6 +337,7 @@ def print_summary(s: dict) -> None:
          else "  teacher         (cached teacher: not loaded)"),
         "mixture weights (start -> end): " + ", ".join(
             f"{a:.2f} -> {b:.2f}" for a, b in zip(s["mixture"][0]["weights"], s["mixture"][-1]["weights"])),
+        *([f"warning: {dominance_warning(last)}"] if dominance_warning(last) else []),
         f"student checkpoint: {s['student_checkpoint']}",
         f"metrics: {s['metrics']}", f"loss plot: {s['loss_plot']}",
     ]

@@ -28,7 +28,8 @@ from distillation.errors import DistillError
 CHOICES = {
     "teacher.kind": ("hf", "vllm", "cached"),
     "teacher.dtype": ("float32", "bfloat16", "float16"),
-    "teacher.signal": ("topk", "sampled"),
+    "teacher.signal": ("hidden", "sampled", "topk"),
+    "distillation.attention_normalization": ("reference", "paper"),
     "student.subln": ("paper", "allnorm", "none"),
     "training.autocast": ("none", "bf16"),
 }

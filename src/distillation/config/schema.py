@@ -11,7 +11,9 @@ class TeacherConfig:
     kind: str = "hf"  # hf (transformers on Ray Serve) | vllm | cached
     model: str = MISSING  # a built-in name (see distillation.assets) or a local model directory
     dtype: str = "bfloat16"  # compute dtype of the teacher forward; outputs are fp16/fp32 regardless
-    signal: str = "sampled"  # sampled: draws from the teacher (unbiased) | topk: top-k log-probabilities + tail
+    # hidden: the teacher's final hidden state; workers apply its output head (exact KL, hidden_size * 2 B/token)
+    # | sampled: draws from the teacher (unbiased) | topk: top-k log-probabilities + tail
+    signal: str = "sampled"
     top_k: int = 32
     draws: int = 12  # sampled signal: ids drawn per position (unbiased KL; README: bench_targets)
     max_tokens_per_batch: int = 4096  # per forward pass; larger requests are split, never refused
@@ -48,13 +50,16 @@ class StudentConfig:
 class DistillationConfig:
     ce_weight: float = 1.0
     logits_weight: float = 10.0  # lambda
-    attention_weight: float = 1.0e5  # gamma, calibrated to the normalisation in losses/attention.py
+    attention_weight: float = 1.0e5  # gamma, in the units of `attention_normalization`
     temperature: float = 5.0  # tau, applied once, by the teacher to its raw logits and here to the student's
     temperature_squared: bool = True  # multiply L_LD by tau^2 (official code); the paper's equation omits it
     teacher_layer: int = -6  # Q/K/V layer for attention distillation (negative counts from the end)
     student_layer: int = -6
     split_heads: int = 32  # relation heads each model's Q/K/V width is re-split into
     attention_temperature: float = 1.0
+    # reference: L_AD divided by split_heads, as the official BitDistill code (gamma 1e5 is calibrated to
+    # it) | paper: the paper's Eq. 11, split_heads times larger (gamma 1e5 reference == 3125 paper at 32)
+    attention_normalization: str = "reference"
     chunk_tokens: int = 512  # CE + L_LD are computed this many tokens at a time (memory bound)
 
 

@@ -7,7 +7,7 @@ from typing import Dict, List
 import numpy as np
 from omegaconf import DictConfig
 
-from distillation.data.packing import Packed, pack
+from distillation.data.packing import Packed, pack, predicted_bytes
 from distillation.data.pipeline import tokenize_documents
 from distillation.data.sources import content_digest, load_documents, split_of
 from distillation.errors import DistillError
@@ -64,5 +64,4 @@ def prepare_corpus(cfg: DictConfig, tokenizer_dir: str, tokenizer) -> Corpus:
     if cfg.influence.enabled and len(probe.rows) == 0:
         raise DistillError(f"influence probe source '{probe_source}' has no probe documents; raise data.probe_fraction")
     all_heldout = concat(list(heldout.values()))
-    num_bytes = sum(len(tokenizer.decode(row[1:n]).encode("utf-8")) for row, n in zip(all_heldout.rows, all_heldout.lengths))
-    return Corpus(train, heldout, all_heldout, num_bytes, probe, digests)
+    return Corpus(train, heldout, all_heldout, predicted_bytes(all_heldout, tokenizer), probe, digests)

@@ -63,3 +63,9 @@ def next_token_labels(input_ids: torch.Tensor, lengths: torch.Tensor = None) -> 
 def token_mask(lengths: torch.Tensor, seq_len: int) -> torch.Tensor:
     """[B, seq_len] bool: True on real tokens."""
     return torch.arange(seq_len, device=lengths.device)[None, :] < lengths[:, None]
+
+
+def predicted_bytes(packed: Packed, tokenizer) -> int:
+    """UTF-8 bytes of the predicted tokens of every row (positions 1 .. length-1): the denominator of
+    bits per byte, the same for the held-out split and for `distill eval`."""
+    return sum(len(tokenizer.decode(row[1:n]).encode("utf-8")) for row, n in zip(packed.rows, packed.lengths))

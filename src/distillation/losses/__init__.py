@@ -4,11 +4,11 @@ targets (chunked over tokens), and MiniLMv2 Q/K/V relations."""
 from distillation.losses.attention import attention_relation_loss
 from distillation.losses.combined import LossOutput, LossWeights, bitdistill_loss
 from distillation.losses.logits import IGNORE_INDEX, cross_entropy, kl_per_token, logit_losses, logits_kl
-from distillation.losses.targets import (DenseTargets, SampledTargets, SparseTargets, Targets, sampled_targets,
-                                         sparse_targets)
+from distillation.losses.targets import (DenseTargets, HiddenTargets, OutputHead, SampledTargets, SparseTargets,
+                                         Targets, sampled_targets, sparse_targets)
 
 __all__ = [
     "IGNORE_INDEX", "cross_entropy", "kl_per_token", "logits_kl", "logit_losses",
-    "DenseTargets", "SparseTargets", "SampledTargets", "Targets", "sparse_targets", "sampled_targets",
+    "DenseTargets", "HiddenTargets", "OutputHead", "SparseTargets", "SampledTargets", "Targets", "sparse_targets", "sampled_targets",
     "attention_relation_loss", "LossOutput", "LossWeights", "bitdistill_loss",
 ]

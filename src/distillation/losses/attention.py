@@ -6,10 +6,15 @@ relation heads of width W / split_heads, L2-normalised along that width, and tur
 R = softmax_row(X X^T / temperature) of shape [B, split_heads, T, T]. Because relations are T x T,
 teacher and student may differ in width, head count and grouped-query layout.
 
-Normalisation (what gamma = 1e5 is calibrated against, as in the official BitDistill code with one
-distilled layer): for each of Q, K, V, KL(R_teacher || R_student) per row, averaged over valid
-rows, relation heads and batch; the three averages are summed. Padding positions contribute
-neither rows nor columns.
+Normalisation. For each of Q, K, V: KL(R_teacher || R_student) per row, averaged over the valid rows
+of every relation head and sequence (`F.kl_div(..., reduction="batchmean")` over [B*heads*T, T] rows in
+the official code); the three are summed. Then:
+- `reference` (default): divided by `split_heads`, as the official BitDistill trainer does
+  (microsoft/BitNet PR #382, `compute_distill_loss`, which divides the sum by layers * split_heads;
+  one layer here). gamma = 1e5 is calibrated against this.
+- `paper`: no division (the paper's Eq. 11). The same training signal needs gamma / split_heads
+  (1e5 reference == 3125 paper at split_heads = 32).
+Padding positions contribute neither rows nor columns.
 """
 
 from typing import Mapping, Optional
@@ -20,6 +25,7 @@ import torch.nn.functional as F
 from distillation.losses.chunking import chunked_loss
 
 QKV = ("q", "k", "v")
+NORMALIZATIONS = ("reference", "paper")
 
 
 def _relation_logprobs(states: torch.Tensor, split_heads: int, temperature: float,
@@ -38,14 +44,19 @@ def _relation_logprobs(states: torch.Tensor, split_heads: int, temperature: floa
 
 def attention_relation_loss(teacher: Mapping[str, torch.Tensor], student: Mapping[str, torch.Tensor],
                             split_heads: int, temperature: float = 1.0, mask: Optional[torch.Tensor] = None,
-                            chunk_sequences: int = 2) -> torch.Tensor:
-    """Sum over q, k, v of the mean row KL(R_teacher || R_student); `mask` [B, T] marks real tokens.
+                            chunk_sequences: int = 2, normalization: str = "reference") -> torch.Tensor:
+    """Sum over q, k, v of the mean row KL(R_teacher || R_student), divided by `split_heads` under the
+    `reference` normalisation (module docstring); `mask` [B, T] marks real tokens.
 
     Computed `chunk_sequences` sequences at a time (see chunking.py), so the [B, heads, T, T]
     relations exist for one chunk only.
     """
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"attention normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
     batch, length = student["q"].shape[:2]
     rows_per_key = (mask.sum() if mask is not None else torch.tensor(batch * length)).float() * split_heads
+    if normalization == "reference":
+        rows_per_key = rows_per_key * split_heads
     rows_per_key = rows_per_key.clamp(min=1.0).to(student["q"].device)
 
     def chunk(rows: slice):

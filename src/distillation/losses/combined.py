@@ -14,11 +14,12 @@ from distillation.losses.targets import Targets
 class LossWeights:
     ce_weight: float = 1.0
     logits_weight: float = 10.0  # lambda
-    attention_weight: float = 1.0e5  # gamma, for the normalisation in losses/attention.py
+    attention_weight: float = 1.0e5  # gamma, for `attention_normalization` (losses/attention.py)
     temperature: float = 5.0
     temperature_squared: bool = True
     split_heads: int = 32
     attention_temperature: float = 1.0
+    attention_normalization: str = "reference"
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS
 
     @property
@@ -52,6 +53,7 @@ def bitdistill_loss(student_logits: torch.Tensor, labels: torch.Tensor, weights:
         if teacher_qkv is None or student_qkv is None:
             raise ValueError("attention_weight > 0 needs teacher and student Q/K/V states")
         attn = attention_relation_loss(teacher_qkv, student_qkv, weights.split_heads,
-                                       weights.attention_temperature, mask)
+                                       weights.attention_temperature, mask,
+                                       normalization=weights.attention_normalization)
         total = total + weights.attention_weight * attn
     return LossOutput(total=total, ce=ce, logits_kl=kl, attention=attn.detach())

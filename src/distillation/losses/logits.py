@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from distillation.losses.chunking import attach_grad
-from distillation.losses.targets import DenseTargets, SampledTargets, SparseTargets, Targets
+from distillation.losses.targets import DenseTargets, HiddenTargets, SampledTargets, SparseTargets, Targets
 
 IGNORE_INDEX = -100
 DEFAULT_CHUNK_TOKENS = 512
@@ -37,8 +37,8 @@ def _check_temperature(targets: Targets, temperature: float) -> None:
 def kl_per_token(student_logits: torch.Tensor, targets: Targets, temperature: float) -> torch.Tensor:
     """KL(teacher || student) at each position, in fp32, for any target form. Shapes [..., V] -> [...]."""
     s_lp = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    if isinstance(targets, DenseTargets):
-        t_lp = F.log_softmax(targets.logits.float() / temperature, dim=-1)
+    if isinstance(targets, (DenseTargets, HiddenTargets)):
+        t_lp = F.log_softmax(_raw_logits(targets).float() / temperature, dim=-1)
         return (t_lp.exp() * (t_lp - s_lp)).sum(-1)
     ids = targets.ids.long()
     s_at = s_lp.gather(-1, ids)
@@ -140,8 +140,8 @@ def _kl_chunk(x, targets, temperature, want_grad):
     lse = torch.logsumexp(q, dim=-1, keepdim=True)
     q.sub_(lse).exp_()  # the student's softmax at tau
     lse = lse[:, 0]
-    if isinstance(targets, DenseTargets):
-        t_lp = F.log_softmax(targets.logits.float() / temperature, dim=-1)
+    if isinstance(targets, (DenseTargets, HiddenTargets)):
+        t_lp = F.log_softmax(_raw_logits(targets).float() / temperature, dim=-1)
         p = t_lp.exp()
         kl = (p * t_lp).sum(-1) - (p * x).sum(-1) / temperature + lse
         return kl, q.sub_(p) if want_grad else None
@@ -167,6 +167,11 @@ def _kl_chunk(x, targets, temperature, want_grad):
     factor = torch.where(q_tail > 0, 1 - p_tail / q_tail.clamp(min=1e-38), torch.ones_like(q_tail))
     q.mul_(factor[:, None]).scatter_(-1, ids, q_top - p_top)
     return kl, q
+
+
+def _raw_logits(targets) -> torch.Tensor:
+    """Dense targets' logits, or the logits the teacher's head gives its hidden states (this chunk only)."""
+    return targets.raw_logits() if isinstance(targets, HiddenTargets) else targets.logits
 
 
 def _sparse_teacher(targets: SparseTargets, vocab: int):

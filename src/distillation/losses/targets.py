@@ -1,6 +1,9 @@
-"""Teacher targets in three forms behind one API, and how a teacher builds them from raw logits.
+"""Teacher targets in four forms behind one API, and how a teacher builds them from raw logits.
 
 - `DenseTargets`: the teacher's raw logits; the loss applies tau to them.
+- `HiddenTargets`: the teacher's final hidden states (the input of its output head) and a frozen
+  copy of that head; the loss rebuilds the raw logits chunk by chunk, so the KL is exact (dense) at
+  hidden_size * 2 bytes per token on the wire, and no [tokens, vocab] teacher tensor ever exists.
 - `SparseTargets`: top-k log-probabilities at tau plus the tail mass (everything else, one class).
 - `SampledTargets`: ids drawn with replacement from the teacher distribution at tau, with weights
   count / draws and the teacher's log-probabilities at those ids ("Sparse Logit Sampling",
@@ -59,6 +62,60 @@ class DenseTargets(_Rows):
         return self
 
 
+class OutputHead:
+    """A frozen copy of a teacher's output head: raw logits = softcap(scale * h W^T + b)[:vocab].
+
+    `scale` and `softcap` cover the heads that do more than a matmul (Cohere's logit_scale, Gemma's
+    final_logit_softcapping); Llama, Qwen and SmolLM2 use neither. Not a tensor field of the targets,
+    so slicing targets by rows leaves it whole."""
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, scale: float = 1.0,
+                 softcap: Optional[float] = None, vocab_size: Optional[int] = None):
+        vocab_size = vocab_size or weight.shape[0]
+        self.weight = weight[:vocab_size].float().contiguous()
+        self.bias = bias[:vocab_size].float() if bias is not None else None
+        self.scale, self.softcap = float(scale), softcap
+
+    @property
+    def vocab_size(self) -> int:
+        return self.weight.shape[0]
+
+    def to(self, device) -> "OutputHead":
+        self.weight = self.weight.to(device)
+        self.bias = self.bias.to(device) if self.bias is not None else None
+        return self
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(hidden.float(), self.weight, self.bias)
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+@dataclass
+class HiddenTargets(_Rows):
+    hidden: torch.Tensor  # [B, T, H] the teacher's final hidden states (after its final norm)
+    head: OutputHead  # frozen copy of the teacher's output head
+
+    temperature: Optional[float] = None  # raw, like dense logits: the loss applies tau
+
+    def lead_ndim(self) -> int:
+        return self.hidden.dim() - 1
+
+    def validate(self) -> "HiddenTargets":
+        _check_finite(self, ["hidden"])
+        if self.hidden.shape[-1] != self.head.weight.shape[1]:
+            raise ValueError(f"teacher hidden states have width {self.hidden.shape[-1]} but its output head "
+                             f"expects {self.head.weight.shape[1]}")
+        return self
+
+    def raw_logits(self) -> torch.Tensor:
+        """Raw teacher logits of these rows (materialise only a chunk's worth)."""
+        return self.head(self.hidden.to(self.head.weight.device))
+
+
 @dataclass
 class SparseTargets(_Rows):
     ids: torch.Tensor  # [B, T, k] int
@@ -89,7 +146,7 @@ class SampledTargets(_Rows):
         return self
 
 
-Targets = Union[DenseTargets, SparseTargets, SampledTargets]
+Targets = Union[DenseTargets, HiddenTargets, SparseTargets, SampledTargets]
 
 
 def tail_mass(top_logprobs: torch.Tensor) -> torch.Tensor:

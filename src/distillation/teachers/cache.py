@@ -103,7 +103,8 @@ class TeacherCache:
         for name in self.rows[keys[0]]:
             stacked = np.stack([np.frombuffer(self.rows[key][name], dtype=DTYPES[name]) for key in keys])
             arrays[name] = stacked.reshape(batch, length, -1) if name != "tail_mass" else stacked.reshape(batch, length)
-        temperature = np.full(batch, self.signature["temperature"], dtype=np.float32)
+        tau = self.signature["temperature"]  # None for hidden states (the loss applies tau)
+        temperature = None if tau is None else np.full(batch, tau, dtype=np.float32)
         return TeacherOutput(temperature=temperature, **arrays), []
 
     def add(self, input_ids: np.ndarray, output: TeacherOutput) -> None:

@@ -55,9 +55,10 @@ class TeacherDeployment:
         for metric in (self.latency, self.tokens, self.in_flight):
             metric.set_default_tags(tags)
         self.ongoing = 0
+        self.largest_batch = 0  # most requests one Serve batch joined (operators: is batching happening?)
 
     def describe(self) -> dict:
-        return self.teacher.describe()
+        return {**self.teacher.describe(), "largest_batch": self.largest_batch}
 
     def check_health(self) -> None:
         """Serve calls this every `health_check_period_s`; raising marks the replica unhealthy and
@@ -87,6 +88,7 @@ class TeacherDeployment:
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
     async def score_batch(self, requests: List[np.ndarray]) -> List[dict]:
         start = time.perf_counter()
+        self.largest_batch = max(self.largest_batch, len(requests))
         # Requests of one length are scored in one call; the scorer itself keeps to the token budget.
         lengths = {r.shape[1] for r in requests}
         if len(lengths) == 1:
@@ -103,7 +105,9 @@ def signal_settings(cfg: DictConfig, qkv_layer: Optional[int], vocab_size: int) 
     """What, besides the model, decides a teacher's answers (part of the cache signature)."""
     t = cfg.teacher
     return {"signal": t.signal, "top_k": t.top_k if t.signal == "topk" else None,
-            "draws": t.draws if t.signal == "sampled" else None, "temperature": float(cfg.distillation.temperature),
+            "draws": t.draws if t.signal == "sampled" else None,
+            # hidden states do not depend on tau (the loss applies it), so one cache serves every tau
+            "temperature": None if t.signal == "hidden" else float(cfg.distillation.temperature),
             "qkv_layer": qkv_layer, "vocab_size": vocab_size}
 
 

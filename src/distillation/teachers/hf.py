@@ -1,6 +1,7 @@
-"""The transformers teacher: top-k + tail or sampled targets, and Q/K/V of one layer, in plain torch."""
+"""The transformers teacher: hidden states, sampled or top-k + tail targets, and Q/K/V of one layer."""
 
 import hashlib
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
@@ -11,6 +12,14 @@ from distillation.errors import DistillError
 from distillation.losses.targets import sampled_targets, sparse_targets
 from distillation.models import capture_qkv, load_causal_lm
 from distillation.teachers.schema import TeacherOutput
+
+
+def row_generator(row: torch.Tensor) -> torch.Generator:
+    """A generator seeded by one row's tokens alone (as int32, like the cache key), so a row gets the
+    same draws whether it is scored alone, in a Serve batch, split across forward passes, by the
+    precompute job or live."""
+    digest = hashlib.sha256(np.ascontiguousarray(row.cpu().numpy(), dtype=np.int32).tobytes()).digest()
+    return torch.Generator(device=row.device).manual_seed(int.from_bytes(digest[:8], "little"))
 
 
 class HFTeacher:
@@ -27,8 +36,8 @@ class HFTeacher:
         self.vocab_size = vocab_size or self.model.config.vocab_size
         if not 0 < top_k <= self.vocab_size:
             raise DistillError(f"teacher.top_k={top_k} must be between 1 and the vocabulary size {self.vocab_size}")
-        if signal not in ("topk", "sampled"):
-            raise DistillError(f"teacher.signal must be topk or sampled, not {signal!r}")
+        if signal not in ("hidden", "sampled", "topk"):
+            raise DistillError(f"teacher.signal must be hidden, sampled or topk, not {signal!r}")
         self.top_k, self.temperature, self.qkv_layer = top_k, float(temperature), qkv_layer
         self.signal, self.draws = signal, draws
         self.max_tokens_per_batch, self.device = max_tokens_per_batch, device
@@ -40,30 +49,30 @@ class HFTeacher:
 
     @torch.inference_mode()
     def _score_rows(self, ids: torch.Tensor) -> TeacherOutput:
-        states = {}
-        if self.qkv_layer is None:
-            logits = self.model(input_ids=ids).logits
-        else:
-            with capture_qkv(self.model, self.qkv_layer) as states:
+        with (capture_qkv(self.model, self.qkv_layer) if self.qkv_layer is not None else nullcontext({})) as states:
+            if self.signal == "hidden":  # the decoder alone: its output is what the head reads
+                hidden = self.model.get_decoder()(input_ids=ids).last_hidden_state
+            else:
                 logits = self.model(input_ids=ids).logits
+        qkv = {key: value.float().cpu().numpy() for key, value in states.items()}
+        if self.signal == "hidden":
+            return TeacherOutput(hidden=hidden.float().cpu().numpy(), **qkv)
         # Padding rows past the shared real vocabulary are never a target (vocab.check_vocab).
         logits = logits[..., :self.vocab_size]
-        qkv = {key: value.float().cpu().numpy() for key, value in states.items()}
         temperature = np.full(ids.shape[0], self.temperature)
         if self.signal == "sampled":
-            # Seeded by the tokens themselves: the same sequence always gets the same draws, so
-            # cached and live answers agree and a resumed run sees what the first one saw.
-            seed = int.from_bytes(hashlib.sha256(ids.cpu().numpy().tobytes()).digest()[:8], "little")
-            generator = torch.Generator(device=ids.device).manual_seed(seed)
-            drawn = sampled_targets(logits, self.draws, self.temperature, generator)
-            return TeacherOutput(sampled_ids=drawn.ids.cpu().numpy(), sampled_weights=drawn.weights.cpu().numpy(),
-                                 sampled_logprobs=drawn.logprobs.cpu().numpy(), temperature=temperature, **qkv)
+            drawn = [sampled_targets(logits[i:i + 1], self.draws, self.temperature, row_generator(row))
+                     for i, row in enumerate(ids)]
+            return TeacherOutput(sampled_ids=torch.cat([d.ids for d in drawn]).cpu().numpy(),
+                                 sampled_weights=torch.cat([d.weights for d in drawn]).cpu().numpy(),
+                                 sampled_logprobs=torch.cat([d.logprobs for d in drawn]).cpu().numpy(),
+                                 temperature=temperature, **qkv)
         sparse = sparse_targets(logits, self.top_k, self.temperature)
         return TeacherOutput(topk_ids=sparse.ids.cpu().numpy(), topk_logprobs=sparse.logprobs.cpu().numpy(),
                              tail_mass=sparse.tail_mass.cpu().numpy(), temperature=temperature, **qkv)
 
     def score(self, input_ids: np.ndarray) -> TeacherOutput:
-        input_ids = np.asarray(input_ids)
+        input_ids = np.ascontiguousarray(input_ids)
         if input_ids.ndim != 2:
             raise DistillError(f"teacher expects token ids of shape [batch, length], got {input_ids.shape}")
         length = input_ids.shape[1]

@@ -1,12 +1,19 @@
-"""Held-out loss: mean next-token cross-entropy (nats/token) and bits per byte of the raw text."""
+"""Held-out loss: mean next-token cross-entropy (nats/token) and bits per byte of the raw text.
+
+One scoring path for everything: the run summary (and the benches that read it) score the held-out
+split with `heldout_loss`, and `distill eval` scores a text file with `score_text`, which cuts the
+file into rows exactly as the training data is cut and then calls `heldout_loss`.
+"""
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distillation.data.packing import Packed, next_token_labels
+from distillation.data.packing import Packed, next_token_labels, pack, predicted_bytes
+from distillation.errors import DistillError
 from distillation.losses import IGNORE_INDEX
 
 
@@ -24,3 +31,27 @@ def heldout_loss(model: nn.Module, packed: Packed, num_bytes: int, batch_size: i
         total_tokens += int((labels != IGNORE_INDEX).sum())
     return {"loss": total_nats / max(total_tokens, 1), "tokens": total_tokens,
             "bits_per_byte": total_nats / math.log(2) / max(num_bytes, 1)}
+
+
+def text_rows(tokenizer, text: str, seq_len: int = 256) -> Packed:
+    """`text` as ONE document, tokenized as the training data is (no special tokens) and cut into
+    consecutive rows of `seq_len` by the training packer: no overlap, padding carries no label."""
+    ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int32)
+    pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    return pack([ids], pad_id, seq_len, max_tokens=10**12)
+
+
+def score_text(model: nn.Module, tokenizer, text: str, seq_len: int = 256, batch_size: int = 4) -> dict:
+    """{"loss" (nats/token), "bits_per_byte", "tokens" (predicted), "bytes" (UTF-8 bytes of those
+    tokens)} of `model` on `text`, through `heldout_loss`."""
+    if seq_len < 2:
+        raise DistillError(f"seq_len must be at least 2, not {seq_len}")
+    packed = text_rows(tokenizer, text, seq_len)
+    if len(packed.rows) == 0:
+        raise DistillError("the text has fewer than 2 tokens: nothing to predict")
+    vocab = model.get_input_embeddings().num_embeddings
+    if int(packed.rows.max()) >= vocab:
+        raise DistillError(f"the tokenizer produces token id {int(packed.rows.max())}, past the model's "
+                           f"{vocab}-token vocabulary: model and tokenizer do not belong together")
+    num_bytes = predicted_bytes(packed, tokenizer)
+    return {**heldout_loss(model, packed, num_bytes, batch_size), "bytes": num_bytes}

@@ -7,6 +7,7 @@ the sample ledger. `max_steps` counts optimizer updates, not micro-batches. Ever
 by Ray Train after a failure or by a resumed driver, continues from the latest one exactly.
 """
 
+import dataclasses
 import math
 import time
 from contextlib import nullcontext
@@ -21,8 +22,8 @@ from distillation.data.influence import alignment_scores, move_weights, smooth
 from distillation.data.packing import Packed, next_token_labels, token_mask
 from distillation.data.pipeline import rank_sample_ids, read_batches, worker_stream
 from distillation.errors import DistillError
-from distillation.losses import LossWeights, SampledTargets, SparseTargets, bitdistill_loss
-from distillation.models import capture_qkv
+from distillation.losses import HiddenTargets, LossWeights, SampledTargets, SparseTargets, bitdistill_loss
+from distillation.models import capture_qkv, load_output_head
 from distillation.teachers.deployment import DEPLOYMENT_NAME
 from distillation.teachers.schema import PREFIX, QKV
 from distillation.training.evaluate import heldout_loss
@@ -32,18 +33,21 @@ from distillation.training.student_init import build_student, set_compile
 
 
 def loss_weights(dcfg) -> LossWeights:
-    return LossWeights(ce_weight=dcfg.ce_weight, logits_weight=dcfg.logits_weight,
-                       attention_weight=dcfg.attention_weight, temperature=dcfg.temperature,
-                       temperature_squared=dcfg.temperature_squared, split_heads=dcfg.split_heads,
-                       attention_temperature=dcfg.attention_temperature, chunk_tokens=dcfg.chunk_tokens)
+    """The loss's settings straight from `distillation.*` (the schema holds the defaults)."""
+    return LossWeights(**{f.name: dcfg[f.name] for f in dataclasses.fields(LossWeights)})
 
 
 def needs_teacher(dcfg) -> bool:
     return dcfg.logits_weight > 0 or dcfg.attention_weight > 0
 
 
-def targets_from_columns(batch: dict):
-    """The teacher columns of a batch as the loss's target type (whichever signal the teacher sent)."""
+def targets_from_columns(batch: dict, head=None):
+    """The teacher columns of a batch as the loss's target type (whichever signal the teacher sent);
+    hidden states need `head`, the worker's frozen copy of the teacher's output head."""
+    if PREFIX + "hidden" in batch:
+        if head is None:
+            raise DistillError("the teacher sent hidden states but this worker holds no teacher output head")
+        return HiddenTargets(hidden=batch[PREFIX + "hidden"], head=head)
     if PREFIX + "temperature" not in batch:
         return None
     temperature = float(batch[PREFIX + "temperature"][0])
@@ -148,6 +152,9 @@ def train_loop_per_worker(config: dict) -> None:
                            DEPLOYMENT_NAME, cfg.data.teacher_batch_size, cfg.data.teacher_max_in_flight,
                            cfg.data.teacher_max_attempts)
     vocab_size = config["vocab_size"]
+    head = None  # the teacher's output head, frozen, for its hidden-state signal
+    if cfg.teacher.signal == "hidden" and weights.logits_weight > 0:
+        head = load_output_head(config["teacher_dir"], vocab_size, cfg.teacher.trust_remote_code).to(device)
     micro = 0
     window = {"loss": 0.0, "ce": 0.0, "logits_kl": 0.0, "attention": 0.0, "n": 0, "data_wait_s": 0.0}
     ledger = []
@@ -168,7 +175,7 @@ def train_loop_per_worker(config: dict) -> None:
             with (nullcontext() if sync or not hasattr(model, "no_sync") else model.no_sync()):
                 with autocast:
                     logits = model(input_ids=input_ids).logits[..., :vocab_size]  # shared real range (vocab.py)
-                out = bitdistill_loss(logits, labels, weights, targets_from_columns(batch), teacher_qkv, student_qkv,
+                out = bitdistill_loss(logits, labels, weights, targets_from_columns(batch, head), teacher_qkv, student_qkv,
                                       mask=token_mask(lengths, input_ids.shape[1]))
                 del logits  # the chunked loss keeps only its gradient buffer
                 (out.total / tcfg.grad_accum).backward()
@@ -201,6 +208,7 @@ def train_loop_per_worker(config: dict) -> None:
                        "tokens_per_s": window_tokens / (now - window_start), "data_wait_s": window["data_wait_s"],
                        "nan_skipped": guard.skipped, **scores,
                        **{k: window[k] / n for k in ("loss", "ce", "logits_kl", "attention")}}
+                row["ce_weighted"] = dcfg.ce_weight * row["ce"]
                 row["logits_kl_weighted"] = dcfg.logits_weight * row["logits_kl"]
                 row["attention_weighted"] = dcfg.attention_weight * row["attention"]
                 row["mixture"] = ray.get(mixture.weights_at.remote(step - 1)).tolist()  # in force for this step

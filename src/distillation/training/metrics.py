@@ -4,7 +4,7 @@ loss-curve PNG next to the checkpoints."""
 
 import json
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import ray
 
@@ -50,6 +50,22 @@ class MetricsBoard:
 
     def since(self, counts: Dict[str, int]) -> Dict[str, List[dict]]:
         return {name: rows[counts[name]:] for name, rows in self.logs.items()}
+
+
+WEIGHTED_TERMS = (("ce_weighted", "CE"), ("logits_kl_weighted", "lambda * L_LD"), ("attention_weighted", "gamma * L_AD"))
+DOMINANCE_RATIO = 100.0
+
+
+def dominance_warning(row: dict) -> Optional[str]:
+    """A warning when one weighted loss term is more than 100x all the others together: what a
+    miscalibrated lambda or gamma looks like (the other terms then barely move the student)."""
+    terms = {label: abs(row.get(key) or 0.0) for key, label in WEIGHTED_TERMS}
+    label, largest = max(terms.items(), key=lambda kv: kv[1])
+    rest = sum(terms.values()) - largest
+    if rest > 0 and largest > DOMINANCE_RATIO * rest:
+        return (f"{label} is {largest / rest:.0f}x the other loss terms together; the others barely train the "
+                f"student (check distillation.logits_weight / attention_weight)")
+    return None
 
 
 def append_jsonl(path: Path, rows: List[dict]) -> None:

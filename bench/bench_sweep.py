@@ -1,0 +1,124 @@
+"""The defaults sweep: which tau, teacher signal, lambda, gamma, layer pairing and lr give the lowest
+held-out bits/byte for the default job (teacher SmolLM2-135M, the CPU-default 8-layer BitNet student).
+
+Each arm is a real `distill` run (Ray Serve teacher, Ray Data, Ray Train) from the same freshly
+converted student, seed and rows, changed by its overrides only. Two metrics: bits/byte on the
+held-out split and on two English texts no run trains on (bench/unseen.py), so the choice is not
+tuned to the held-out split alone. `--budget 4` multiplies the steps (4x the tokens).
+
+    python -m bench sweep [--arms NAME ...] [--budget 1] [--seeds 0]
+"""
+
+import argparse
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+LOGITS = ["distillation=logits_only"]
+ATTN = ["distillation=bitdistill"]
+SAME_LAYER = ["distillation.teacher_layer=6", "distillation.student_layer=6"]  # student layer 6 began as it
+ARMS = {
+    "sft": ["distillation=ce_only"],
+    "paper (sampled, tau 5, gamma 1e5)": ATTN + ["teacher.signal=sampled"],
+    "hidden tau 1": LOGITS + ["teacher.signal=hidden", "distillation.temperature=1"],
+    "hidden tau 2": LOGITS + ["teacher.signal=hidden", "distillation.temperature=2"],
+    "hidden tau 5": LOGITS + ["teacher.signal=hidden", "distillation.temperature=5"],
+    "sampled tau 1": LOGITS + ["teacher.signal=sampled", "distillation.temperature=1"],
+    "topk tau 1": LOGITS + ["teacher.signal=topk", "distillation.temperature=1"],
+    "hidden tau 1, lambda 1": LOGITS + ["teacher.signal=hidden", "distillation.temperature=1",
+                                        "distillation.logits_weight=1"],
+    "hidden tau 1 + attn same layer, gamma 1e5": ATTN + ["teacher.signal=hidden", "distillation.temperature=1"]
+    + SAME_LAYER,
+    "hidden tau 1 + attn cross layer (-6/-2), gamma 1e5": ATTN + ["teacher.signal=hidden",
+                                                                 "distillation.temperature=1",
+                                                                 "distillation.teacher_layer=-6",
+                                                                 "distillation.student_layer=-2"],
+    "hidden tau 1 + attn same layer, gamma 1e4": ATTN + ["teacher.signal=hidden", "distillation.temperature=1",
+                                                        "distillation.attention_weight=1e4"] + SAME_LAYER,
+    "hidden tau 1, lr 3e-3": LOGITS + ["teacher.signal=hidden", "distillation.temperature=1", "training.lr=3e-3"],
+    "hidden tau 1, lr 3e-4": LOGITS + ["teacher.signal=hidden", "distillation.temperature=1", "training.lr=3e-4"],
+}
+DEFAULT_STEPS = 30  # training=cpu_default
+
+
+def run_arm(name: str, overrides: list, seed: int, steps: int, out: str, unseen) -> dict:
+    from distillation.config import load_config
+    from distillation.models import load_tokenizer
+    from distillation.run import run
+    from distillation.student import load_student
+
+    cfg = load_config(overrides + [f"training.seed={seed}", f"training.max_steps={steps}", "run.progress=false",
+                                   f"run.output_dir={out}", f"run.name=arm-{abs(hash((name, seed, steps)))}"])
+    summary = run(cfg)
+    student_dir = summary["student_checkpoint"]
+    scores = unseen(load_student(student_dir), load_tokenizer(student_dir))
+    first, last = summary["first"], summary["last"]
+    return {"arm": name, "seed": seed, "steps": steps, "tokens": summary["tokens_seen"],
+            "heldout_bpb": summary["heldout"]["student_after"]["bits_per_byte"],
+            "teacher_heldout_bpb": (summary["heldout"]["teacher"] or {}).get("bits_per_byte"),
+            "unseen_bpb": scores, "wall_s": summary["wall_s"],
+            "loss_terms_first": {k: first.get(k) for k in ("ce", "logits_kl", "attention")},
+            "loss_terms_last": {k: last.get(k) for k in ("ce", "logits_kl", "attention")}}
+
+
+def table(results: list, teacher: dict) -> str:
+    lines = ["| arm | steps | held-out bits/byte | unseen English bits/byte | L_AD per term, first -> last |",
+             "|---|---|---|---|---|",
+             f"| teacher SmolLM2-135M | - | {teacher['heldout']:.3f} | {teacher['unseen']:.3f} | - |"]
+    groups = {}
+    for r in results:
+        groups.setdefault((r["arm"], r["steps"]), []).append(r)
+    for (arm, steps), rows in groups.items():
+        def fmt(values):
+            return (f"{statistics.median(values):.3f}" if len(values) == 1 else
+                    f"{statistics.median(values):.3f} [{min(values):.3f}, {max(values):.3f}]")
+        attn = rows[0]["loss_terms_first"]["attention"], rows[0]["loss_terms_last"]["attention"]
+        attn = f"{attn[0]:.4f} -> {attn[1]:.4f}" if attn[0] else "-"
+        lines.append(f"| {arm} | {steps} | {fmt([r['heldout_bpb'] for r in rows])} | "
+                     f"{fmt([r['unseen_bpb']['mean'] for r in rows])} | {attn} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), help="arm names (default: all)")
+    parser.add_argument("--budget", type=int, default=1, help="multiple of the default job's steps")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--log", default=str(Path(__file__).with_name("results") / "sweep-runs.jsonl"),
+                        help="every finished arm is appended here at once")
+    args = parser.parse_args(argv)
+    unknown = [a for a in args.arms if a not in ARMS]
+    if unknown:
+        parser.error(f"unknown arms {unknown}; choose from {list(ARMS)}")
+    from distillation.config import load_config
+    from distillation.models import load_causal_lm, load_tokenizer, resolve_model
+
+    from bench.unseen import score_unseen
+
+    cache_dir = load_config().data.cache_dir
+    teacher_dir = resolve_model(load_config().teacher.model, cache_dir)
+    teacher_unseen = score_unseen(load_causal_lm(teacher_dir), load_tokenizer(teacher_dir), cache_dir)
+
+    def unseen(model, tokenizer):
+        return score_unseen(model, tokenizer, cache_dir)
+
+    results = []
+    with tempfile.TemporaryDirectory() as out:
+        for seed in args.seeds:
+            for name in args.arms:
+                result = run_arm(name, ARMS[name], seed, DEFAULT_STEPS * args.budget, out, unseen)
+                results.append(result)
+                with open(args.log, "a") as log:
+                    log.write(json.dumps(result) + "\n")
+                print(f"{name} seed {seed}: held-out {result['heldout_bpb']:.3f}, unseen "
+                      f"{result['unseen_bpb']['mean']:.3f} bits/byte", flush=True)
+    teacher = {"heldout": results[0]["teacher_heldout_bpb"], "unseen": teacher_unseen["mean"]}
+    text = table(results, teacher)
+    print(text)
+    return {"table": text, "teacher": teacher, "teacher_unseen": teacher_unseen, "results": results,
+            "budget": args.budget, "seeds": args.seeds}
+
+
+if __name__ == "__main__":
+    main()
