@@ -5,13 +5,17 @@ student, where target errors matter most). For every form the script measures, p
 KL value error |KL(form) - KL(dense)| (nats, without the tau^2 factor, tau = 5) and the cosine between
 the gradient w.r.t. the student logits and the dense gradient. Sampled targets are random: several
 draws, median and spread. Bytes per token are the wire sizes of the `TeacherOutput` arrays (ids
-int32, log-probabilities and weights fp16, tail fp32); dense is fp16 logits.
+int32, log-probabilities and weights fp16, tail fp32); dense is fp16 logits; hidden is the teacher's
+final hidden states in fp16, turned back into logits on the student side by a frozen copy of its head.
+Last, the student-side time of the chunked loss (forward + backward) per form: the extra cost of
+rebuilding the dense teacher distribution from hidden states.
 
     python bench/bench_targets.py [--tokens 2048]
 """
 
 import argparse
 import statistics
+import time
 
 import numpy as np
 import torch
@@ -19,8 +23,9 @@ import torch
 from distillation.config import load_config
 from distillation.data.packing import full_rows, next_token_labels
 from distillation.data.sources import load_documents
-from distillation.losses import DenseTargets, SparseTargets, logits_kl, sampled_targets, sparse_targets
-from distillation.models import load_causal_lm, load_tokenizer, resolve_model
+from distillation.losses import (DenseTargets, HiddenTargets, SparseTargets, logit_losses, logits_kl, sampled_targets,
+                                 sparse_targets)
+from distillation.models import capture_head_input, load_causal_lm, load_output_head, load_tokenizer, resolve_model
 from distillation.student import convert_to_bitnet
 from distillation.training.student_init import set_compile
 
@@ -47,6 +52,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--draws", type=int, default=5, help="repetitions of each sampled form")
+    parser.add_argument("--reps", type=int, default=5, help="repetitions of each loss timing")
     args = parser.parse_args()
     set_compile(False)
     cfg = load_config()
@@ -56,13 +62,18 @@ def main():
     tokens = [np.asarray(tokenizer(d.text, add_special_tokens=False)["input_ids"]) for d in docs[-4:]]
     ids = torch.as_tensor(full_rows(tokens, 256, args.tokens // 256)).long()
     labels = next_token_labels(ids)
-    with torch.no_grad():
-        teacher_logits = load_causal_lm(model_dir).eval()(input_ids=ids).logits
+    teacher = load_causal_lm(model_dir).eval()
+    with torch.no_grad(), capture_head_input(teacher) as captured:
+        teacher_logits = teacher(input_ids=ids).logits
+    hidden = captured["hidden"].half()  # the wire format of teacher.signal=hidden
+    head = load_output_head(model_dir)
         student_logits = convert_to_bitnet(load_causal_lm(model_dir), "paper").eval()(input_ids=ids).logits
     vocab = teacher_logits.shape[-1]
     dense_value, dense_grad = _loss_and_grad(student_logits, DenseTargets(teacher_logits), labels)
 
-    forms = [("dense fp16 logits", vocab * 2, lambda: DenseTargets(teacher_logits.half().float()))]
+    forms = [("dense fp16 logits", vocab * 2, lambda: DenseTargets(teacher_logits.half().float())),
+             ("hidden states fp16 + teacher head (`signal=hidden`)", hidden.shape[-1] * 2,
+              lambda: HiddenTargets(hidden, head))]
     for k in (8, 16, 32):
         def topk_only(k=k):
             t = sparse_targets(teacher_logits, k, TAU)
@@ -88,6 +99,31 @@ def main():
         e, c = statistics.median(errors), statistics.median(cosines)
         spread = f" [{min(errors):.4f}, {max(errors):.4f}]" if reps > 1 else ""
         print(f"| {name} | {nbytes} | {e:.4f}{spread} | {c:.4f} |")
+    _loss_times(student_logits, labels, {"sampled, 12 draws": lambda: sampled_targets(teacher_logits, 12, TAU),
+                                         "top-32 + tail": lambda: sparse_targets(teacher_logits, 32, TAU),
+                                         "hidden + head": lambda: HiddenTargets(hidden, head),
+                                         "dense fp32 logits": lambda: DenseTargets(teacher_logits)}, args.reps)
+
+
+def _loss_times(student_logits, labels, forms, reps):
+    """Seconds per 1,024 tokens of the training loss (CE + L_LD, chunked, forward + backward)."""
+    tokens = labels.numel()
+    print(f"\nstudent-side loss time, CE + L_LD forward + backward, {tokens} tokens, "
+          f"{torch.get_num_threads()} threads (median [min, max] of {reps}):")
+    print("| form | seconds per 1,024 tokens | vs sampled |")
+    print("|---|---|---|")
+    base = None
+    for name, make in forms.items():
+        targets, times = make(), []
+        for _ in range(reps + 1):
+            x = student_logits.detach().clone().requires_grad_()
+            start = time.perf_counter()
+            logit_losses(x, labels, targets, TAU, True, 1.0, 10.0)[0].backward()
+            times.append((time.perf_counter() - start) * 1024 / tokens)
+        times = times[1:]  # the first call warms up
+        median = statistics.median(times)
+        base = base or median
+        print(f"| {name} | {median:.3f} [{min(times):.3f}, {max(times):.3f}] | {median / base:.2f}x |")
 
 
 if __name__ == "__main__":
