@@ -22,6 +22,7 @@ distill: $(STAMP)
 	$(VENV)/bin/distill $(ARGS)
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check src tests bench ray_jobs
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 clean:

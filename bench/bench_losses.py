@@ -44,8 +44,7 @@ def _inputs(tokens, vocab, seq, k, device, seed=0):
 
 
 def _run_one(variant, tokens, vocab, device, chunk_tokens):
-    from distillation.losses import (SparseTargets, attention_relation_loss, bitdistill_loss, cross_entropy,
-                                     logits_kl)
+    from distillation.losses import SparseTargets, attention_relation_loss, bitdistill_loss, cross_entropy, logits_kl
 
     logits, labels, ids, logprobs, tail, t_qkv, s_qkv = _inputs(tokens, vocab, 256, 32, device)
     targets = SparseTargets(ids=ids, logprobs=logprobs, tail_mass=tail, temperature=5.0)

@@ -16,8 +16,14 @@ from transformers.integrations.bitnet import BitLinear
 
 from distillation.config import load_config
 from distillation.models import load_causal_lm, load_tokenizer, resolve_model
-from distillation.student import convert_to_bitnet, linear_weight_bytes, load_student, pack_student, save_student
-from distillation.training.student_init import set_compile
+from distillation.student import (
+    convert_to_bitnet,
+    linear_weight_bytes,
+    load_student,
+    pack_student,
+    save_student,
+    set_compile,
+)
 
 
 def _dir_bytes(path: Path) -> int:

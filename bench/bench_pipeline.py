@@ -41,8 +41,9 @@ def _student_steps(cfg, batches, targets_for, threads: int) -> list:
     """Plain-torch training steps; `targets_for(ids)` gives the teacher columns (timed with the step)."""
     from distillation.data.packing import next_token_labels
     from distillation.losses import bitdistill_loss
-    from distillation.training.loop import loss_weights, targets_from_columns
-    from distillation.training.student_init import build_student, set_compile
+    from distillation.student import build_student, set_compile
+    from distillation.training.plan import loss_weights
+    from distillation.training.step import targets_from_columns
 
     torch.set_num_threads(threads)
     set_compile(False)

@@ -52,14 +52,12 @@ def _mini_common(teacher_dir: Path, out: str) -> list:
 
 
 def miniature(seeds, tokens: int, out: str, log) -> dict:
-    from omegaconf import OmegaConf
-
-    from distillation.config import load_config
-    from distillation.models import load_causal_lm, load_tokenizer
-    from distillation.run import init_ray, say
-
     from bench.miniature import SETTINGS, build_miniature_teacher
     from bench.unseen import score_unseen
+    from distillation.cluster import init_ray
+    from distillation.config import load_config
+    from distillation.console import say
+    from distillation.models import load_causal_lm, load_tokenizer
 
     cfg = load_config([f"data.max_tokens_per_source={SETTINGS['max_tokens_per_source']}"])
     init_ray(cfg)
@@ -90,10 +88,9 @@ def miniature(seeds, tokens: int, out: str, log) -> dict:
 
 
 def smollm2(seeds, out: str, log) -> dict:
+    from bench.unseen import score_unseen
     from distillation.config import load_config
     from distillation.models import load_causal_lm, load_tokenizer, resolve_model
-
-    from bench.unseen import score_unseen
 
     cfg = load_config()
     teacher_dir = resolve_model(cfg.teacher.model, cfg.data.cache_dir)

@@ -18,9 +18,9 @@ from distillation.data.packing import full_rows, next_token_labels
 from distillation.data.sources import load_documents
 from distillation.losses import DenseTargets, LossWeights, bitdistill_loss, cross_entropy, logits_kl
 from distillation.models import load_causal_lm, load_tokenizer, resolve_model
+from distillation.student import build_student, set_compile
 from distillation.teachers.hf import HFTeacher
-from distillation.training.loop import targets_from_columns
-from distillation.training.student_init import build_student, set_compile
+from distillation.training.step import targets_from_columns
 
 TAU = 5.0
 

@@ -39,7 +39,7 @@ ARMS = {
     "hidden tau 1, lr 3e-3": LOGITS + ["teacher.signal=hidden", "distillation.temperature=1", "training.lr=3e-3"],
     "hidden tau 1, lr 3e-4": LOGITS + ["teacher.signal=hidden", "distillation.temperature=1", "training.lr=3e-4"],
 }
-DEFAULT_STEPS = 30  # training=cpu_default
+DEFAULT_STEPS = 30  # the schema default (experiment=cpu_default)
 
 
 def run_arm(name: str, overrides: list, seed: int, steps: int, out: str, unseen) -> dict:
@@ -91,10 +91,9 @@ def main(argv=None) -> dict:
     unknown = [a for a in args.arms if a not in ARMS]
     if unknown:
         parser.error(f"unknown arms {unknown}; choose from {list(ARMS)}")
+    from bench.unseen import score_unseen
     from distillation.config import load_config
     from distillation.models import load_causal_lm, load_tokenizer, resolve_model
-
-    from bench.unseen import score_unseen
 
     cache_dir = load_config().data.cache_dir
     teacher_dir = resolve_model(load_config().teacher.model, cache_dir)

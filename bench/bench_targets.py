@@ -23,11 +23,17 @@ import torch
 from distillation.config import load_config
 from distillation.data.packing import full_rows, next_token_labels
 from distillation.data.sources import load_documents
-from distillation.losses import (DenseTargets, HiddenTargets, SparseTargets, logit_losses, logits_kl, sampled_targets,
-                                 sparse_targets)
+from distillation.losses import (
+    DenseTargets,
+    HiddenTargets,
+    SparseTargets,
+    logit_losses,
+    logits_kl,
+    sampled_targets,
+    sparse_targets,
+)
 from distillation.models import capture_head_input, load_causal_lm, load_output_head, load_tokenizer, resolve_model
-from distillation.student import convert_to_bitnet
-from distillation.training.student_init import set_compile
+from distillation.student import convert_to_bitnet, set_compile
 
 TAU = 5.0
 
@@ -67,6 +73,7 @@ def main():
         teacher_logits = teacher(input_ids=ids).logits
     hidden = captured["hidden"].half()  # the wire format of teacher.signal=hidden
     head = load_output_head(model_dir)
+    with torch.no_grad():
         student_logits = convert_to_bitnet(load_causal_lm(model_dir), "paper").eval()(input_ids=ids).logits
     vocab = teacher_logits.shape[-1]
     dense_value, dense_grad = _loss_and_grad(student_logits, DenseTargets(teacher_logits), labels)

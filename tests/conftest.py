@@ -1,6 +1,7 @@
 """Shared fixtures: tiny real transformers models (random init, safetensors on disk)."""
 
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -52,15 +53,64 @@ def ray_cluster():
     ray.shutdown()
 
 
-def tiny_model_dir(root: Path, vocab_size: int, seed: int, smollm2: Path, **config) -> Path:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def save_tiny_llama(out: Path, seed: int = 0, **config) -> Path:
+    """A random-init tiny Llama (`tiny_llama_config(**config)`, seeded) saved to `out`, no tokenizer."""
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_llama_config(vocab_size=vocab_size, **config))
-    out = root / f"tiny-{vocab_size}-{seed}"
-    model.save_pretrained(out, safe_serialization=True)
+    AutoModelForCausalLM.from_config(tiny_llama_config(**config)).save_pretrained(out, safe_serialization=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A module's tiny two-layer Llama folder (vocabulary 128, seed 0, no tokenizer)."""
+    return save_tiny_llama(tmp_path_factory.mktemp("teacher"))
+
+
+@pytest.fixture(scope="module")
+def tiny_dir_one_layer(tmp_path_factory):
+    """As `tiny_dir` with one layer: lighter for a module that starts many replica processes."""
+    return save_tiny_llama(tmp_path_factory.mktemp("pool-teacher"), layers=1)
+
+
+def tiny_model_dir(root: Path, vocab_size: int, seed: int, smollm2: Path, **config) -> Path:
+    from transformers import AutoTokenizer
+
+    out = save_tiny_llama(root / f"tiny-{vocab_size}-{seed}", seed, vocab_size=vocab_size, **config)
     AutoTokenizer.from_pretrained(smollm2).save_pretrained(out)
     return out
+
+
+def tiny_student(seed: int = 0):
+    """A tiny BitNet student (vocabulary 97, SubLN "paper") for the training pieces without Ray."""
+    from transformers import AutoModelForCausalLM
+
+    from distillation.student import convert_to_bitnet
+
+    torch.manual_seed(seed)
+    return convert_to_bitnet(AutoModelForCausalLM.from_config(tiny_llama_config(vocab_size=97)), "paper")
+
+
+def tiny_optimizer(model):
+    """AdamW (lr 1e-3) and the run's LR schedule (2 warm-up steps, 10 steps, floor 0.1) for `model`."""
+    from omegaconf import OmegaConf
+
+    from distillation.training.step import lr_lambda
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    tcfg = OmegaConf.create({"warmup_steps": 2, "max_steps": 10, "min_lr_ratio": 0.1})
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg))
+
+
+def wait_for(condition, timeout_s: float, what: str, poll_s: float = 0.2, details=None):
+    """Poll `condition` until it holds; past `timeout_s` fail naming `what` (and `details()`, if given)."""
+    deadline = time.time() + timeout_s
+    while not condition():
+        if time.time() > deadline:
+            extra = f"; {details()}" if details else ""
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}{extra}")
+        time.sleep(poll_s)
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from distillation.config import load_config
-
 from conftest import tiny_model_dir, tiny_overrides
+from distillation.config import load_config
 
 pytestmark = pytest.mark.slow
 
@@ -117,10 +116,24 @@ def _cli(*args, cwd):
                      "student.num_layers=null"], "vocabularies differ"),
     (lambda d, out: [f"teacher.model={d['teacher']}", "teacher=cached", f"teacher.cache_dir={out}/../empty",
                      "student.num_layers=null"], "no teacher cache for this teacher"),
+    (lambda d, out: [f"teacher.model={d['teacher']}", "student.num_layers=null", "distillation.split_heads=7",
+                     "distillation.teacher_layer=-1", "distillation.student_layer=-1"],
+     "split_heads=7 does not divide the teacher's q width 64"),
+    (lambda d, out: [f"teacher.model={d['teacher']}", "student.num_layers=null", "data.seq_len=100000"],
+     "data.seq_len=100000 exceeds the teacher's 512 positions"),
+    (lambda d, out: ["data.sources=[{name: mine, kind: jsonl, path: /nonexistent/chats}]"],
+     "jsonl source path '/nonexistent/chats' does not exist"),
+    (lambda d, out: ["data.sources=[{name: a, kind: python_docs, weight: -1}, {name: b, kind: python_docs}]"],
+     "source weights must be finite, non-negative"),
+    (lambda d, out: [f"data.sources=[{{name: latin1, kind: text, path: {d['latin1']}}}]"], "is not UTF-8"),
 ])
 def test_bad_input_exits_nonzero_with_one_line_and_writes_nothing(tiny_teacher, smollm2_dir, tmp_path, make_args,
                                                                  message):
-    dirs = {"teacher": tiny_teacher, "small_vocab": tiny_model_dir(tmp_path, 128, seed=2, smollm2=smollm2_dir)}
+    latin1 = tmp_path / "latin1"
+    latin1.mkdir()
+    (latin1 / "café.txt").write_bytes("café crème".encode("latin-1"))
+    dirs = {"teacher": tiny_teacher, "small_vocab": tiny_model_dir(tmp_path, 128, seed=2, smollm2=smollm2_dir),
+            "latin1": latin1}
     out = tmp_path / "outputs"
     result = _cli(*make_args(dirs, out), f"run.output_dir={out}", cwd=tmp_path)
     assert result.returncode == 2

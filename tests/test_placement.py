@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from conftest import tiny_overrides
 from distillation.config import load_config
 from distillation.errors import DistillError
-
-from conftest import tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +30,7 @@ def test_teacher_replicas_and_train_workers_land_on_their_nodes(tiny_teacher, tm
 
 
 def test_more_workers_than_the_cluster_can_place_is_a_clear_error(ray_cluster):
-    from distillation.run import check_placement
+    from distillation.cluster import check_placement
 
     with pytest.raises(DistillError, match="training.num_workers=5 workers .* cannot be placed"):
         check_placement(load_config(["training.num_workers=5"]))

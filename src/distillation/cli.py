@@ -8,12 +8,18 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-USAGE = """usage: distill [--cfg] [group=option ...] [key=value ...]
-       distill eval STUDENT [--teacher MODEL] --text FILE [FILE ...] [--seq-len N]
 
-Groups: teacher={hf,vllm,cached} student=bitnet distillation={bitdistill,logits_only,classification,
-summarization,ce_only} data=mixed_text training={cpu_default,gpu}. Any value: e.g. training.max_steps=200.
---cfg prints the resolved configuration and exits. `distill eval --help` describes eval."""
+def usage() -> str:
+    """The usage text, with every config group and its options read from the config folders."""
+    from distillation.config.loader import config_dir
+
+    groups = sorted(p for p in config_dir().iterdir() if p.is_dir())
+    listed = " ".join(f"{g.name}={{{','.join(sorted(o.stem for o in g.glob('*.yaml')))}}}" for g in groups)
+    return ("usage: distill [--cfg] [group=option ...] [key=value ...]\n"
+            "       distill eval STUDENT [--teacher MODEL] --text FILE [FILE ...] [--seq-len N]\n\n"
+            f"Groups: {listed}.\nAny value: e.g. training.max_steps=200. --cfg prints the resolved configuration "
+            "and exits. `distill eval --help` describes eval. Ctrl-C stops after the current step with a "
+            "checkpoint (exit 130); a second Ctrl-C stops at once.")
 
 
 def main(argv: Optional[List[str]] = None, command: str = "distill") -> int:
@@ -22,7 +28,7 @@ def main(argv: Optional[List[str]] = None, command: str = "distill") -> int:
     if command == "distill" and args[:1] == ["eval"]:
         return eval_main(args[1:], f"{command} eval")
     if any(a in ("-h", "--help") for a in args):
-        print(USAGE)
+        print(usage())
         return 0
     from distillation.config import load_config, to_yaml
     from distillation.errors import DistillError
@@ -33,17 +39,23 @@ def main(argv: Optional[List[str]] = None, command: str = "distill") -> int:
         if show:
             print(to_yaml(cfg))
             return 0
-        if command == "precompute":
-            from distillation.precompute import precompute
+        from distillation.console import RayLinesToFile
 
-            precompute(cfg)
-        else:
-            from distillation.run import run
+        with RayLinesToFile(enabled=not cfg.run.verbose) as ray_lines:
+            if command == "precompute":
+                from distillation.precompute import precompute
 
-            run(cfg)
+                precompute(cfg)
+            else:
+                from distillation.run import run
+
+                run(cfg, ray_lines)
     except DistillError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return getattr(exc, "exit_code", 2)
+    except KeyboardInterrupt:  # before training started: nothing was trained, nothing to resume
+        print("error: interrupted before training started; nothing to resume", file=sys.stderr)
+        return 130
     return 0
 
 
@@ -112,9 +124,8 @@ def evaluate_files(student: str, texts: List[str], teacher: Optional[str] = None
     from distillation.config.schema import DataConfig, StudentConfig
     from distillation.errors import DistillError
     from distillation.models import load_causal_lm, load_tokenizer, resolve_model
-    from distillation.student import load_student
+    from distillation.student import load_student, set_compile
     from distillation.training.evaluate import score_text
-    from distillation.training.student_init import set_compile
 
     if seq_len < 2:
         raise DistillError(f"--seq-len must be at least 2, not {seq_len}")

@@ -9,6 +9,7 @@ from torch import nn
 
 from distillation.assets import BUILTIN_MODELS, builtin_model_dir
 from distillation.errors import DistillError
+from distillation.losses.attention import QKV
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -107,7 +108,7 @@ def capture_qkv(model: nn.Module, layer: int) -> Iterator[Dict[str, torch.Tensor
     attn = layers[layer].self_attn
     states: Dict[str, torch.Tensor] = {}
     handles = []
-    for key in ("q", "k", "v"):
+    for key in QKV:
         def hook(_module, _inputs, output, key=key):
             states[key] = output
         handles.append(getattr(attn, f"{key}_proj").register_forward_hook(hook))

@@ -33,18 +33,21 @@ class ScoreAndStore:
 
 
 def precompute(cfg: DictConfig) -> dict:
-    from distillation.data.corpus import prepare_corpus
-    from distillation.run import init_ray, resolve_teacher, say
-    from distillation.teachers.cache import TeacherCache, sequence_key, teacher_signature
-    from distillation.teachers.deployment import hf_teacher_kwargs, signal_settings
+    from distillation.cluster import init_ray
+    from distillation.console import say
+    from distillation.data.corpus import load_sources, prepare_corpus
+    from distillation.teachers.cache import TeacherCache, sequence_key
+    from distillation.teachers.deployment import hf_teacher_kwargs
+    from distillation.teachers.resolve import cache_signature, resolve_teacher
 
     if not cfg.teacher.cache_dir:
         raise DistillError("missing required config value 'teacher.cache_dir' (where to write the cache)")
-    teacher_dir, tokenizer, vocab_size, qkv_layer = resolve_teacher(cfg)
-    signature = teacher_signature(teacher_dir, signal_settings(cfg, qkv_layer, vocab_size))
+    teacher = resolve_teacher(cfg)
+    documents = load_sources(cfg)
+    signature = cache_signature(cfg, teacher)
     cache = TeacherCache(cfg.teacher.cache_dir, signature, create=True)
     init_ray(cfg)
-    corpus = prepare_corpus(cfg, str(teacher_dir), tokenizer)
+    corpus = prepare_corpus(cfg, str(teacher.model_dir), teacher.tokenizer, documents)
     planned = np.concatenate([packed.rows for packed in corpus.train.values()])
     todo, seen = [], set(cache.rows)
     for row in planned:
@@ -58,10 +61,10 @@ def precompute(cfg: DictConfig) -> dict:
     if todo:
         t = cfg.teacher
         ds = ray.data.from_items([{"input_ids": row} for row in todo]).map_batches(
-            ScoreAndStore, batch_size=cfg.data.teacher_batch_size, num_cpus=t.num_cpus,
+            ScoreAndStore, batch_size=cfg.data.teacher_batch_size, num_cpus=t.num_cpus, num_gpus=t.num_gpus,
             compute=ray.data.ActorPoolStrategy(size=t.max_replicas),
-            fn_constructor_kwargs={"teacher_kwargs": hf_teacher_kwargs(cfg, str(teacher_dir), qkv_layer, vocab_size),
-                                   "num_threads": t.num_threads, "cache_dir": t.cache_dir, "signature": signature})
+            fn_constructor_kwargs={"teacher_kwargs": hf_teacher_kwargs(cfg, teacher), "num_threads": t.num_threads,
+                                   "cache_dir": t.cache_dir, "signature": signature})
         scored = int(sum(r["rows"] for r in ds.take_all()))
     cache.reload()  # the actors' shards
     summary = {"cache_dir": str(cache.directory), "planned": len(planned), "scored": scored, "cached": len(cache)}

@@ -5,6 +5,7 @@ the typed schema and turns Hydra's multi-line exceptions into one line that name
 the closest valid one.
 """
 
+import dataclasses
 import difflib
 from pathlib import Path
 from typing import Iterable, List, Optional
@@ -25,18 +26,25 @@ from omegaconf.errors import (
 from distillation.config.schema import Config
 from distillation.errors import DistillError
 
-CHOICES = {
-    "teacher.kind": ("hf", "vllm", "cached"),
-    "teacher.dtype": ("float32", "bfloat16", "float16"),
-    "teacher.signal": ("hidden", "sampled", "topk"),
-    "distillation.attention_normalization": ("reference", "paper"),
-    "student.subln": ("paper", "allnorm", "none"),
-    "training.autocast": ("none", "bf16"),
-}
-POSITIVE = ("teacher.top_k", "teacher.draws", "teacher.max_tokens_per_batch", "data.seq_len", "training.max_steps",
-            "training.batch_size", "training.grad_accum", "training.num_workers", "distillation.split_heads",
-            "distillation.chunk_tokens", "data.teacher_max_in_flight", "influence.update_interval",
-            "influence.delay_steps", "influence.batch_size", "influence.probe_sequences")
+
+def _field_rules(node=Config, prefix="") -> tuple:
+    """({key: allowed values}, [keys that must be positive]) from the schema's `one_of` / `positive` fields."""
+    choices, positive = {}, []
+    for f in dataclasses.fields(node):
+        key = prefix + f.name
+        if "choices" in f.metadata:
+            choices[key] = f.metadata["choices"]
+        if f.metadata.get("positive"):
+            positive.append(key)
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            sub_choices, sub_positive = _field_rules(type(default), key + ".")
+            choices.update(sub_choices)
+            positive += sub_positive
+    return choices, positive
+
+
+CHOICES, POSITIVE = _field_rules()
 
 ConfigStore.instance().store(name="schema", node=Config)
 

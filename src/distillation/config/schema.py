@@ -1,4 +1,6 @@
-"""Typed configuration schema. YAML under `configs/` fills it; unknown keys and wrong types fail."""
+"""Typed configuration schema: the one home of every default. YAML under `configs/` holds only what
+an option changes; unknown keys, wrong types, values outside `one_of(...)` and non-positive
+`positive(...)` values fail with one line (config/loader.py)."""
 
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -6,17 +8,27 @@ from typing import Dict, List, Optional
 from omegaconf import MISSING
 
 
+def one_of(default: str, *others: str):
+    """A string field that takes only these values (the first is the default)."""
+    return field(default=default, metadata={"choices": (default, *others)})
+
+
+def positive(default):
+    """A number field that must be > 0."""
+    return field(default=default, metadata={"positive": True})
+
+
 @dataclass
 class TeacherConfig:
-    kind: str = "hf"  # hf (transformers on Ray Serve) | vllm | cached
-    model: str = MISSING  # a built-in name (see distillation.assets) or a local model directory
-    dtype: str = "bfloat16"  # compute dtype of the teacher forward; outputs are fp16/fp32 regardless
+    kind: str = one_of("hf", "vllm", "cached")  # transformers on Ray Serve | vLLM | replayed answers
+    model: str = "smollm2-135m-instruct"  # a built-in name (see distillation.assets) or a local model directory
+    dtype: str = one_of("bfloat16", "float32", "float16")  # compute dtype of the teacher forward; outputs are fp16/fp32 regardless
     # hidden: the teacher's final hidden state; workers apply its output head (exact KL, hidden_size * 2 B/token)
     # | sampled: draws from the teacher (unbiased) | topk: top-k log-probabilities + tail
-    signal: str = "sampled"
-    top_k: int = 32
-    draws: int = 12  # sampled signal: ids drawn per position (unbiased KL; README: bench_targets)
-    max_tokens_per_batch: int = 4096  # per forward pass; larger requests are split, never refused
+    signal: str = one_of("sampled", "hidden", "topk")
+    top_k: int = positive(32)
+    draws: int = positive(12)  # sampled signal: ids drawn per position (unbiased KL; README: bench_targets)
+    max_tokens_per_batch: int = positive(4096)  # per forward pass; larger requests are split, never refused
     max_batch_size: int = 8  # Serve-side batching of concurrent requests (@serve.batch)
     batch_wait_timeout_s: float = 0.02
     num_cpus: float = 1.0  # Ray resources per replica
@@ -34,6 +46,8 @@ class TeacherConfig:
     write_through: bool = False  # cached teacher: answer misses live (transformers) and store them
     max_model_len: int = 2048  # vLLM teacher: longest sequence the engine accepts
     kv_cache_gib: int = 1  # vLLM teacher on CPU: memory for its KV cache (VLLM_CPU_KVCACHE_SPACE)
+    gpu_memory_utilization: float = 0.8  # vLLM teacher on GPU: its share of the GPU (prompt-logprob buffers are not in it)
+    tensor_parallel_size: int = positive(1)  # vLLM teacher: GPUs per engine (set teacher.num_gpus to match)
     vllm_url: Optional[str] = None  # vLLM teacher: an external OpenAI-compatible server instead of an engine
 
 
@@ -41,7 +55,7 @@ class TeacherConfig:
 class StudentConfig:
     init_from: str = "${teacher.model}"  # the full-precision model converted in stage 1
     checkpoint_path: Optional[str] = None  # start from a saved BitNet student instead
-    subln: str = "paper"  # paper (before o_proj and down_proj) | allnorm (before every BitLinear) | none
+    subln: str = one_of("paper", "allnorm", "none")  # paper (before o_proj and down_proj) | allnorm (before every BitLinear) | none
     num_layers: Optional[int] = None  # keep only the first N decoder layers (a smaller student)
     compile: bool = False  # torch.compile the BitNet quantizers (no gain measured on CPU; ~30 s start)
 
@@ -55,12 +69,12 @@ class DistillationConfig:
     temperature_squared: bool = True  # multiply L_LD by tau^2 (official code); the paper's equation omits it
     teacher_layer: int = -6  # Q/K/V layer for attention distillation (negative counts from the end)
     student_layer: int = -6
-    split_heads: int = 32  # relation heads each model's Q/K/V width is re-split into
+    split_heads: int = positive(32)  # relation heads each model's Q/K/V width is re-split into
     attention_temperature: float = 1.0
     # reference: L_AD divided by split_heads, as the official BitDistill code (gamma 1e5 is calibrated to
     # it) | paper: the paper's Eq. 11, split_heads times larger (gamma 1e5 reference == 3125 paper at 32)
-    attention_normalization: str = "reference"
-    chunk_tokens: int = 512  # CE + L_LD are computed this many tokens at a time (memory bound)
+    attention_normalization: str = one_of("reference", "paper")
+    chunk_tokens: int = positive(512)  # CE + L_LD are computed this many tokens at a time (memory bound)
 
 
 @dataclass
@@ -78,7 +92,7 @@ class SourceConfig:
 @dataclass
 class DataConfig:
     sources: List[SourceConfig] = field(default_factory=list)
-    seq_len: int = 256
+    seq_len: int = positive(256)
     max_tokens_per_source: int = 400_000  # tokenization budget per source (the rest is never read)
     heldout_fraction: float = 0.05  # share of each source's documents held out (chosen by name hash)
     heldout_sequences: int = 4  # held-out sequences per source used for the summary's loss
@@ -88,7 +102,7 @@ class DataConfig:
     # next rows while the student trains, and a run's answers are reproducible, so resumed influence
     # updates equal the originals. More lets Serve batch requests into one forward pass (faster on a
     # GPU), whose answers then depend in their last bits on which requests shared it.
-    teacher_max_in_flight: int = 1
+    teacher_max_in_flight: int = positive(1)
     teacher_max_attempts: int = 4  # per batch, with exponential backoff, when a teacher replica fails
     cache_dir: str = "~/.cache/wrinklefree-distillation"
 
@@ -99,10 +113,10 @@ class InfluenceConfig:
     each source by the cosine of its gradient with the probe set's, and move the weights."""
     enabled: bool = False
     probe_source: Optional[str] = None  # whose probe documents form the target set (default: the first source)
-    probe_sequences: int = 8
-    update_interval: int = 5  # optimizer steps
-    delay_steps: int = 2  # an update computed after step s is used from step s + delay (pipeline slack)
-    batch_size: int = 4  # sequences per source per estimate
+    probe_sequences: int = positive(8)
+    update_interval: int = positive(5)  # optimizer steps
+    delay_steps: int = positive(2)  # an update computed after step s is used from step s + delay (pipeline slack)
+    batch_size: int = positive(4)  # sequences per source per estimate
     eta: float = 2.0  # step size of the multiplicative update (scores are cosines in [-1, 1])
     smoothing: float = 0.5  # EMA factor on the scores
     floor: float = 0.05  # no weight falls below this
@@ -110,20 +124,20 @@ class InfluenceConfig:
 
 @dataclass
 class TrainingConfig:
-    max_steps: int = 30  # optimizer updates
-    batch_size: int = 4  # sequences per worker per micro-batch
-    grad_accum: int = 1
+    max_steps: int = positive(30)  # optimizer updates
+    batch_size: int = positive(4)  # sequences per worker per micro-batch
+    grad_accum: int = positive(1)
     lr: float = 1.0e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 3
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    num_workers: int = 1
+    num_workers: int = positive(1)
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     worker_resources: Dict[str, float] = field(default_factory=dict)  # custom resources, e.g. {student_node: 1}
     num_threads: int = 2  # torch intra-op threads per worker
-    autocast: str = "none"  # none | bf16 (forward under bfloat16 autocast; master weights stay fp32)
+    autocast: str = one_of("none", "bf16")  # none | bf16 (forward under bfloat16 autocast; master weights stay fp32)
     checkpoint_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
     max_failures: int = 1  # Ray Train restarts failed workers from the latest checkpoint this many times
@@ -136,7 +150,10 @@ class TrainingConfig:
 @dataclass
 class RunConfig:
     name: Optional[str] = None  # default: distill-<timestamp>
-    output_dir: str = "outputs"
+    output_dir: str = "outputs"  # the local run folder: metrics, ledger, plots, summary (and, by default, all else)
+    # Checkpoints and the final student (and a copy of the small outputs): a folder every node can reach
+    # or a URI (s3://bucket/runs, gs://..., file:///mnt/shared/runs). None: inside the local run folder.
+    storage_path: Optional[str] = None
     ray_address: Optional[str] = None  # None: join RAY_ADDRESS if set, else start a local cluster
     num_cpus: Optional[int] = None  # local cluster only
     # Fail at once when the live nodes cannot hold training.num_workers (Ray Train would wait forever);
@@ -144,6 +161,7 @@ class RunConfig:
     check_placement: bool = True
     resume: bool = False  # continue run.name from its latest checkpoint (same config required)
     progress: bool = True
+    verbose: bool = False  # stream Ray's own logs (workers, Ray Data, Serve, Train) to the terminal
     # Stop with an error when no optimizer step finishes for this long (the first one includes
     # starting the workers and loading the student) instead of waiting forever; 0 waits forever.
     stall_timeout_s: float = 1800.0

@@ -2,14 +2,14 @@
 (with the byte count bits/byte needs) and the probe rows influence scores against."""
 
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 from omegaconf import DictConfig
 
 from distillation.data.packing import Packed, pack, predicted_bytes
 from distillation.data.pipeline import tokenize_documents
-from distillation.data.sources import content_digest, load_documents, split_of
+from distillation.data.sources import Document, content_digest, load_documents, split_of
 from distillation.errors import DistillError
 
 
@@ -37,12 +37,25 @@ def concat(parts: List[Packed]) -> Packed:
                   sum(p.dropped_tokens for p in parts))
 
 
-def prepare_corpus(cfg: DictConfig, tokenizer_dir: str, tokenizer) -> Corpus:
+def load_sources(cfg: DictConfig) -> Dict[str, List[Document]]:
+    """Every source's documents, read and checked (paths, formats, fields, weights) in the driver,
+    before anything starts."""
+    from distillation.data.mixture import validate_weights
+
     d = cfg.data
+    validate_weights([s.weight for s in d.sources], [s.name for s in d.sources])
+    return {s.name: load_documents(s.name, s.kind, s.path, d.cache_dir, d.max_tokens_per_source, s.text_field, s.split)
+            for s in d.sources}
+
+
+def prepare_corpus(cfg: DictConfig, tokenizer_dir: str, tokenizer,
+                   documents: Optional[Dict[str, List[Document]]] = None) -> Corpus:
+    """Tokenized (Ray Data), split and cut into rows; `documents` from `load_sources` if already read."""
+    d = cfg.data
+    documents = documents if documents is not None else load_sources(cfg)
     docs, digests = [], {}
     for source in d.sources:
-        loaded = load_documents(source.name, source.kind, source.path, d.cache_dir, d.max_tokens_per_source,
-                                source.text_field, source.split)
+        loaded = documents[source.name]
         digests[source.name] = content_digest(loaded)
         docs.extend(loaded)
     tokens = tokenize_documents(docs, tokenizer_dir)  # per source, in document order

@@ -73,8 +73,10 @@ def _text_files(path: str) -> Iterator[tuple]:
     for file in _files(path, TEXT_SUFFIXES, "text"):
         try:
             yield file.name if root.is_file() else file.relative_to(root).as_posix(), file.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise DistillError(f"cannot read text file '{file}': {exc}") from None
+        except UnicodeDecodeError as exc:
+            raise DistillError(f"text file '{file}' is not UTF-8 (invalid byte at offset {exc.start})") from None
+        except OSError as exc:
+            raise DistillError(f"cannot read text file '{file}': {exc.strerror or exc}") from None
 
 
 def _files(path: str, suffixes: tuple, kind: str) -> List[Path]:

@@ -27,6 +27,9 @@ class LossWeights:
         return self.attention_weight > 0
 
 
+LOSS_COMPONENTS = ("loss", "ce", "logits_kl", "attention")  # the keys of LossOutput.as_floats, everywhere
+
+
 @dataclass
 class LossOutput:
     total: torch.Tensor  # differentiable
@@ -35,8 +38,8 @@ class LossOutput:
     attention: torch.Tensor
 
     def as_floats(self) -> dict:
-        return {"loss": self.total.item(), "ce": self.ce.item(), "logits_kl": self.logits_kl.item(),
-                "attention": self.attention.item()}
+        return dict(zip(LOSS_COMPONENTS, (self.total.item(), self.ce.item(), self.logits_kl.item(),
+                                          self.attention.item())))
 
 
 def bitdistill_loss(student_logits: torch.Tensor, labels: torch.Tensor, weights: LossWeights,

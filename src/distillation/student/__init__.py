@@ -2,8 +2,9 @@
 and the packed 2-bit export for inference."""
 
 from distillation.student.bitnet import BITNET_CONFIG_KEY, convert_to_bitnet, is_bitnet_student, ternary_weights
+from distillation.student.build import build_student, set_compile
 from distillation.student.checkpoint import load_student, save_student
 from distillation.student.packed import linear_weight_bytes, pack_student
 
 __all__ = ["BITNET_CONFIG_KEY", "convert_to_bitnet", "is_bitnet_student", "ternary_weights",
-           "load_student", "save_student", "pack_student", "linear_weight_bytes"]
+           "build_student", "set_compile", "load_student", "save_student", "pack_student", "linear_weight_bytes"]

@@ -9,11 +9,10 @@ from distillation.errors import DistillError
 from distillation.models import TOKENIZER_FILES
 
 
-
 def export_packed(student_dir: Path, out_dir: Path) -> dict:
+    from distillation.student import set_compile
     from distillation.student.checkpoint import load_student, save_student
     from distillation.student.packed import linear_weight_bytes, pack_student
-    from distillation.training.student_init import set_compile
 
     set_compile(False)  # transformers wraps the packed kernels in torch.compile; eager is exact and fast to start
     student_dir, out_dir = Path(student_dir), Path(out_dir)

@@ -8,8 +8,14 @@ where present, moves over unchanged.
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.integrations.bitnet import (VALUES_PER_ITEM, ActQuant, AutoBitLinear, BitLinear, pack_weights,
-                                              unpack_weights)
+from transformers.integrations.bitnet import (
+    VALUES_PER_ITEM,
+    ActQuant,
+    AutoBitLinear,
+    BitLinear,
+    pack_weights,
+    unpack_weights,
+)
 
 from distillation.student.bitnet import BITNET_CONFIG_KEY, ternary_weights
 

@@ -11,10 +11,11 @@ import numpy as np
 
 from distillation.errors import DistillError
 from distillation.teachers.cache import TeacherCache
+from distillation.teachers.protocol import TeacherBase
 from distillation.teachers.schema import TeacherOutput
 
 
-class CachedTeacher:
+class CachedTeacher(TeacherBase):
     def __init__(self, cache: TeacherCache, live=None):
         self.cache, self.live = cache, live
         self.hits = self.misses = 0

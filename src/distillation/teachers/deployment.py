@@ -15,11 +15,14 @@ from omegaconf import DictConfig
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from distillation.teachers.protocol import Teacher
+from distillation.teachers.resolve import ResolvedTeacher
+
 DEPLOYMENT_NAME = "Teacher"
 LATENCY_BUCKETS_S = [0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30]
 
 
-def _build(kind: str, teacher_kwargs: dict, cache: Optional[dict]):
+def _build(kind: str, teacher_kwargs: dict, cache: Optional[dict]) -> Teacher:
     if kind == "hf":
         from distillation.teachers.hf import HFTeacher
 
@@ -63,18 +66,15 @@ class TeacherDeployment:
     def check_health(self) -> None:
         """Serve calls this every `health_check_period_s`; raising marks the replica unhealthy and
         Serve replaces it (a dead vLLM engine or an unreachable vLLM server, for instance)."""
-        if hasattr(self.teacher, "check_health"):
-            self.teacher.check_health()
+        self.teacher.check_health()
 
     def flush(self) -> None:
-        if hasattr(self.teacher, "flush"):
-            self.teacher.flush()
+        self.teacher.flush()
 
     def __del__(self):  # Serve calls this on graceful replica shutdown: keep write-through answers
         if hasattr(self, "teacher"):  # absent when the constructor failed
             self.flush()
-            if hasattr(self.teacher, "close"):  # a vLLM engine's process goes with the replica
-                self.teacher.close()
+            self.teacher.close()  # a vLLM engine's process goes with the replica
 
     async def __call__(self, input_ids: np.ndarray) -> dict:
         self.ongoing += 1
@@ -111,29 +111,29 @@ def signal_settings(cfg: DictConfig, qkv_layer: Optional[int], vocab_size: int) 
             "qkv_layer": qkv_layer, "vocab_size": vocab_size}
 
 
-def hf_teacher_kwargs(cfg: DictConfig, model_dir: str, qkv_layer: Optional[int], vocab_size: int) -> dict:
+def hf_teacher_kwargs(cfg: DictConfig, teacher: ResolvedTeacher) -> dict:
     t = cfg.teacher
-    return dict(model_dir=str(model_dir), top_k=t.top_k, temperature=cfg.distillation.temperature,
-                qkv_layer=qkv_layer, dtype=t.dtype, max_tokens_per_batch=t.max_tokens_per_batch,
-                trust_remote_code=t.trust_remote_code, vocab_size=vocab_size, signal=t.signal, draws=t.draws,
+    return dict(model_dir=str(teacher.model_dir), top_k=t.top_k, temperature=cfg.distillation.temperature,
+                qkv_layer=teacher.qkv_layer, dtype=t.dtype, max_tokens_per_batch=t.max_tokens_per_batch,
+                trust_remote_code=t.trust_remote_code, vocab_size=teacher.vocab_size, signal=t.signal, draws=t.draws,
                 device="cuda" if t.num_gpus > 0 else "cpu")
 
 
-def teacher_app(cfg: DictConfig, model_dir: str, qkv_layer: Optional[int], vocab_size: int):
+def teacher_app(cfg: DictConfig, teacher: ResolvedTeacher):
     t = cfg.teacher
     scaling = ({"num_replicas": t.min_replicas} if t.min_replicas == t.max_replicas else
                {"autoscaling_config": {"min_replicas": t.min_replicas, "max_replicas": t.max_replicas,
                                        "target_ongoing_requests": t.target_ongoing_requests,
                                        "upscale_delay_s": t.upscale_delay_s, "downscale_delay_s": t.downscale_delay_s}})
-    kwargs = hf_teacher_kwargs(cfg, model_dir, qkv_layer, vocab_size)
+    kwargs = hf_teacher_kwargs(cfg, teacher)
     if t.kind == "vllm":
-        kwargs.update(max_model_len=t.max_model_len, kv_cache_gib=t.kv_cache_gib, vllm_url=t.vllm_url)
+        kwargs.update(max_model_len=t.max_model_len, kv_cache_gib=t.kv_cache_gib, vllm_url=t.vllm_url,
+                      gpu_memory_utilization=t.gpu_memory_utilization, tensor_parallel_size=t.tensor_parallel_size)
     cache = None
     if t.kind == "cached":
-        from distillation.teachers.cache import teacher_signature
+        from distillation.teachers.resolve import cache_signature
 
-        cache = {"dir": t.cache_dir, "write_through": t.write_through,
-                 "signature": teacher_signature(model_dir, signal_settings(cfg, qkv_layer, vocab_size))}
+        cache = {"dir": t.cache_dir, "write_through": t.write_through, "signature": cache_signature(cfg, teacher)}
     return TeacherDeployment.options(
         ray_actor_options={"num_cpus": t.num_cpus, "num_gpus": t.num_gpus, "resources": dict(t.resources)},
         max_ongoing_requests=max(4, 2 * t.max_batch_size), health_check_period_s=t.health_check_period_s,
@@ -142,7 +142,6 @@ def teacher_app(cfg: DictConfig, model_dir: str, qkv_layer: Optional[int], vocab
     ).bind(t.kind, kwargs, t.num_threads, t.max_batch_size, t.batch_wait_timeout_s, cache)
 
 
-def deploy_teacher(cfg: DictConfig, model_dir: str, qkv_layer: Optional[int], vocab_size: int,
-                   app_name: str) -> DeploymentHandle:
+def deploy_teacher(cfg: DictConfig, teacher: ResolvedTeacher, app_name: str) -> DeploymentHandle:
     serve.start(proxy_location="Disabled")  # handles only; nothing listens on a port
-    return serve.run(teacher_app(cfg, model_dir, qkv_layer, vocab_size), name=app_name, route_prefix=None)
+    return serve.run(teacher_app(cfg, teacher), name=app_name, route_prefix=None)

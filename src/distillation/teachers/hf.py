@@ -11,6 +11,7 @@ import torch
 from distillation.errors import DistillError
 from distillation.losses.targets import sampled_targets, sparse_targets
 from distillation.models import capture_qkv, load_causal_lm
+from distillation.teachers.protocol import TeacherBase
 from distillation.teachers.schema import TeacherOutput
 
 
@@ -22,7 +23,7 @@ def row_generator(row: torch.Tensor) -> torch.Generator:
     return torch.Generator(device=row.device).manual_seed(int.from_bytes(digest[:8], "little"))
 
 
-class HFTeacher:
+class HFTeacher(TeacherBase):
     """Scores token ids with a transformers causal LM.
 
     Memory is bounded by `max_tokens_per_batch`: a request with more tokens is split into several
@@ -32,7 +33,8 @@ class HFTeacher:
     def __init__(self, model_dir: Path, top_k: int, temperature: float, qkv_layer: Optional[int] = None,
                  dtype: str = "bfloat16", max_tokens_per_batch: int = 4096, trust_remote_code: bool = False,
                  device: str = "cpu", vocab_size: Optional[int] = None, signal: str = "topk", draws: int = 12):
-        self.model = load_causal_lm(Path(model_dir), dtype, trust_remote_code).to(device).eval()
+        self.model_dir = Path(model_dir)
+        self.model = load_causal_lm(self.model_dir, dtype, trust_remote_code).to(device).eval()
         self.vocab_size = vocab_size or self.model.config.vocab_size
         if not 0 < top_k <= self.vocab_size:
             raise DistillError(f"teacher.top_k={top_k} must be between 1 and the vocabulary size {self.vocab_size}")
@@ -85,4 +87,7 @@ class HFTeacher:
         rows = max(1, self.max_tokens_per_batch // length)
         ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device)
         parts = [self._score_rows(ids[i:i + rows]) for i in range(0, ids.shape[0], rows)]
-        return TeacherOutput.concat(parts).validate(input_ids, self.vocab_size)
+        try:
+            return TeacherOutput.concat(parts).validate(input_ids, self.vocab_size)
+        except ValueError as exc:  # NaN weights, say: name the model, not the array
+            raise DistillError(f"teacher {self.model_dir} gave unusable answers: {exc}") from None

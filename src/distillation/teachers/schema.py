@@ -14,8 +14,9 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from distillation.losses.attention import QKV
+
 PREFIX = "teacher_"
-QKV = ("q", "k", "v")
 
 
 DTYPES = {"topk_ids": np.int32, "topk_logprobs": np.float16, "tail_mass": np.float32, "temperature": np.float32,

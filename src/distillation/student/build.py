@@ -4,7 +4,8 @@ from omegaconf import DictConfig
 from torch import nn
 
 from distillation.models import load_causal_lm, resolve_model
-from distillation.student import convert_to_bitnet, load_student
+from distillation.student.bitnet import convert_to_bitnet
+from distillation.student.checkpoint import load_student
 
 
 def set_compile(enabled: bool) -> None:

@@ -3,9 +3,20 @@
 import pytest
 import torch
 
-from distillation.losses import (IGNORE_INDEX, DenseTargets, HiddenTargets, LossWeights, OutputHead,
-                                 attention_relation_loss, bitdistill_loss, cross_entropy, logit_losses, logits_kl,
-                                 sampled_targets, sparse_targets)
+from distillation.losses import (
+    IGNORE_INDEX,
+    DenseTargets,
+    HiddenTargets,
+    LossWeights,
+    OutputHead,
+    attention_relation_loss,
+    bitdistill_loss,
+    cross_entropy,
+    logit_losses,
+    logits_kl,
+    sampled_targets,
+    sparse_targets,
+)
 
 RTOL = 1e-5  # fp32 against float64, relative
 
@@ -223,7 +234,7 @@ def test_losses_are_means_not_sums_over_positions(gen):
 def _ref_attention(teacher, student, heads, tau, mask, normalization="reference"):
     """Per sequence, only its real tokens: relations among them, mean row KL, summed over q, k, v;
     divided by the relation heads under the official (reference) normalisation
-    (tests/test_attention_reference.py pins that one to the official formula)."""
+    (tests/losses/test_attention_reference.py pins that one to the official formula)."""
     total = 0.0
     for key in "qkv":
         rows_kl = []

@@ -5,32 +5,23 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import save_tiny_llama
 from distillation.losses import HiddenTargets, logits_kl
 from distillation.models import load_output_head
 from distillation.teachers.cache import TeacherCache, teacher_signature
 from distillation.teachers.cached import CachedTeacher
 from distillation.teachers.hf import HFTeacher
 
-from conftest import tiny_llama_config
-
-
-def _model_dir(root, name, **config):
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(3)
-    out = root / name
-    AutoModelForCausalLM.from_config(tiny_llama_config(vocab_size=200, **config)).save_pretrained(out)
-    return out
-
 
 @pytest.fixture(scope="module")
 def tied(tmp_path_factory):
-    return _model_dir(tmp_path_factory.mktemp("teachers"), "tied")
+    return save_tiny_llama(tmp_path_factory.mktemp("teachers") / "tied", seed=3, vocab_size=200)
 
 
 @pytest.fixture(scope="module")
 def untied(tmp_path_factory):
-    return _model_dir(tmp_path_factory.mktemp("teachers"), "untied", tie_word_embeddings=False)
+    return save_tiny_llama(tmp_path_factory.mktemp("teachers") / "untied", seed=3, vocab_size=200,
+                           tie_word_embeddings=False)
 
 
 def _ids(seed, rows=5, length=12):

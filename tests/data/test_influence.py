@@ -4,9 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from distillation.data.influence import alignment_scores, flat_gradient, move_weights, smooth
-
 from conftest import tiny_llama_config
+from distillation.data.influence import alignment_scores, flat_gradient, move_weights, smooth
 
 
 @pytest.fixture(scope="module")

@@ -52,14 +52,22 @@ def _direct_nats(model, tokenizer, text: str):
     return nats, tokens, num_bytes
 
 
-def test_eval_prints_one_line_per_file_with_the_shared_scoring_function(student_dir, texts, capsys):
-    import ray
+def test_eval_never_imports_ray(student_dir, texts):
+    import subprocess
+    import sys
 
+    code = ("import sys; from distillation import cli; "
+            f"rc = cli.main(['eval', {str(student_dir)!r}, '--text', {str(texts[0])!r}]); "
+            "print('ray imported' if 'ray' in sys.modules else 'no ray', rc)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.splitlines()[-1] == "no ray 0", done.stdout + done.stderr
+
+
+def test_eval_prints_one_line_per_file_with_the_shared_scoring_function(student_dir, texts, capsys):
     assert cli.main(["eval", str(student_dir), "--text", *map(str, texts), "--seq-len", str(SEQ_LEN)]) == 0
     out, err = capsys.readouterr()
     lines = out.splitlines()
     assert len(lines) == 2 and err == ""
-    assert not ray.is_initialized()
     model, tokenizer = load_student(student_dir), load_tokenizer(student_dir)
     for line, path in zip(lines, texts):
         fields = _fields(line)

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +16,9 @@ import psutil
 import pytest
 import ray
 
+from conftest import tiny_overrides, wait_for
 from distillation.config import load_config
 from distillation.training.metrics import read_jsonl
-
-from conftest import tiny_overrides
 
 pytestmark = pytest.mark.slow
 STEPS = 6
@@ -69,14 +67,6 @@ def _assert_same_run(run_dir: Path, reference):
     np.testing.assert_allclose(weights, reference[2], rtol=1e-6)
 
 
-def _wait_for(condition, timeout_s: float, what: str):
-    deadline = time.time() + timeout_s
-    while not condition():
-        if time.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
-
-
 def _last_step(run_dir: Path) -> int:
     rows = read_jsonl(run_dir / "metrics.jsonl")
     return rows[-1]["step"] if rows else 0
@@ -99,7 +89,7 @@ def test_killed_driver_resumes_from_its_storage_path_with_the_same_ledger(tiny_t
     try:
         # Killed once Ray Train has registered the step-2 checkpoint (its snapshot file) and training went on.
         registered = run_dir / "ray" / "train" / "checkpoint_manager_snapshot.json"
-        _wait_for(lambda: (registered.is_file() and _last_step(run_dir) >= 3) or driver.poll() is not None, 400,
+        wait_for(lambda: (registered.is_file() and _last_step(run_dir) >= 3) or driver.poll() is not None, 400,
                   "a registered checkpoint and step 3 of the first driver")
         assert driver.poll() is None, "the first driver ended before it could be killed"
     finally:
@@ -118,7 +108,7 @@ def test_killed_training_worker_is_restarted_from_the_checkpoint_with_the_same_l
     killed = []
 
     def kill_worker():
-        _wait_for(lambda: _last_step(run_dir) >= 3, 400, "step 3")
+        wait_for(lambda: _last_step(run_dir) >= 3, 400, "step 3")
         # Ray titles a worker process after the actor it hosts (the test cluster runs no dashboard,
         # so the state API is not available here); only this test's cluster, which this process started.
         pids = [p.pid for p in psutil.Process().children(recursive=True) if _titled(p, "RayTrainWorker")]
@@ -140,7 +130,7 @@ def test_killed_teacher_replica_mid_run_loses_no_sample(tiny_teacher, reference,
     killed = []
 
     def kill_replica():
-        _wait_for(lambda: _last_step(run_dir) >= 2, 400, "step 2")
+        wait_for(lambda: _last_step(run_dir) >= 2, 400, "step 2")
         replica = next(a for a in ray.util.list_named_actors(all_namespaces=True)
                        if a["namespace"] == "serve" and "teacher-replica#" in a["name"])
         ray.kill(ray.get_actor(replica["name"], namespace="serve"), no_restart=False)

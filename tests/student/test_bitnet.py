@@ -1,14 +1,12 @@
-"""Stage 1 conversion on transformers' AutoBitLinear, and strict, atomic checkpoints."""
+"""Stage 1 conversion on transformers' AutoBitLinear: SubLN placements, ternary weights, straight-through
+gradients, truncation and the Qwen families."""
 
-import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.integrations.bitnet import AutoBitLinear
 
-from distillation.errors import DistillError
 from distillation.student import convert_to_bitnet, load_student, save_student, ternary_weights
 
 
@@ -62,44 +60,6 @@ def test_num_layers_truncates_the_student(tiny_llama):
         convert_to_bitnet(tiny_llama, num_layers=5)
 
 
-def test_checkpoint_round_trip_is_exact_and_strict(tiny_llama, tmp_path):
-    convert_to_bitnet(tiny_llama, "allnorm")
-    tiny_llama.eval()
-    out = save_student(tiny_llama, tmp_path / "student")
-    assert (out / "model.safetensors").is_file() and not list(tmp_path.glob(".student*"))
-    assert json.loads((out / "config.json").read_text())["bitnet"]["subln"] == "allnorm"
-    again = load_student(out).eval()
-    ids = torch.randint(0, 128, (2, 11))
-    with torch.no_grad():
-        torch.testing.assert_close(again(input_ids=ids).logits, tiny_llama(input_ids=ids).logits, rtol=0, atol=0)
-
-
-def test_checkpoint_is_never_overwritten_and_missing_weights_fail(tiny_llama, tmp_path):
-    convert_to_bitnet(tiny_llama)
-    out = save_student(tiny_llama, tmp_path / "student")
-    before = (out / "model.safetensors").read_bytes()
-    with pytest.raises(DistillError, match="refusing to overwrite"):
-        save_student(tiny_llama, out)
-    assert (out / "model.safetensors").read_bytes() == before
-
-    state = load_file(out / "model.safetensors")
-    state.pop("model.layers.0.self_attn.o_proj.rms_norm.weight")
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    (broken / "config.json").write_text((out / "config.json").read_text())
-    save_file(state, broken / "model.safetensors")
-    with pytest.raises(DistillError, match="missing .*o_proj.rms_norm"):
-        load_student(broken)
-
-
-def test_loading_a_nonexistent_or_non_bitnet_checkpoint_fails_clearly(tiny_llama, tmp_path):
-    with pytest.raises(DistillError, match="does not exist"):
-        load_student(tmp_path / "nowhere")
-    tiny_llama.save_pretrained(tmp_path / "plain")
-    with pytest.raises(DistillError, match="not a BitNet student"):
-        load_student(tmp_path / "plain")
-
-
 def _tiny_qwen(family):
     import transformers
     from transformers import AutoModelForCausalLM
@@ -140,34 +100,3 @@ def test_conversion_keeps_full_precision_outputs_when_quantization_is_off(tiny_l
         unquantized = student(input_ids=ids).logits
     torch.testing.assert_close(unquantized, reference, rtol=1e-5, atol=1e-5)
     assert (quantized - reference).abs().max() > 1e-3  # and with quantization on, it does change
-
-
-@pytest.mark.parametrize("subln", ["paper", "allnorm"])
-def test_packed_export_reproduces_training_outputs_and_stores_2_bits_per_weight(tiny_llama, tmp_path, subln):
-    from distillation.student import linear_weight_bytes, pack_student
-    from distillation.student.export import export_packed
-    from distillation.student.packed import PackedBitLinear
-    from distillation.training.student_init import set_compile
-
-    set_compile(False)
-    convert_to_bitnet(tiny_llama, subln)
-    for module in tiny_llama.modules():  # SubLN gains away from 1, so a wrong copy would show
-        if isinstance(module, AutoBitLinear) and module.rms_norm is not None:
-            module.rms_norm.weight.data.uniform_(0.5, 1.5)
-    tiny_llama.eval()
-    ids = torch.randint(0, 128, (2, 12))
-    with torch.no_grad():
-        trained = tiny_llama(input_ids=ids).logits
-    src = save_student(tiny_llama, tmp_path / "student")
-    sizes = export_packed(src, tmp_path / "packed")
-    packed = load_student(tmp_path / "packed").eval()
-    assert packed.config.bitnet["weights"] == "packed"
-    with torch.no_grad():
-        torch.testing.assert_close(packed(input_ids=ids).logits, trained, rtol=0, atol=0)  # bit for bit
-    matrices = [m for m in packed.modules() if isinstance(m, PackedBitLinear)]
-    # 2 bits per weight plus one fp32 scale per matrix, against 16 bits per weight
-    assert sizes["stored"] == sum(m.in_features * m.out_features // 4 + 4 for m in matrices)
-    assert sizes["fp16"] == sum(m.in_features * m.out_features * 2 for m in matrices)
-    assert linear_weight_bytes(pack_student(load_student(src)))["stored"] == sizes["stored"]
-    with pytest.raises(DistillError, match="already packed"):
-        export_packed(tmp_path / "packed", tmp_path / "again")

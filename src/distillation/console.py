@@ -1,0 +1,123 @@
+"""What the command line prints: its own `[distill]` lines, and Ray's logs kept out of the way.
+
+By default Ray's own output stays in files: workers' stdout/stderr in the Ray session's log folder
+(the run folder links it as `ray_logs`), and what Ray prints from inside this process (its Python
+loggers, and its C++ core worker, which writes straight to file descriptor 2) in the run folder's
+`driver.log`. `run.verbose=true` streams all of it to the terminal as Ray normally does. Python
+warnings and every line of ours still show.
+"""
+
+import logging
+import os
+import re
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Optional
+
+RAY_LOGGERS = ("ray", "ray.data", "ray.serve", "ray.train", "ray.tune")
+# Lines Ray writes to this process's stderr: glog lines of its C++ core ("[2026-12-01 22:43:11,291 E 24491
+# 24491] core_worker.cc:..."), its Python loggers ("2026-12-01 22:42:46,795	WARNING x.py:85 -- ..."), and
+# the log monitor's "(RayTrainWorker pid=...)" lines.
+RAY_LINE = re.compile(rb"^(\[\d{4}-\d\d-\d\d [\d:,.]+ [DIWEF] \d+ \d+\]|\d{4}-\d\d-\d\d [\d:,.]+\s+(DEBUG|INFO|WARNING)\s"
+                      rb"|\x1b\[\d+m\(\w+ pid=|\(\w+ pid=\d+)")
+
+
+def say(message: str) -> None:
+    print(f"[distill] {message}", flush=True)
+
+
+def quiet_ray(verbose: bool) -> None:
+    """Before `ray.init`: Ray's driver-side loggers and transformers' progress bars off unless verbose."""
+    if verbose:
+        return
+    os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+    for name in RAY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars each time a model loads
+
+
+def session_log_dir() -> str:
+    """The Ray session's log folder (where every worker's output goes), or '' if unknown."""
+    try:
+        import ray
+
+        return os.path.join(ray._private.worker.global_worker.node.get_session_dir_path(), "logs")
+    except Exception:  # a client connection or a Ray without this internal: the dashboard still has them
+        return ""
+
+
+class RayLinesToFile:
+    """Sends the lines Ray writes to this process's stderr (file descriptor 2, where its C++ core worker
+    logs, bypassing Python) to a file, and every other line on to the terminal. A pipe replaces fd 2
+    and a thread sorts what arrives, line by line; partial lines (a progress bar's '\\r' updates) pass
+    at once."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.path: Optional[Path] = None
+
+    def __enter__(self):
+        if not self.enabled:
+            return self
+        handle, name = tempfile.mkstemp(prefix="distill-driver-", suffix=".log")
+        self.path, self.log = Path(name), os.fdopen(handle, "wb", buffering=0)
+        self.lock = threading.Lock()
+        sys.stderr.flush()
+        self.terminal = os.dup(2)
+        read_end, write_end = os.pipe()
+        os.dup2(write_end, 2)
+        os.close(write_end)
+        self.pump = threading.Thread(target=self._sort, args=(read_end,), daemon=True)
+        self.pump.start()
+        return self
+
+    def _sort(self, read_end: int) -> None:
+        pending = b""
+        while True:
+            chunk = os.read(read_end, 65536)
+            if not chunk:
+                break
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                (self._keep if RAY_LINE.match(line) else self._show)(line + b"\n")
+            if pending and not RAY_LINE.match(pending) and not pending.startswith((b"[", b"20")):
+                self._show(pending)
+                pending = b""
+        if pending:
+            self._show(pending)
+
+    def _show(self, data: bytes) -> None:
+        os.write(self.terminal, data)
+
+    def _keep(self, data: bytes) -> None:
+        with self.lock:
+            self.log.write(data)
+
+    def keep_in(self, folder: Path) -> None:
+        """Move the file into the run folder once there is one (as `driver.log`) and go on there."""
+        if self.path is None or not folder.is_dir():
+            return
+        with self.lock:
+            target = folder / "driver.log"
+            target.write_bytes(self.path.read_bytes())
+            self.log.close()
+            self.path.unlink(missing_ok=True)
+            self.path, self.log = target, open(target, "ab", buffering=0)
+
+    def __exit__(self, *exc):
+        if not self.enabled:
+            return False
+        sys.stderr.flush()
+        os.dup2(self.terminal, 2)  # closes the pipe's last write end here: the pump sees EOF
+        self.pump.join(timeout=2.0)
+        os.close(self.terminal)
+        with self.lock:
+            self.log.close()
+        if self.path.parent == Path(tempfile.gettempdir()):  # no run folder was made: nothing to keep
+            self.path.unlink(missing_ok=True)
+        return False

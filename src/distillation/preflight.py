@@ -1,0 +1,154 @@
+"""Every input check of a run, before Ray starts and before a run folder exists.
+
+Bad input then costs seconds and leaves nothing behind: the error is one line naming what was
+wrong and what was expected (the CLI exits 2).
+"""
+
+import os
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from distillation.config import to_yaml
+from distillation.data.corpus import load_sources
+from distillation.data.sources import Document
+from distillation.errors import DistillError
+from distillation.storage import exists, train_location
+from distillation.teachers.resolve import ResolvedTeacher, check_cache, resolve_teacher, student_source_dir
+from distillation.training.plan import needs_teacher
+
+# What may differ when a run resumes: where and how it runs, how long it trains, how often it logs
+# and saves. Everything else decides which samples, targets and updates the steps see.
+RESUMABLE_CHANGES = ("run", "training.max_steps", "training.checkpoint_every", "training.keep_checkpoints",
+                     "training.log_every", "training.eval_every", "training.max_failures", "training.max_nan_steps")
+
+
+@dataclass
+class Preflight:
+    teacher: ResolvedTeacher
+    uses_teacher: bool
+    run_dir: Path  # not created yet (an existing one when resuming)
+    resumed: Optional[dict]  # the latest checkpoint's train state when resuming
+    resumed_checkpoint: Optional[Any]  # a ray.train.Checkpoint: read it with as_directory() (storage may be remote)
+    documents: Dict[str, List[Document]]
+
+
+def preflight(cfg: DictConfig) -> Preflight:
+    teacher = resolve_teacher(cfg)
+    uses_teacher = needs_teacher(cfg.distillation)
+    if uses_teacher:
+        check_teacher_kind(cfg, teacher)
+        check_cache(cfg, teacher)
+    check_shapes(cfg, teacher)
+    run_dir = run_folder(cfg)
+    resumed, checkpoint = (latest_checkpoint(train_location(cfg, run_dir)) if cfg.run.resume else (None, None))
+    if cfg.run.resume and resumed and cfg.training.max_steps < resumed["step"]:
+        raise DistillError(f"training.max_steps={cfg.training.max_steps} is below the step the run resumes from "
+                           f"({resumed['step']}); a resumed run can only train as long or longer")
+    return Preflight(teacher, uses_teacher, run_dir, resumed, checkpoint, load_sources(cfg))
+
+
+def check_teacher_kind(cfg: DictConfig, teacher: ResolvedTeacher) -> None:
+    if cfg.teacher.kind != "vllm":
+        return
+    from distillation.teachers.vllm import VLLMServerTeacher, check_vllm_settings
+
+    check_vllm_settings(cfg.distillation.temperature, teacher.qkv_layer, cfg.teacher.signal)
+    if cfg.data.seq_len >= cfg.teacher.max_model_len:
+        raise DistillError(f"data.seq_len={cfg.data.seq_len} does not fit teacher.max_model_len="
+                           f"{cfg.teacher.max_model_len}; raise max_model_len or shorten the rows")
+    if cfg.teacher.vllm_url:  # reachable and serving a model, before anything starts
+        VLLMServerTeacher(cfg.teacher.vllm_url, cfg.teacher.top_k, 1.0)
+
+
+def _widths(config) -> dict:
+    """q, k, v widths (heads x head_dim; GQA keys and values have their own)."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return {"q": config.num_attention_heads * head_dim, "k": kv_heads * head_dim, "v": kv_heads * head_dim}
+
+
+def check_shapes(cfg: DictConfig, teacher: ResolvedTeacher) -> None:
+    """Row length against both models' positions; Q/K/V layers and widths against split_heads."""
+    from transformers import AutoConfig
+
+    remote = cfg.teacher.trust_remote_code
+    configs = {"teacher": AutoConfig.from_pretrained(teacher.model_dir, trust_remote_code=remote),
+               "student": AutoConfig.from_pretrained(student_source_dir(cfg), trust_remote_code=remote)}
+    for who, config in configs.items():
+        limit = getattr(config, "max_position_embeddings", None)
+        if limit and cfg.data.seq_len > limit:
+            raise DistillError(f"data.seq_len={cfg.data.seq_len} exceeds the {who}'s {limit} positions "
+                               f"(max_position_embeddings); choose data.seq_len <= {limit}")
+    if cfg.distillation.attention_weight <= 0:
+        return
+    d = cfg.distillation
+    student_layers = configs["student"].num_hidden_layers
+    if cfg.student.num_layers and not cfg.student.checkpoint_path:
+        student_layers = min(student_layers, cfg.student.num_layers)
+    for who, layer, count in (("teacher", d.teacher_layer, configs["teacher"].num_hidden_layers),
+                              ("student", d.student_layer, student_layers)):
+        if not -count <= layer < count:
+            raise DistillError(f"distillation.{who}_layer={layer} is out of range for a {who} with {count} layers")
+        for key, width in _widths(configs[who]).items():
+            if width % d.split_heads:
+                raise DistillError(f"distillation.split_heads={d.split_heads} does not divide the {who}'s {key} width "
+                                   f"{width}; choose a split_heads that divides every Q/K/V width "
+                                   f"({sorted(set(_widths(configs['teacher']).values()) | set(_widths(configs['student']).values()))})")
+
+
+def run_folder(cfg: DictConfig) -> Path:
+    """The run's folder: for a new run, one that does not exist yet under a writable parent; on
+    resume, the existing run, whose configuration may differ only in RESUMABLE_CHANGES."""
+    name = cfg.run.name or datetime.now().strftime("distill-%Y%m%d-%H%M%S")
+    out = Path(cfg.run.output_dir).expanduser().resolve() / name
+    if cfg.run.resume:
+        if not (out / "config.yaml").is_file():
+            raise DistillError(f"run.resume=true but {out} holds no run (config.yaml missing); check run.name")
+        changed = config_changes(OmegaConf.create((out / "config.yaml").read_text()), OmegaConf.create(to_yaml(cfg)))
+        if changed:
+            raise DistillError(f"run.resume=true with settings that differ from {out / 'config.yaml'}: "
+                               f"{', '.join(changed)}; a resumed run may change only {', '.join(RESUMABLE_CHANGES)}")
+        return out
+    if out.exists():
+        raise DistillError(f"run folder {out} already exists; choose another run.name, or run.resume=true")
+    parent = next(p for p in [out, *out.parents] if p.exists())
+    try:  # a real attempt (permissions alone miss read-only and virtual file systems), undone at once
+        os.rmdir(tempfile.mkdtemp(prefix=".distill-probe-", dir=parent))
+    except OSError as exc:
+        raise DistillError(f"cannot create run folder {out}: {parent} is not writable ({exc.strerror})") from None
+    return out
+
+
+def config_changes(saved: DictConfig, now: DictConfig) -> List[str]:
+    """Dotted keys whose values differ, other than the resumable ones."""
+    def flat(node, prefix=""):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                yield from flat(value, f"{prefix}{key}.")
+        else:
+            yield prefix[:-1], node
+
+    a, b = dict(flat(OmegaConf.to_container(saved))), dict(flat(OmegaConf.to_container(now)))
+    return sorted(key for key in set(a) | set(b) if a.get(key) != b.get(key)
+                  and not any(key == r or key.startswith(r + ".") for r in RESUMABLE_CHANGES))
+
+
+def latest_checkpoint(location: str) -> tuple:
+    """(train state, Checkpoint) of the latest checkpoint Ray Train registered under `location`
+    (a local folder or a URI), or (None, None)."""
+    from ray.train import Result
+
+    from distillation.training.checkpoint import read_state
+
+    if not exists(location.rstrip("/") + "/checkpoint_manager_snapshot.json"):
+        return None, None
+    checkpoint = Result.from_path(location).checkpoint
+    if checkpoint is None:
+        return None, None
+    with checkpoint.as_directory() as folder:
+        return read_state(Path(folder)), checkpoint

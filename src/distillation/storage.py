@@ -1,0 +1,57 @@
+"""Where a run's checkpoints and final student live: `run.storage_path` (a folder every node can
+reach, or a URI such as s3://, gs:// or file://, read through pyarrow's filesystems as Ray Train does),
+or by default the run folder itself. Small outputs (metrics, ledger, plots, summary) are always
+written to the local run folder, and copied to the storage when it is elsewhere."""
+
+from pathlib import Path
+from typing import Optional, Tuple
+
+from omegaconf import DictConfig
+
+TRAIN_DIR = "train"
+
+
+def _join(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *parts])
+
+
+def train_storage(cfg: DictConfig, run_dir: Path) -> Tuple[str, str]:
+    """(storage_path, name) for Ray Train's RunConfig: the same on a resumed driver, so Ray Train
+    finds the run's latest checkpoint there."""
+    if cfg.run.storage_path:
+        return _join(_normalised(cfg.run.storage_path), run_dir.name), TRAIN_DIR
+    return str(run_dir / "ray"), TRAIN_DIR
+
+
+def train_location(cfg: DictConfig, run_dir: Path) -> str:
+    return _join(*train_storage(cfg, run_dir))
+
+
+def run_storage(cfg: DictConfig, run_dir: Path) -> Optional[str]:
+    """The run's folder on the storage when it is not the local run folder, else None."""
+    return _join(_normalised(cfg.run.storage_path), run_dir.name) if cfg.run.storage_path else None
+
+
+def _normalised(path: str) -> str:
+    """A URI as given; a plain path made absolute (Ray Train refuses relative paths)."""
+    return path if "://" in path else str(Path(path).expanduser().resolve())
+
+
+def exists(location: str) -> bool:
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(location) if "://" in location else (pafs.LocalFileSystem(), location)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def upload(local_dir: Path, location: str, skip: Tuple[str, ...] = ()) -> None:
+    """Copy `local_dir`'s files (not the names in `skip`) under `location`."""
+    import pyarrow.fs as pafs
+
+    fs, base = pafs.FileSystem.from_uri(location) if "://" in location else (pafs.LocalFileSystem(), location)
+    for path in sorted(Path(local_dir).rglob("*")):
+        rel = path.relative_to(local_dir)
+        if path.is_dir() or rel.parts[0] in skip or path.is_symlink():
+            continue
+        fs.create_dir(_join(base, *rel.parent.parts) if rel.parent.parts else base, recursive=True)
+        pafs.copy_files(str(path), _join(base, *rel.parts), destination_filesystem=fs)

@@ -1,0 +1,61 @@
+"""The run's teacher, resolved and checked against the student before anything starts."""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig
+
+from distillation.errors import DistillError
+from distillation.models import load_tokenizer, resolve_model
+from distillation.vocab import check_vocab
+
+
+@dataclass(frozen=True)
+class ResolvedTeacher:
+    model_dir: Path
+    tokenizer: Any  # the one tokenizer teacher and student share (vocab.check_vocab)
+    vocab_size: int  # the shared real vocabulary
+    qkv_layer: Optional[int]  # the layer whose Q/K/V the teacher returns; None without attention distillation
+
+
+def config_vocab(model_dir: Path) -> int:
+    return json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
+
+
+def student_source_dir(cfg: DictConfig) -> Path:
+    """Where the student's weights come from: a saved student, or the model stage 1 converts."""
+    path = (Path(cfg.student.checkpoint_path).expanduser() if cfg.student.checkpoint_path
+            else resolve_model(cfg.student.init_from, cfg.data.cache_dir))
+    if not (path / "config.json").is_file():
+        raise DistillError(f"student checkpoint '{path}' does not exist or has no config.json")
+    return path
+
+
+def resolve_teacher(cfg: DictConfig) -> ResolvedTeacher:
+    """The teacher folder, the shared tokenizer and vocabulary, and the Q/K/V layer, checked against the student."""
+    teacher_dir = resolve_model(cfg.teacher.model, cfg.data.cache_dir)
+    tokenizer = load_tokenizer(teacher_dir, cfg.teacher.trust_remote_code)
+    student_dir = student_source_dir(cfg)
+    student_tok_dir = student_dir if (student_dir / "tokenizer.json").is_file() else teacher_dir
+    vocab_size = check_vocab(tokenizer, config_vocab(teacher_dir), load_tokenizer(student_tok_dir),
+                             config_vocab(student_dir))
+    qkv_layer = cfg.distillation.teacher_layer if cfg.distillation.attention_weight > 0 else None
+    return ResolvedTeacher(teacher_dir, tokenizer, vocab_size, qkv_layer)
+
+
+def cache_signature(cfg: DictConfig, teacher: ResolvedTeacher) -> dict:
+    from distillation.teachers.cache import teacher_signature
+    from distillation.teachers.deployment import signal_settings
+
+    return teacher_signature(teacher.model_dir, signal_settings(cfg, teacher.qkv_layer, teacher.vocab_size))
+
+
+def check_cache(cfg: DictConfig, teacher: ResolvedTeacher) -> None:
+    """A replay-only cached teacher needs its cache to exist: say so before anything starts."""
+    if cfg.teacher.kind != "cached" or cfg.teacher.write_through:
+        return
+    from distillation.teachers.cache import TeacherCache
+
+    TeacherCache(cfg.teacher.cache_dir, cache_signature(cfg, teacher), create=False)

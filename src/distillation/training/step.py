@@ -1,0 +1,94 @@
+"""One training step of the student, in pieces a test can call without Ray: the teacher's columns as
+loss targets, one micro-step (forward, loss, backward), and the optimizer step with its NaN guard."""
+
+import math
+from contextlib import nullcontext
+from typing import Callable, Mapping, Optional
+
+import torch
+
+from distillation.data.packing import next_token_labels, token_mask
+from distillation.errors import DistillError
+from distillation.losses import (
+    QKV,
+    HiddenTargets,
+    LossOutput,
+    LossWeights,
+    OutputHead,
+    SampledTargets,
+    SparseTargets,
+    Targets,
+    bitdistill_loss,
+)
+from distillation.teachers.schema import PREFIX
+
+
+def targets_from_columns(batch: Mapping, head: Optional[OutputHead] = None) -> Optional[Targets]:
+    """The teacher columns of a batch as the loss's target type (whichever signal the teacher sent);
+    hidden states need `head`, the worker's frozen copy of the teacher's output head."""
+    if PREFIX + "hidden" in batch:
+        if head is None:
+            raise DistillError("the teacher sent hidden states but this worker holds no teacher output head")
+        return HiddenTargets(hidden=batch[PREFIX + "hidden"], head=head)
+    if PREFIX + "temperature" not in batch:
+        return None
+    temperature = float(batch[PREFIX + "temperature"][0])
+    if PREFIX + "sampled_ids" in batch:
+        return SampledTargets(ids=batch[PREFIX + "sampled_ids"], weights=batch[PREFIX + "sampled_weights"],
+                              logprobs=batch[PREFIX + "sampled_logprobs"], temperature=temperature)
+    return SparseTargets(ids=batch[PREFIX + "topk_ids"], logprobs=batch[PREFIX + "topk_logprobs"],
+                         tail_mass=batch[PREFIX + "tail_mass"], temperature=temperature)
+
+
+def micro_step(model, batch: Mapping, weights: LossWeights, vocab_size: int, head: Optional[OutputHead] = None,
+               student_qkv: Optional[Mapping] = None, autocast: Callable = nullcontext,
+               grad_scale: float = 1.0) -> LossOutput:
+    """Forward, loss and backward of one micro-batch; gradients accumulate (scaled by `grad_scale`,
+    1 / grad_accum). `student_qkv` is the dict `models.capture_qkv` fills during the forward pass."""
+    input_ids, lengths = batch["input_ids"].long(), batch["length"].long()
+    labels = next_token_labels(input_ids, lengths)
+    teacher_qkv = {key: batch[PREFIX + key] for key in QKV} if weights.uses_attention else None
+    with autocast():
+        logits = model(input_ids=input_ids).logits[..., :vocab_size]  # the shared real range (vocab.py)
+    out = bitdistill_loss(logits, labels, weights, targets_from_columns(batch, head), teacher_qkv, student_qkv,
+                          mask=token_mask(lengths, input_ids.shape[1]))
+    del logits  # the chunked loss keeps only its gradient buffer
+    (out.total * grad_scale).backward()
+    return out
+
+
+def lr_lambda(tcfg):
+    """Linear warmup from lr / warmup_steps, then a cosine down to `min_lr_ratio`. Our own rather than
+    transformers' `get_cosine_with_min_lr_schedule_with_warmup`, whose warmup starts at lr 0 and so
+    wastes the first optimizer step (3% of the 30-step default job)."""
+    def factor(step: int) -> float:
+        if step < tcfg.warmup_steps:
+            return (step + 1) / tcfg.warmup_steps
+        progress = (step - tcfg.warmup_steps) / max(1, tcfg.max_steps - tcfg.warmup_steps)
+        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return tcfg.min_lr_ratio + (1 - tcfg.min_lr_ratio) * cosine
+    return factor
+
+
+class NanGuard:
+    """Counts optimizer steps skipped for a non-finite gradient norm; too many stop the run."""
+
+    def __init__(self, max_skips: int, skipped: int = 0):
+        self.max_skips, self.skipped = max_skips, skipped
+
+    def step(self, model, optimizer, scheduler, clip: float) -> float:
+        """Clip and step, or skip the update if the gradient is not finite. Returns the norm.
+
+        Under DDP the gradients are already all-reduced here, so every rank sees the same norm
+        and skips together."""
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
+        if math.isfinite(norm):
+            optimizer.step()
+        else:
+            self.skipped += 1
+            if self.skipped > self.max_skips:
+                raise DistillError(f"{self.skipped} optimizer steps had a non-finite loss or gradient "
+                                   f"(training.max_nan_steps={self.max_skips}); stopping")
+        scheduler.step()  # the schedule follows steps taken or skipped, so it stays aligned with the data
+        optimizer.zero_grad(set_to_none=True)
+        return norm

@@ -1,0 +1,88 @@
+"""Splits, the real text sources and the file formats (text, jsonl, parquet, saved datasets)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from distillation.data.sources import load_documents, split_of
+from distillation.errors import DistillError
+
+
+def test_split_choice_is_stable_and_near_the_fractions():
+    ids = [f"src/doc{i}" for i in range(5000)]
+    chosen = [split_of(i, 0.1, 0.05) for i in ids]
+    assert chosen == [split_of(i, 0.1, 0.05) for i in ids]
+    assert 0.08 < np.mean([c == "heldout" for c in chosen]) < 0.12
+    assert 0.035 < np.mean([c == "probe" for c in chosen]) < 0.065
+
+
+@pytest.mark.parametrize("kind", ["shakespeare", "python_stdlib", "python_docs"])
+def test_real_sources_yield_real_text(kind, tmp_path):
+    from distillation.config import load_config
+
+    docs = load_documents(kind, kind, None, load_config().data.cache_dir, max_tokens=20_000)
+    assert docs and all(d.text.strip() for d in docs)
+    text = " ".join(d.text for d in docs)
+    marker = {"shakespeare": "thou", "python_stdlib": "def ", "python_docs": "the"}[kind]
+    assert marker in text
+    assert len(text) <= 8 * 20_000 + max(len(d.text) for d in docs)
+
+
+def test_text_source_reads_files_and_rejects_a_missing_folder(tmp_path):
+    (tmp_path / "a.txt").write_text("hello world")
+    (tmp_path / "b.bin").write_bytes(b"\x00\x01")
+    docs = load_documents("mine", "text", str(tmp_path), "unused", max_tokens=100)
+    assert [d.text for d in docs] == ["hello world"]
+    with pytest.raises(DistillError, match="does not exist"):
+        load_documents("mine", "text", str(tmp_path / "nope"), "unused", max_tokens=100)
+
+
+def test_long_files_are_cut_into_pieces_at_line_ends_that_rejoin_exactly():
+    from distillation.data.sources import PIECE_CHARS, _pieces
+
+    text = "".join(f"line {i} " * (i % 7 + 1) + "\n" for i in range(5000)) + "x" * (PIECE_CHARS + 5)
+    pieces = list(_pieces("play", text))
+    assert "".join(p for _, p in pieces) == text
+    assert all(len(p) <= PIECE_CHARS for _, p in pieces)
+    assert all(p.endswith("\n") for _, p in pieces[:-3])
+    assert len({i for i, _ in pieces}) == len(pieces)
+    assert list(_pieces("short", "one line\n")) == [("short", "one line\n")]
+
+
+def test_jsonl_parquet_and_saved_datasets_read_the_same_documents(tmp_path):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = ["first document", "second one", "third, with a comma"]
+    (tmp_path / "j").mkdir()
+    (tmp_path / "j" / "a.jsonl").write_text("\n".join(json.dumps({"body": t, "n": i}) for i, t in enumerate(texts)))
+    (tmp_path / "p").mkdir()
+    pq.write_table(pa.table({"body": texts}), tmp_path / "p" / "a.parquet")
+    datasets.Dataset.from_dict({"body": texts}).save_to_disk(str(tmp_path / "d"))
+    for kind, path in (("jsonl", "j"), ("parquet", "p"), ("hf_disk", "d")):
+        docs = load_documents("mine", kind, str(tmp_path / path), "unused", max_tokens=1000, text_field="body")
+        assert sorted(d.text for d in docs) == sorted(texts), kind
+        assert len({d.doc_id for d in docs}) == 3
+
+
+@pytest.mark.parametrize("kind,content,message", [
+    ("jsonl", '{"text": "ok"}\n{broken\n', "a.jsonl:2: not valid JSON"),
+    ("jsonl", '{"body": "no text field"}\n', "expected a string field 'text'"),
+    ("jsonl", "", "has no non-empty documents"),
+    ("parquet", None, "cannot read column 'text'"),
+    ("hf_disk", None, "load_from_disk"),
+])
+def test_bad_source_files_are_clear_errors(tmp_path, kind, content, message):
+    if kind == "jsonl":
+        (tmp_path / "a.jsonl").write_text(content)
+    elif kind == "parquet":
+        (tmp_path / "a.parquet").write_bytes(b"PAR1 not really parquet")
+    with pytest.raises(DistillError, match=message):
+        load_documents("mine", kind, str(tmp_path), "unused", max_tokens=100)
+
+
+def test_a_folder_without_files_of_the_kind_is_a_clear_error(tmp_path):
+    with pytest.raises(DistillError, match="holds no .jsonl/.json files"):
+        load_documents("mine", "jsonl", str(tmp_path), "unused", max_tokens=100)

@@ -1,0 +1,48 @@
+"""Strict, atomic student checkpoints: an exact round trip, never overwritten, clear errors."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from distillation.errors import DistillError
+from distillation.student import convert_to_bitnet, load_student, save_student
+
+
+def test_checkpoint_round_trip_is_exact_and_strict(tiny_llama, tmp_path):
+    convert_to_bitnet(tiny_llama, "allnorm")
+    tiny_llama.eval()
+    out = save_student(tiny_llama, tmp_path / "student")
+    assert (out / "model.safetensors").is_file() and not list(tmp_path.glob(".student*"))
+    assert json.loads((out / "config.json").read_text())["bitnet"]["subln"] == "allnorm"
+    again = load_student(out).eval()
+    ids = torch.randint(0, 128, (2, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids).logits, tiny_llama(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_checkpoint_is_never_overwritten_and_missing_weights_fail(tiny_llama, tmp_path):
+    convert_to_bitnet(tiny_llama)
+    out = save_student(tiny_llama, tmp_path / "student")
+    before = (out / "model.safetensors").read_bytes()
+    with pytest.raises(DistillError, match="refusing to overwrite"):
+        save_student(tiny_llama, out)
+    assert (out / "model.safetensors").read_bytes() == before
+
+    state = load_file(out / "model.safetensors")
+    state.pop("model.layers.0.self_attn.o_proj.rms_norm.weight")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((out / "config.json").read_text())
+    save_file(state, broken / "model.safetensors")
+    with pytest.raises(DistillError, match="missing .*o_proj.rms_norm"):
+        load_student(broken)
+
+
+def test_loading_a_nonexistent_or_non_bitnet_checkpoint_fails_clearly(tiny_llama, tmp_path):
+    with pytest.raises(DistillError, match="does not exist"):
+        load_student(tmp_path / "nowhere")
+    tiny_llama.save_pretrained(tmp_path / "plain")
+    with pytest.raises(DistillError, match="not a BitNet student"):
+        load_student(tmp_path / "plain")

@@ -1,0 +1,117 @@
+"""The driver as a user meets it (real runs, tiny models): a quiet terminal, Ctrl-C that stops after
+the step with a checkpoint and says how to resume, a resumed run that may train longer and scores
+the checkpoint it resumed from, and a broken teacher stopped before training."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_model_dir, tiny_overrides
+from distillation.config import load_config
+
+pytestmark = pytest.mark.slow
+RAY_NOISE = (" INFO ", "core_worker", "(RayTrainWorker", "(TrainController", "(ServeReplica", "(MapWorker")
+
+
+def _start(args, out: Path, **popen):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a cluster of its own, as a first run
+    return subprocess.Popen([sys.executable, "-m", "distillation.cli", *args, "run.progress=false"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=out, env=env, **popen)
+
+
+def _wait_for_steps(run_dir: Path, process, steps: int, timeout: float = 240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= steps:
+            return
+        if process.poll() is not None:
+            raise AssertionError(f"the run ended early: {process.communicate()}")
+        time.sleep(0.5)
+    process.kill()
+    raise AssertionError(f"no {steps} steps within {timeout} s: {process.communicate()}")
+
+
+@pytest.mark.parametrize("who", ["terminal", "driver"])
+def test_ctrl_c_stops_after_the_step_with_a_checkpoint_and_says_how_to_resume(tiny_teacher, tmp_path, who):
+    name = f"interrupt-{who}"
+    args = [o for o in tiny_overrides(tiny_teacher, tmp_path, steps=400) if not o.startswith("run.name")]
+    process = _start(args + [f"run.name={name}"], tmp_path, start_new_session=True)
+    run_dir = tmp_path / name
+    _wait_for_steps(run_dir, process, 2)
+    if who == "terminal":  # Ctrl-C in a terminal: the whole foreground process group gets SIGINT
+        os.killpg(process.pid, signal.SIGINT)
+    else:  # `kill -INT <driver>`, as a process supervisor does
+        os.kill(process.pid, signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=180)
+    assert process.returncode == 130, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "interrupted: stopped after step" in errors[0] and "run.resume=true" in errors[0]
+    stopped = int(errors[0].split("stopped after step ")[1].split()[0])
+    assert 2 <= stopped < 400
+    assert list((run_dir / "ray" / "train").glob("checkpoint_*")), "no checkpoint was kept"
+    terminal = stdout + stderr
+    assert not [line for line in terminal.splitlines() if any(n in line for n in RAY_NOISE)], terminal[-3000:]
+    assert "[distill] interrupt: stopping after the current step" in stdout
+
+    # The run continues from that checkpoint (and may be given a new length).
+    resumed = subprocess.run([sys.executable, "-m", "distillation.cli", *args, f"run.name={name}", "run.resume=true",
+                              f"training.max_steps={stopped + 2}", "run.progress=false"],
+                             capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"steps {stopped + 2}," in resumed.stdout and f"(resumed from step {stopped})" in resumed.stdout
+
+
+def test_a_second_ctrl_c_stops_at_once(tiny_teacher, tmp_path):
+    args = [o for o in tiny_overrides(tiny_teacher, tmp_path, steps=400) if not o.startswith("run.name")]
+    process = _start(args + ["run.name=twice"], tmp_path, start_new_session=True)
+    _wait_for_steps(tmp_path / "twice", process, 1)
+    os.killpg(process.pid, signal.SIGINT)
+    time.sleep(0.5)
+    os.killpg(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130
+    assert [line for line in stderr.splitlines() if line.startswith("error:")] == [
+        "error: interrupted twice: stopped at once; the last checkpoint written, if any, is kept "
+        "(run.resume=true continues from it)"]
+
+
+def test_resume_trains_longer_and_scores_the_checkpoint_it_resumed_from(tiny_teacher, ray_cluster, tmp_path):
+    from distillation.errors import DistillError
+    from distillation.run import run
+
+    args = [o for o in tiny_overrides(tiny_teacher, tmp_path, steps=2) if not o.startswith("run.name")] + [
+        "run.name=longer", "distillation=logits_only"]
+    first = run(load_config(args))
+    with pytest.raises(DistillError, match="settings that differ .*: training.lr; a resumed run may change only"):
+        run(load_config(args + ["run.resume=true", "training.lr=0.5"]))
+    longer = run(load_config(args + ["run.resume=true", "training.max_steps=4"]))
+    assert (first["steps"], longer["steps"], longer["resumed_from_step"]) == (2, 4, 2)
+    assert longer["heldout"]["student_before"] == pytest.approx(first["heldout"]["student_after"])
+
+
+def test_a_teacher_with_nan_weights_is_stopped_before_training(tiny_teacher, smollm2_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    broken = tmp_path / "nan-teacher"
+    model = AutoModelForCausalLM.from_pretrained(tiny_teacher)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+    model.save_pretrained(broken)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (broken / name).write_bytes((tiny_teacher / name).read_bytes())
+    student = tiny_model_dir(tmp_path, 49152, seed=3, smollm2=smollm2_dir)
+    out = tmp_path / "outputs"
+    args = [o for o in tiny_overrides(broken, out) if not o.startswith("run.name")]
+    done = subprocess.run([sys.executable, "-m", "distillation.cli", *args, f"student.init_from={student}",
+                           "run.name=nan"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "scores a non-finite held-out loss" in errors[0] and "nothing was trained" in errors[0]
+    assert not (out / "nan").exists()
