@@ -20,7 +20,8 @@ import time
 
 import torch
 
-from distillation.losses import LossWeights
+from distillation.losses.logits import DEFAULT_CHUNK_TOKENS
+from distillation.training.plan import loss_weights
 
 VARIANTS = ("naive", "chunked")
 
@@ -48,7 +49,7 @@ def _run_one(variant, tokens, vocab, device, chunk_tokens):
 
     logits, labels, ids, logprobs, tail, t_qkv, s_qkv = _inputs(tokens, vocab, 256, 32, device)
     targets = SparseTargets(ids=ids, logprobs=logprobs, tail_mass=tail, temperature=5.0)
-    w = LossWeights(chunk_tokens=chunk_tokens)
+    w = loss_weights(chunk_tokens=chunk_tokens)
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -80,7 +81,7 @@ def main():
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--vocab", type=int, default=49152)
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--chunk-tokens", type=int, default=LossWeights.chunk_tokens)
+    parser.add_argument("--chunk-tokens", type=int, default=DEFAULT_CHUNK_TOKENS)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -134,7 +134,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--arms", nargs="+", default=["cached", "hf", "vllm"])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, os.cpu_count()])
+    parser.add_argument("--extra", nargs="*", default=[], help="overrides added to every arm (e.g. experiment=gpu)")
     args = parser.parse_args(argv)
+    BASE.extend(args.extra)
     tables, results = [], {}
     with tempfile.TemporaryDirectory() as out:
         for threads in args.threads:

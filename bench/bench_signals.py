@@ -16,10 +16,11 @@ import torch
 from distillation.config import load_config
 from distillation.data.packing import full_rows, next_token_labels
 from distillation.data.sources import load_documents
-from distillation.losses import DenseTargets, LossWeights, bitdistill_loss, cross_entropy, logits_kl
+from distillation.losses import DenseTargets, bitdistill_loss, cross_entropy, logits_kl
 from distillation.models import load_causal_lm, load_tokenizer, resolve_model
 from distillation.student import build_student, set_compile
 from distillation.teachers.hf import HFTeacher
+from distillation.training.plan import loss_weights
 from distillation.training.step import targets_from_columns
 
 TAU = 5.0
@@ -51,7 +52,7 @@ def run(signal: str, steps: int) -> tuple:
     student = build_student(cfg)
     before = _evaluate(student, held, teacher_logits)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3, betas=(0.9, 0.95))
-    weights = LossWeights(attention_weight=0.0)
+    weights = loss_weights(attention_weight=0.0)
     for step in range(steps):
         ids = train[step * 4:(step + 1) * 4]
         columns = {k: torch.as_tensor(v) for k, v in teacher.score(ids).to_columns().items()}

@@ -87,13 +87,15 @@ def test_resume_trains_longer_and_scores_the_checkpoint_it_resumed_from(tiny_tea
     from distillation.run import run
 
     args = [o for o in tiny_overrides(tiny_teacher, tmp_path, steps=2) if not o.startswith("run.name")] + [
-        "run.name=longer", "distillation=logits_only"]
+        "run.name=longer", "distillation=logits_only", f"run.storage_path={tmp_path / 'shared'}"]  # a shared folder
     first = run(load_config(args))
     with pytest.raises(DistillError, match="settings that differ .*: training.lr; a resumed run may change only"):
         run(load_config(args + ["run.resume=true", "training.lr=0.5"]))
     longer = run(load_config(args + ["run.resume=true", "training.max_steps=4"]))
     assert (first["steps"], longer["steps"], longer["resumed_from_step"]) == (2, 4, 2)
     assert longer["heldout"]["student_before"] == pytest.approx(first["heldout"]["student_after"])
+    assert list((tmp_path / "shared" / "longer" / "train").glob("checkpoint_*"))
+    assert (tmp_path / "shared" / "longer" / "student" / "config.json").is_file()
 
 
 def test_a_teacher_with_nan_weights_is_stopped_before_training(tiny_teacher, smollm2_dir, tmp_path):

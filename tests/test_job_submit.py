@@ -38,7 +38,8 @@ def test_ray_job_submit_runs_the_distill_entry_point_on_a_loopback_head(tiny_tea
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         address = f"http://127.0.0.1:{dashboard_port}"
-        overrides = [o for o in tiny_overrides(tiny_teacher, tmp_path / "out", steps=2)]
+        # Checkpoints and the final student go to shared storage (a URI here), not the job's working folder.
+        overrides = tiny_overrides(tiny_teacher, tmp_path / "out", steps=2) + [f"run.storage_path=file://{tmp_path}/shared"]
         deadline, result = time.time() + 120, None
         while time.time() < deadline:  # the dashboard's job API takes a moment to come up
             result = subprocess.run([str(bin_dir / "ray"), "job", "submit", f"--address={address}",
@@ -54,6 +55,9 @@ def test_ray_job_submit_runs_the_distill_entry_point_on_a_loopback_head(tiny_tea
         assert result.returncode == 0, log[-4000:]
         assert "succeeded" in log and "=== distillation summary ===" in log
         assert (tmp_path / "out" / "e2e" / "student" / "config.json").is_file()
+        shared = tmp_path / "shared" / "e2e"
+        assert (shared / "student" / "config.json").is_file() and (shared / "summary.json").is_file()
+        assert list((shared / "train").glob("checkpoint_*")) and not (tmp_path / "out" / "e2e" / "ray").exists()
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:

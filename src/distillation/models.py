@@ -15,17 +15,47 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.jinja", "*.txt"]  # never pickled weights
+
+
 def resolve_model(name_or_path: str, cache_dir: str) -> Path:
-    """A built-in model name or a local directory holding config.json + *.safetensors."""
+    """A built-in model name, a local directory holding config.json + *.safetensors, or a hub name
+    (`Qwen/Qwen3-1.7B`), downloaded once into `<cache_dir>/hub` (safetensors only) where a hub is
+    reachable; an already downloaded one is used offline."""
     if name_or_path in BUILTIN_MODELS:
         return builtin_model_dir(name_or_path, cache_dir)
     path = Path(name_or_path).expanduser()
     if not path.is_dir():
+        if _looks_like_hub_name(name_or_path):
+            return _from_hub(name_or_path, cache_dir)
         raise DistillError(f"model path '{name_or_path}' does not exist; expected a directory with config.json "
-                           f"and *.safetensors, or one of: {', '.join(BUILTIN_MODELS)}")
+                           f"and *.safetensors, a hub name like Qwen/Qwen3-1.7B, or one of: {', '.join(BUILTIN_MODELS)}")
     if not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
         raise DistillError(f"model path '{name_or_path}' has no config.json or no *.safetensors weights")
     return path
+
+
+def _looks_like_hub_name(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "~"))
+
+
+def _from_hub(name: str, cache_dir: str) -> Path:
+    """Where the cluster shares `data.cache_dir` (a mount on every node), one download serves all."""
+    from huggingface_hub import snapshot_download
+
+    hub_cache = Path(cache_dir).expanduser() / "hub"
+    try:
+        folder = Path(snapshot_download(name, cache_dir=hub_cache, allow_patterns=HUB_FILES))
+    except Exception as exc:  # offline, unknown name, gated repository: one line saying what was tried
+        try:  # a copy downloaded earlier serves an offline machine
+            folder = Path(snapshot_download(name, cache_dir=hub_cache, allow_patterns=HUB_FILES, local_files_only=True))
+        except Exception:
+            raise DistillError(f"model '{name}' is not built in, not a local folder, and could not be fetched from the "
+                               f"hub into {hub_cache} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+    if not (folder / "config.json").is_file() or not any(folder.glob("*.safetensors")):
+        raise DistillError(f"hub model '{name}' has no config.json or no *.safetensors weights (only those are loaded)")
+    return folder
 
 
 def load_causal_lm(path: Path, dtype: str = "float32", trust_remote_code: bool = False) -> nn.Module:

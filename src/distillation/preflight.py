@@ -17,7 +17,7 @@ from distillation.config import to_yaml
 from distillation.data.corpus import load_sources
 from distillation.data.sources import Document
 from distillation.errors import DistillError
-from distillation.storage import exists, train_location
+from distillation.storage import exists, read_text, run_storage, train_location
 from distillation.teachers.resolve import ResolvedTeacher, check_cache, resolve_teacher, student_source_dir
 from distillation.training.plan import needs_teacher
 
@@ -107,9 +107,13 @@ def run_folder(cfg: DictConfig) -> Path:
     name = cfg.run.name or datetime.now().strftime("distill-%Y%m%d-%H%M%S")
     out = Path(cfg.run.output_dir).expanduser().resolve() / name
     if cfg.run.resume:
-        if not (out / "config.yaml").is_file():
-            raise DistillError(f"run.resume=true but {out} holds no run (config.yaml missing); check run.name")
-        changed = config_changes(OmegaConf.create((out / "config.yaml").read_text()), OmegaConf.create(to_yaml(cfg)))
+        shared = run_storage(cfg, out)
+        saved = (out / "config.yaml").read_text() if (out / "config.yaml").is_file() else (
+            read_text(shared + "/config.yaml") if shared else None)  # a job's lost working folder: the storage copy
+        if saved is None:
+            raise DistillError(f"run.resume=true but {out} holds no run (config.yaml missing); check run.name"
+                               + (f" and run.storage_path ({shared})" if shared else ""))
+        changed = config_changes(OmegaConf.create(saved), OmegaConf.create(to_yaml(cfg)))
         if changed:
             raise DistillError(f"run.resume=true with settings that differ from {out / 'config.yaml'}: "
                                f"{', '.join(changed)}; a resumed run may change only {', '.join(RESUMABLE_CHANGES)}")

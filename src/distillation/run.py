@@ -29,7 +29,7 @@ from distillation.data.corpus import Corpus, prepare_corpus
 from distillation.errors import DistillError
 from distillation.models import TOKENIZER_FILES, load_causal_lm
 from distillation.preflight import Preflight, preflight
-from distillation.storage import run_storage, train_location, train_storage, upload
+from distillation.storage import run_storage, train_location, train_storage, upload, write_text
 from distillation.student import build_student, load_student, set_compile
 from distillation.teachers.deployment import deploy_teacher
 from distillation.training.evaluate import heldout_loss
@@ -114,6 +114,9 @@ def _make_run_folder(cfg: DictConfig, run_dir: Path) -> None:
     except OSError as exc:
         raise DistillError(f"cannot create run folder {run_dir}: {exc.strerror}") from None
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    shared = run_storage(cfg, run_dir)
+    if shared:  # so a driver whose local folder is gone (a finished job's) can still resume the run
+        write_text(shared + "/config.yaml", to_yaml(cfg))
     logs = session_log_dir()
     link = run_dir / "ray_logs"
     if logs and not link.exists():

@@ -55,3 +55,23 @@ def upload(local_dir: Path, location: str, skip: Tuple[str, ...] = ()) -> None:
             continue
         fs.create_dir(_join(base, *rel.parent.parts) if rel.parent.parts else base, recursive=True)
         pafs.copy_files(str(path), _join(base, *rel.parts), destination_filesystem=fs)
+
+
+def read_text(location: str) -> Optional[str]:
+    """A small file's text, or None if it is not there."""
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(location) if "://" in location else (pafs.LocalFileSystem(), location)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as stream:
+        return stream.read().decode()
+
+
+def write_text(location: str, text: str) -> None:
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(location) if "://" in location else (pafs.LocalFileSystem(), location)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as stream:
+        stream.write(text.encode())

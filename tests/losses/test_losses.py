@@ -7,7 +7,6 @@ from distillation.losses import (
     IGNORE_INDEX,
     DenseTargets,
     HiddenTargets,
-    LossWeights,
     OutputHead,
     attention_relation_loss,
     bitdistill_loss,
@@ -17,6 +16,7 @@ from distillation.losses import (
     sampled_targets,
     sparse_targets,
 )
+from distillation.training.plan import loss_weights
 
 RTOL = 1e-5  # fp32 against float64, relative
 
@@ -295,7 +295,7 @@ def test_bitdistill_loss_combines_components_with_their_weights(gen):
     targets = sparse_targets(t, 8, tau)
     tq = {k: torch.randn(2, 6, 16, generator=gen) for k in "qkv"}
     sq = {k: torch.randn(2, 6, 16, generator=gen) for k in "qkv"}
-    w = LossWeights(ce_weight=0.7, logits_weight=10.0, attention_weight=1e3, temperature=tau, split_heads=2,
+    w = loss_weights(ce_weight=0.7, logits_weight=10.0, attention_weight=1e3, temperature=tau, split_heads=2,
                     chunk_tokens=5)
 
     def total(x, q):
@@ -319,5 +319,5 @@ def test_bitdistill_loss_combines_components_with_their_weights(gen):
     torch.testing.assert_close(out.logits_kl, logits_kl(s, targets, labels, tau))
     with pytest.raises(ValueError, match="Q/K/V"):
         bitdistill_loss(s, labels, w, targets)
-    ce_only = bitdistill_loss(s, labels, LossWeights(logits_weight=0.0, attention_weight=0.0))
+    ce_only = bitdistill_loss(s, labels, loss_weights(logits_weight=0.0, attention_weight=0.0))
     torch.testing.assert_close(ce_only.total, cross_entropy(s, labels))

@@ -83,3 +83,19 @@ def test_hidden_states_are_cached_once_for_every_temperature_and_replay_exactly(
     replay = CachedTeacher(TeacherCache(str(tmp_path), signature, create=False)).score(ids)
     np.testing.assert_array_equal(replay.hidden, first.hidden)
     assert replay.temperature is None and replay.signal == "hidden"
+
+
+def test_a_teacher_that_answers_nan_is_a_one_line_error_naming_the_model(tied, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from distillation.errors import DistillError
+
+    model = AutoModelForCausalLM.from_pretrained(tied)
+    with torch.no_grad():
+        model.model.norm.weight[0] = float("nan")
+    broken = tmp_path / "nan-teacher"
+    model.save_pretrained(broken)
+    teacher = HFTeacher(broken, top_k=8, temperature=5.0, dtype="float32", signal="topk")
+    with pytest.raises(DistillError, match=f"teacher {broken} gave unusable answers: .*NaN") as caught:
+        teacher.score(_ids(3))
+    assert "\n" not in str(caught.value)

@@ -6,21 +6,24 @@ from typing import Mapping, Optional
 import torch
 
 from distillation.losses.attention import attention_relation_loss
-from distillation.losses.logits import DEFAULT_CHUNK_TOKENS, logit_losses
+from distillation.losses.logits import logit_losses
 from distillation.losses.targets import Targets
 
 
 @dataclass(frozen=True)
 class LossWeights:
-    ce_weight: float = 1.0
-    logits_weight: float = 10.0  # lambda
-    attention_weight: float = 1.0e5  # gamma, for `attention_normalization` (losses/attention.py)
-    temperature: float = 5.0
-    temperature_squared: bool = True
-    split_heads: int = 32
-    attention_temperature: float = 1.0
-    attention_normalization: str = "reference"
-    chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+    """The loss's settings. No defaults here: they live in the config schema
+    (`DistillationConfig`); `training.plan.loss_weights` builds this from it."""
+
+    ce_weight: float
+    logits_weight: float  # lambda
+    attention_weight: float  # gamma, in the units of `attention_normalization` (losses/attention.py)
+    temperature: float
+    temperature_squared: bool
+    split_heads: int
+    attention_temperature: float
+    attention_normalization: str
+    chunk_tokens: int
 
     @property
     def uses_attention(self) -> bool:

@@ -24,9 +24,14 @@ class WorkerPlan:
     eval: Dict[str, Tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # held-out rows per source
 
 
-def loss_weights(dcfg) -> LossWeights:
-    """The loss's settings straight from `distillation.*` (the schema holds the defaults)."""
-    return LossWeights(**{f.name: dcfg[f.name] for f in dataclasses.fields(LossWeights)})
+def loss_weights(dcfg=None, **overrides) -> LossWeights:
+    """The loss's settings from `distillation.*` (the schema's defaults when `dcfg` is None), with
+    `overrides` on top."""
+    if dcfg is None:
+        from distillation.config.schema import DistillationConfig
+
+        dcfg = dataclasses.asdict(DistillationConfig())
+    return LossWeights(**{f.name: overrides.get(f.name, dcfg[f.name]) for f in dataclasses.fields(LossWeights)})
 
 
 def needs_teacher(dcfg) -> bool:
