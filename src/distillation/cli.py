@@ -53,8 +53,9 @@ def main(argv: Optional[List[str]] = None, command: str = "distill") -> int:
     except DistillError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return getattr(exc, "exit_code", 2)
-    except KeyboardInterrupt:  # before training started: nothing was trained, nothing to resume
-        print("error: interrupted before training started; nothing to resume", file=sys.stderr)
+    except KeyboardInterrupt:  # outside training (where the driver handles it): set-up or clean-up
+        print("error: interrupted; if the run folder exists, run.resume=true continues from its last checkpoint",
+              file=sys.stderr)
         return 130
     return 0
 

@@ -38,7 +38,8 @@ def check_placement(cfg: DictConfig) -> None:
         if not node.get("Alive"):
             continue
         have = node.get("Resources", {})
-        fits += int(min(have.get(k, 0) / v for k, v in need.items() if v > 0)) if need else t.num_workers
+        wanted = {k: v for k, v in need.items() if v > 0}
+        fits += int(min(have.get(k, 0) / v for k, v in wanted.items())) if wanted else t.num_workers
     if fits < t.num_workers:
         raise DistillError(f"training.num_workers={t.num_workers} workers of {dict(need)} cannot be placed: the "
                            f"cluster's nodes hold room for {fits}. Lower num_workers or add nodes.")

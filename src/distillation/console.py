@@ -20,8 +20,10 @@ RAY_LOGGERS = ("ray", "ray.data", "ray.serve", "ray.train", "ray.tune")
 # Lines Ray writes to this process's stderr: glog lines of its C++ core ("[2026-12-01 22:43:11,291 E 24491
 # 24491] core_worker.cc:..."), its Python loggers ("2026-12-01 22:42:46,795	WARNING x.py:85 -- ..."), and
 # the log monitor's "(RayTrainWorker pid=...)" lines.
-RAY_LINE = re.compile(rb"^(\[\d{4}-\d\d-\d\d [\d:,.]+ [DIWEF] \d+ \d+\]|\d{4}-\d\d-\d\d [\d:,.]+\s+(DEBUG|INFO|WARNING)\s"
-                      rb"|\x1b\[\d+m\(\w+ pid=|\(\w+ pid=\d+)")
+# Its core's E and F lines are shown, except one it prints for every Ray Data actor pool (ray#53727).
+RAY_LINE = re.compile(rb"^(\[\d{4}-\d\d-\d\d [\d:,.]+ ([DIW] \d+ \d+\]|E \d+ \d+\] core_worker\.cc:\d+: Actor with class "
+                      rb"name: .* has constructor arguments in the object store)"
+                      rb"|\d{4}-\d\d-\d\d [\d:,.]+\s+(DEBUG|INFO|WARNING)\s|\x1b\[\d+m\(\w+ pid=|\(\w+ pid=\d+)")
 
 
 def say(message: str) -> None:
@@ -76,20 +78,31 @@ class RayLinesToFile:
         return self
 
     def _sort(self, read_end: int) -> None:
-        pending = b""
-        while True:
-            chunk = os.read(read_end, 65536)
-            if not chunk:
-                break
-            pending += chunk
-            *lines, pending = pending.split(b"\n")
-            for line in lines:
-                (self._keep if RAY_LINE.match(line) else self._show)(line + b"\n")
-            if pending and not RAY_LINE.match(pending) and not pending.startswith((b"[", b"20")):
+        pending, sorting = b"", True
+        try:
+            while True:
+                chunk = os.read(read_end, 65536)
+                if not chunk:
+                    break
+                if not sorting:  # after a failure: pass everything on, never let fd 2 fill up and block
+                    self._show(chunk)
+                    continue
+                try:
+                    pending += chunk
+                    *lines, pending = pending.split(b"\n")
+                    for line in lines:
+                        (self._keep if RAY_LINE.match(line) else self._show)(line + b"\n")
+                    if pending and not RAY_LINE.match(pending) and not pending.startswith((b"[", b"20")):
+                        self._show(pending)
+                        pending = b""
+                except Exception:  # a full disk under the log file, say
+                    sorting = False
+                    self._show(pending)
+                    pending = b""
+            if pending:
                 self._show(pending)
-                pending = b""
-        if pending:
-            self._show(pending)
+        finally:
+            os.close(read_end)
 
     def _show(self, data: bytes) -> None:
         os.write(self.terminal, data)
@@ -99,12 +112,14 @@ class RayLinesToFile:
             self.log.write(data)
 
     def keep_in(self, folder: Path) -> None:
-        """Move the file into the run folder once there is one (as `driver.log`) and go on there."""
+        """Move the file into the run folder once there is one (appended to `driver.log`: a resumed
+        run keeps the earlier attempt's) and go on there."""
         if self.path is None or not folder.is_dir():
             return
         with self.lock:
             target = folder / "driver.log"
-            target.write_bytes(self.path.read_bytes())
+            with open(target, "ab") as out:
+                out.write(self.path.read_bytes())
             self.log.close()
             self.path.unlink(missing_ok=True)
             self.path, self.log = target, open(target, "ab", buffering=0)
@@ -115,9 +130,14 @@ class RayLinesToFile:
         sys.stderr.flush()
         os.dup2(self.terminal, 2)  # closes the pipe's last write end here: the pump sees EOF
         self.pump.join(timeout=2.0)
+        if self.pump.is_alive():  # a child still holds the pipe: leave the pump its terminal and file
+            return False
         os.close(self.terminal)
         with self.lock:
             self.log.close()
-        if self.path.parent == Path(tempfile.gettempdir()):  # no run folder was made: nothing to keep
-            self.path.unlink(missing_ok=True)
+        if self.path.parent == Path(tempfile.gettempdir()):
+            if exc and exc[0] is not None and self.path.stat().st_size:  # a failure before any run folder
+                os.write(2, f"[distill] Ray's messages from this process are in {self.path}\n".encode())
+            else:
+                self.path.unlink(missing_ok=True)
         return False

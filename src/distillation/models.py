@@ -45,12 +45,12 @@ def _from_hub(name: str, cache_dir: str) -> Path:
     from huggingface_hub import snapshot_download
 
     hub_cache = Path(cache_dir).expanduser() / "hub"
-    try:
-        folder = Path(snapshot_download(name, cache_dir=hub_cache, allow_patterns=HUB_FILES))
-    except Exception as exc:  # offline, unknown name, gated repository: one line saying what was tried
-        try:  # a copy downloaded earlier serves an offline machine
-            folder = Path(snapshot_download(name, cache_dir=hub_cache, allow_patterns=HUB_FILES, local_files_only=True))
-        except Exception:
+    try:  # a copy downloaded earlier first: no hub round trip on every resolve (driver and each worker)
+        folder = Path(snapshot_download(name, cache_dir=hub_cache, allow_patterns=HUB_FILES, local_files_only=True))
+    except Exception:
+        try:
+            folder = Path(snapshot_download(name, cache_dir=hub_cache, allow_patterns=HUB_FILES))
+        except Exception as exc:  # offline, unknown name, gated repository: one line saying what was tried
             raise DistillError(f"model '{name}' is not built in, not a local folder, and could not be fetched from the "
                                f"hub into {hub_cache} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
     if not (folder / "config.json").is_file() or not any(folder.glob("*.safetensors")):
@@ -105,6 +105,19 @@ def load_output_head(model_dir: Path, vocab_size: Optional[int] = None, trust_re
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     return OutputHead(weight, tensors.get(bias_name), scale=getattr(text_config, "logit_scale", None) or 1.0,
                       softcap=getattr(text_config, "final_logit_softcapping", None), vocab_size=vocab_size)
+
+
+def check_output_head(model: nn.Module, model_dir: Path, input_ids, vocab_size: int) -> None:
+    """The hidden-state signal rebuilds logits with `load_output_head`; a head that does more than it
+    knows (a model-specific scaling, say) would silently give another distribution: compare once."""
+    ids = torch.as_tensor(input_ids, dtype=torch.long)
+    with torch.no_grad(), capture_head_input(model) as captured:
+        expected = model(input_ids=ids).logits[..., :vocab_size].float()
+    rebuilt = load_output_head(model_dir, vocab_size)(captured["hidden"].float())
+    gap = (rebuilt - expected).abs().max().item()
+    if not gap <= 1e-3 * max(1.0, expected.abs().max().item()):
+        raise DistillError(f"teacher.signal=hidden cannot rebuild {model_dir}'s logits from its output head "
+                           f"(largest difference {gap:.3g}); use teacher.signal=sampled or topk for this model")
 
 
 @contextlib.contextmanager

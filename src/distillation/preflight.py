@@ -21,10 +21,13 @@ from distillation.storage import exists, read_text, run_storage, train_location
 from distillation.teachers.resolve import ResolvedTeacher, check_cache, resolve_teacher, student_source_dir
 from distillation.training.plan import needs_teacher
 
-# What may differ when a run resumes: where and how it runs, how long it trains, how often it logs
-# and saves. Everything else decides which samples, targets and updates the steps see.
-RESUMABLE_CHANGES = ("run", "training.max_steps", "training.checkpoint_every", "training.keep_checkpoints",
-                     "training.log_every", "training.eval_every", "training.max_failures", "training.max_nan_steps")
+# What may differ when a run resumes: the cluster it joins, how long it trains, how often it logs and
+# saves. Everything else (run.storage_path included: the checkpoints live there) decides which
+# samples, targets and updates the steps see, or where the run is.
+RESUMABLE_CHANGES = ("run.name", "run.output_dir", "run.ray_address", "run.num_cpus", "run.check_placement",
+                     "run.resume", "run.progress", "run.verbose", "run.stall_timeout_s", "training.max_steps",
+                     "training.checkpoint_every", "training.keep_checkpoints", "training.log_every",
+                     "training.eval_every", "training.max_failures", "training.max_nan_steps")
 
 
 @dataclass
@@ -46,6 +49,10 @@ def preflight(cfg: DictConfig) -> Preflight:
     check_shapes(cfg, teacher)
     run_dir = run_folder(cfg)
     resumed, checkpoint = (latest_checkpoint(train_location(cfg, run_dir)) if cfg.run.resume else (None, None))
+    if cfg.run.resume and resumed is None:
+        from distillation.console import say
+
+        say(f"run.resume=true: no checkpoint under {train_location(cfg, run_dir)} yet, so the run starts at step 0")
     if cfg.run.resume and resumed and cfg.training.max_steps < resumed["step"]:
         raise DistillError(f"training.max_steps={cfg.training.max_steps} is below the step the run resumes from "
                            f"({resumed['step']}); a resumed run can only train as long or longer")
@@ -79,6 +86,11 @@ def check_shapes(cfg: DictConfig, teacher: ResolvedTeacher) -> None:
     remote = cfg.teacher.trust_remote_code
     configs = {"teacher": AutoConfig.from_pretrained(teacher.model_dir, trust_remote_code=remote),
                "student": AutoConfig.from_pretrained(student_source_dir(cfg), trust_remote_code=remote)}
+    if cfg.data.seq_len > cfg.teacher.max_tokens_per_batch:
+        raise DistillError(f"data.seq_len={cfg.data.seq_len} exceeds teacher.max_tokens_per_batch="
+                           f"{cfg.teacher.max_tokens_per_batch} (a row must fit one forward pass); raise the budget")
+    if cfg.teacher.signal == "topk" and cfg.teacher.top_k > teacher.vocab_size:
+        raise DistillError(f"teacher.top_k={cfg.teacher.top_k} exceeds the vocabulary ({teacher.vocab_size} ids)")
     for who, config in configs.items():
         limit = getattr(config, "max_position_embeddings", None)
         if limit and cfg.data.seq_len > limit:
@@ -113,7 +125,13 @@ def run_folder(cfg: DictConfig) -> Path:
         if saved is None:
             raise DistillError(f"run.resume=true but {out} holds no run (config.yaml missing); check run.name"
                                + (f" and run.storage_path ({shared})" if shared else ""))
-        changed = config_changes(OmegaConf.create(saved), OmegaConf.create(to_yaml(cfg)))
+        saved = OmegaConf.create(saved)
+        changed = config_changes(saved, OmegaConf.create(to_yaml(cfg)))
+        if not changed and saved.training.max_steps != cfg.training.max_steps:
+            from distillation.console import say
+
+            say(f"training.max_steps {saved.training.max_steps} -> {cfg.training.max_steps}: the cosine schedule "
+                f"stretches to the new length from the resume step on (the learning rate rises accordingly)")
         if changed:
             raise DistillError(f"run.resume=true with settings that differ from {out / 'config.yaml'}: "
                                f"{', '.join(changed)}; a resumed run may change only {', '.join(RESUMABLE_CHANGES)}")

@@ -27,9 +27,9 @@ from distillation.config import to_yaml
 from distillation.console import RayLinesToFile, say, session_log_dir
 from distillation.data.corpus import Corpus, prepare_corpus
 from distillation.errors import DistillError
-from distillation.models import TOKENIZER_FILES, load_causal_lm
+from distillation.models import TOKENIZER_FILES, check_output_head, load_causal_lm
 from distillation.preflight import Preflight, preflight
-from distillation.storage import run_storage, train_location, train_storage, upload, write_text
+from distillation.storage import read_text, run_storage, train_location, train_storage, upload, write_text
 from distillation.student import build_student, load_student, set_compile
 from distillation.teachers.deployment import deploy_teacher
 from distillation.training.evaluate import heldout_loss
@@ -68,7 +68,7 @@ def run(cfg: DictConfig, ray_lines: Optional[RayLinesToFile] = None) -> dict:
     prep = prepare(cfg, pre)
     if ray_lines is not None:
         ray_lines.keep_in(pre.run_dir)
-    result, rows, mixture_history, teacher_stats = train(cfg, pre, prep)
+    result, mixture_history, teacher_stats = train(cfg, pre, prep)
     return finish(cfg, pre, prep, result, mixture_history, teacher_stats, started)
 
 
@@ -89,8 +89,11 @@ def prepare(cfg: DictConfig, pre: Preflight) -> Prepared:
     del student
     teacher_eval = None  # a cached teacher's point is not loading the model, so it is not scored here
     if cfg.teacher.kind != "cached":
-        teacher_eval = heldout_loss(load_causal_lm(pre.teacher.model_dir, "float32", cfg.teacher.trust_remote_code),
-                                    *heldout)
+        teacher_model = load_causal_lm(pre.teacher.model_dir, "float32", cfg.teacher.trust_remote_code)
+        teacher_eval = heldout_loss(teacher_model, *heldout)
+        if pre.uses_teacher and cfg.teacher.signal == "hidden":
+            check_output_head(teacher_model, pre.teacher.model_dir, corpus.heldout.rows[:1], pre.teacher.vocab_size)
+        del teacher_model
         if not math.isfinite(teacher_eval["loss"]):
             raise DistillError(f"teacher {cfg.teacher.model} scores a non-finite held-out loss "
                                f"({teacher_eval['loss']}): its weights or outputs hold NaN/inf; nothing was trained")
@@ -117,8 +120,14 @@ def _make_run_folder(cfg: DictConfig, run_dir: Path) -> None:
     shared = run_storage(cfg, run_dir)
     if shared:  # so a driver whose local folder is gone (a finished job's) can still resume the run
         write_text(shared + "/config.yaml", to_yaml(cfg))
+        for name in ("metrics.jsonl", "ledger.jsonl"):  # a resumed run whose local folder is new
+            earlier = read_text(f"{shared}/{name}") if cfg.run.resume and not (run_dir / name).exists() else None
+            if earlier:
+                (run_dir / name).write_text(earlier)
     logs = session_log_dir()
     link = run_dir / "ray_logs"
+    if link.is_symlink():  # a resumed run: this session's logs, not the last one's
+        link.unlink()
     if logs and not link.exists():
         link.symlink_to(logs, target_is_directory=True)  # every Ray process's output, for when it fails
     say(f"run folder: {run_dir}")
@@ -133,6 +142,9 @@ def create_mixture(cfg: DictConfig, corpus: Corpus, name: str, resume_state: Opt
     t = cfg.training
     names = [s.name for s in cfg.data.sources]
     updates = influence_steps(cfg.influence, t.max_steps)
+    if resume_state:  # a longer run: the updates it had, then the longer schedule's after the resume point
+        resumed_at = resume_state["count"] // resume_state["samples_per_step"]
+        updates = sorted(set(resume_state["update_steps"]) | {u for u in updates if u > resumed_at})
     state = ({**resume_state, "update_steps": updates} if resume_state else MixturePlan(
         names, [len(corpus.train[n].rows) for n in names], validate_weights([s.weight for s in cfg.data.sources], names),
         t.seed, t.batch_size * t.grad_accum * t.num_workers, updates, cfg.influence.delay_steps).state())
@@ -143,8 +155,8 @@ def create_mixture(cfg: DictConfig, corpus: Corpus, name: str, resume_state: Opt
 
 
 def train(cfg: DictConfig, pre: Preflight, prep: Prepared):
-    """(Ray Train result, metrics rows, mixture history, teacher stats); the teacher app and the
-    run's actors are removed however it ends."""
+    """(Ray Train result, mixture history, teacher stats); the teacher app and the run's actors are
+    removed however it ends."""
     run_dir = pre.run_dir
     app_name, teacher_stats, handle = None, None, None
     mixture_name = f"distill-mixture-{run_dir.name}"
@@ -160,7 +172,7 @@ def train(cfg: DictConfig, pre: Preflight, prep: Prepared):
                           teacher_dir=str(pre.teacher.model_dir), vocab_size=pre.teacher.vocab_size,
                           probe=(corpus.probe.rows, corpus.probe.lengths),
                           eval={n: (p.rows, p.lengths) for n, p in corpus.heldout_by_source.items() if len(p.rows)})
-        result, rows = _fit(cfg, run_dir, plan, pre.resumed["step"] if pre.resumed else 0)
+        result = _fit(cfg, run_dir, plan, pre.resumed["step"] if pre.resumed else 0)
         mixture_history = ray.get(mixture.history.remote())
         if handle is not None:
             teacher_stats = handle.describe.remote().result()
@@ -170,7 +182,7 @@ def train(cfg: DictConfig, pre: Preflight, prep: Prepared):
             from ray import serve
             serve.delete(app_name)
         ray.kill(mixture)
-    return result, rows, mixture_history, teacher_stats
+    return result, mixture_history, teacher_stats
 
 
 def _fit(cfg: DictConfig, run_dir: Path, plan: WorkerPlan, start_step: int):
@@ -199,45 +211,42 @@ def _fit(cfg: DictConfig, run_dir: Path, plan: WorkerPlan, start_step: int):
             outcome["error"] = exc
 
     thread = threading.Thread(target=fit, daemon=True)
-    interrupts = _InterruptHandler(board)
-    thread.start()
+    interrupts = _Interrupts()
     try:
         with interrupts:
-            rows = _follow(board, thread, start_step, t.max_steps, run_dir, cfg.run.progress, cfg.run.stall_timeout_s)
+            thread.start()
+            rows = _follow(board, thread, start_step, t.max_steps, run_dir, cfg.run.progress, cfg.run.stall_timeout_s,
+                           interrupts)
     finally:
         ray.kill(board)  # named, so it would outlive this run in a driver that goes on (tests, notebooks)
     if "error" in outcome:
         raise _worker_error(outcome["error"])
-    if interrupts.count:
-        step = rows[-1]["step"] if rows else start_step
+    step = rows[-1]["step"] if rows else start_step
+    if interrupts.count and step < t.max_steps:  # an interrupt during the last step changes nothing
         raise Interrupted(f"interrupted: stopped after step {step} with a checkpoint in {train_location(cfg, run_dir)}; "
                           f"continue with: distill run.name={run_dir.name} run.output_dir={run_dir.parent} "
                           f"run.resume=true (and the same settings)")
-    return outcome["result"], rows
+    return outcome["result"]
 
 
-class _InterruptHandler:
-    """First SIGINT: ask the workers to stop after the current step (they checkpoint); second: stop now."""
+class _Interrupts:
+    """Counts SIGINTs (the handler only counts: Ray's own signal checks run where it fires); `_follow`
+    acts on them: the first asks the workers to stop after the current step, the second stops now."""
 
-    def __init__(self, board):
-        self.board, self.count, self.previous = board, 0, None
+    def __init__(self):
+        self.count, self.previous = 0, None
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handle)
+            self.previous = signal.signal(signal.SIGINT, self._count)
         return self
 
     def __exit__(self, *exc):
         if self.previous is not None:
             signal.signal(signal.SIGINT, self.previous)
 
-    def _handle(self, signum, frame):
+    def _count(self, signum, frame):
         self.count += 1
-        if self.count > 1:
-            raise Interrupted("interrupted twice: stopped at once; the last checkpoint written, if any, is kept "
-                              "(run.resume=true continues from it)")
-        say("interrupt: stopping after the current step with a checkpoint (Ctrl-C again to stop at once)")
-        self.board.request_stop.remote()
 
 
 def _worker_error(exc: Exception) -> Exception:
@@ -254,17 +263,26 @@ def _worker_error(exc: Exception) -> Exception:
     return exc
 
 
-def _follow(board, thread, start_step: int, max_steps: int, run_dir: Path, progress: bool, stall_timeout_s: float):
+def _follow(board, thread, start_step: int, max_steps: int, run_dir: Path, progress: bool, stall_timeout_s: float,
+            interrupts: _Interrupts):
     """Copy the board's metrics and ledger to files as they grow (a killed driver keeps what it saw);
-    a run with no finished step for `stall_timeout_s` is an error, not a silent wait."""
+    a run with no finished step for `stall_timeout_s` is an error, not a silent wait; act on Ctrl-C."""
     from tqdm import tqdm
 
-    rows, ledger, last_step, warned = [], 0, start_step, False
+    rows, ledger, last_step, warned, stopping = [], 0, start_step, False, False
     last_progress = time.monotonic()
     bar = tqdm(total=max_steps, initial=start_step, desc="distill", unit="step", disable=not progress,
                dynamic_ncols=True)
     try:
         while True:
+            if interrupts.count > 1:
+                raise Interrupted("interrupted twice: stopped at once; the last checkpoint written, if any, is kept "
+                                  "(run.resume=true continues from it)")
+            if interrupts.count and not stopping:
+                stopping = True
+                board.request_stop.remote()
+                message = "interrupt: stopping after the current step with a checkpoint (Ctrl-C again to stop at once)"
+                bar.write(f"[distill] {message}") if progress else say(message)
             alive = thread.is_alive()
             fresh = ray.get(board.since.remote({"metrics": len(rows), "ledger": ledger}))
             if fresh["ledger"]:

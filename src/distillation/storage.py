@@ -8,6 +8,8 @@ from typing import Optional, Tuple
 
 from omegaconf import DictConfig
 
+from distillation.errors import DistillError
+
 TRAIN_DIR = "train"
 
 
@@ -37,10 +39,23 @@ def _normalised(path: str) -> str:
     return path if "://" in path else str(Path(path).expanduser().resolve())
 
 
+def _filesystem(location: str):
+    """(pyarrow filesystem, path) for a URI or a local path; a bad scheme or missing credentials is
+    a one-line error."""
+    import pyarrow.fs as pafs
+
+    if "://" not in location:
+        return pafs.LocalFileSystem(), location
+    try:
+        return pafs.FileSystem.from_uri(location)
+    except Exception as exc:  # pyarrow raises ArrowInvalid, OSError... for schemes, buckets, credentials
+        raise DistillError(f"cannot open storage '{location}' (run.storage_path): {str(exc).splitlines()[0]}") from None
+
+
 def exists(location: str) -> bool:
     import pyarrow.fs as pafs
 
-    fs, path = pafs.FileSystem.from_uri(location) if "://" in location else (pafs.LocalFileSystem(), location)
+    fs, path = _filesystem(location)
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
@@ -48,7 +63,7 @@ def upload(local_dir: Path, location: str, skip: Tuple[str, ...] = ()) -> None:
     """Copy `local_dir`'s files (not the names in `skip`) under `location`."""
     import pyarrow.fs as pafs
 
-    fs, base = pafs.FileSystem.from_uri(location) if "://" in location else (pafs.LocalFileSystem(), location)
+    fs, base = _filesystem(location)
     for path in sorted(Path(local_dir).rglob("*")):
         rel = path.relative_to(local_dir)
         if path.is_dir() or rel.parts[0] in skip or path.is_symlink():
@@ -61,7 +76,7 @@ def read_text(location: str) -> Optional[str]:
     """A small file's text, or None if it is not there."""
     import pyarrow.fs as pafs
 
-    fs, path = pafs.FileSystem.from_uri(location) if "://" in location else (pafs.LocalFileSystem(), location)
+    fs, path = _filesystem(location)
     if fs.get_file_info(path).type != pafs.FileType.File:
         return None
     with fs.open_input_stream(path) as stream:
@@ -69,9 +84,7 @@ def read_text(location: str) -> Optional[str]:
 
 
 def write_text(location: str, text: str) -> None:
-    import pyarrow.fs as pafs
-
-    fs, path = pafs.FileSystem.from_uri(location) if "://" in location else (pafs.LocalFileSystem(), location)
+    fs, path = _filesystem(location)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     with fs.open_output_stream(path) as stream:
         stream.write(text.encode())

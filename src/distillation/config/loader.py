@@ -109,7 +109,7 @@ def _check(cfg: DictConfig) -> None:
     names = [s.name for s in cfg.data.sources]
     if len(set(names)) != len(names):
         raise DistillError(f"data.sources names must be unique; got {names}")
-    if cfg.influence.enabled and cfg.influence.probe_source not in (None, *names):
+    if cfg.influence.probe_source not in (None, *names):
         raise DistillError(f"influence.probe_source '{cfg.influence.probe_source}' is not a source; "
                            f"expected one of {', '.join(names)}")
 

@@ -25,7 +25,7 @@ class TeacherConfig:
     dtype: str = one_of("bfloat16", "float32", "float16")  # compute dtype of the teacher forward; outputs are fp16/fp32 regardless
     # hidden: the teacher's final hidden state; workers apply its output head (exact KL, hidden_size * 2 B/token)
     # | sampled: draws from the teacher (unbiased) | topk: top-k log-probabilities + tail
-    signal: str = one_of("sampled", "hidden", "topk")
+    signal: str = one_of("hidden", "sampled", "topk")
     top_k: int = positive(32)
     draws: int = positive(12)  # sampled signal: ids drawn per position (unbiased KL; README: bench_targets)
     max_tokens_per_batch: int = positive(4096)  # per forward pass; larger requests are split, never refused
@@ -65,7 +65,9 @@ class DistillationConfig:
     ce_weight: float = 1.0
     logits_weight: float = 10.0  # lambda
     attention_weight: float = 1.0e5  # gamma, in the units of `attention_normalization`
-    temperature: float = 5.0  # tau, applied once, by the teacher to its raw logits and here to the student's
+    # tau, applied once (to the raw teacher logits: by the loss for `hidden`, by the teacher for sparse
+    # signals). 1 by the sweep (README); the paper's 5 is in distillation=classification/summarization.
+    temperature: float = 1.0
     temperature_squared: bool = True  # multiply L_LD by tau^2 (official code); the paper's equation omits it
     teacher_layer: int = -6  # Q/K/V layer for attention distillation (negative counts from the end)
     student_layer: int = -6

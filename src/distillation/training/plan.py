@@ -31,6 +31,9 @@ def loss_weights(dcfg=None, **overrides) -> LossWeights:
         from distillation.config.schema import DistillationConfig
 
         dcfg = dataclasses.asdict(DistillationConfig())
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(LossWeights)}
+    if unknown:
+        raise TypeError(f"unknown loss settings {sorted(unknown)}")
     return LossWeights(**{f.name: overrides.get(f.name, dcfg[f.name]) for f in dataclasses.fields(LossWeights)})
 
 

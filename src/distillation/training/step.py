@@ -50,7 +50,8 @@ def micro_step(model, batch: Mapping, weights: LossWeights, vocab_size: int, hea
     teacher_qkv = {key: batch[PREFIX + key] for key in QKV} if weights.uses_attention else None
     with autocast():
         logits = model(input_ids=input_ids).logits[..., :vocab_size]  # the shared real range (vocab.py)
-    out = bitdistill_loss(logits, labels, weights, targets_from_columns(batch, head), teacher_qkv, student_qkv,
+    targets = targets_from_columns(batch, head) if weights.logits_weight > 0 else None
+    out = bitdistill_loss(logits, labels, weights, targets, teacher_qkv, student_qkv,
                           mask=token_mask(lengths, input_ids.shape[1]))
     del logits  # the chunked loss keeps only its gradient buffer
     (out.total * grad_scale).backward()
