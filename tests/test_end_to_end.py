@@ -85,8 +85,7 @@ def test_precomputed_cache_replays_the_whole_run_without_a_teacher_model(tiny_te
 
     # The precompute job scored rows in batches on Ray Data actors; a live teacher scoring one row
     # alone draws the same sampled targets for it.
-    from distillation.teachers.cache import TeacherCache, teacher_signature
-    from distillation.teachers.deployment import signal_settings
+    from distillation.teachers.cache import TeacherCache, signal_settings, teacher_signature
     from distillation.teachers.hf import HFTeacher
 
     cfg = load_config(overrides)

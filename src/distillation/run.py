@@ -164,7 +164,10 @@ def train(cfg: DictConfig, pre: Preflight, prep: Prepared):
     try:
         if pre.uses_teacher:
             app_name = f"teacher-{run_dir.name}"
-            handle = deploy_teacher(cfg, pre.teacher, app_name)
+            try:
+                handle = deploy_teacher(cfg, pre.teacher, app_name)
+            except Exception as exc:  # a replica that could not start: its DistillError, as one line
+                raise _worker_error(exc) from None
             say(f"teacher pool up: {handle.describe.remote().result()}")
         corpus = prep.corpus
         plan = WorkerPlan(cfg=OmegaConf.to_container(cfg, resolve=True), mixture=mixture_name,

@@ -21,7 +21,7 @@ def positive(default):
 @dataclass
 class TeacherConfig:
     kind: str = one_of("hf", "vllm", "cached")  # transformers on Ray Serve | vLLM | replayed answers
-    model: str = "smollm2-135m-instruct"  # a built-in name (see distillation.assets) or a local model directory
+    model: str = "smollm2-135m-instruct"  # built-in name (distillation.assets), local folder, or hub name (Org/Model)
     dtype: str = one_of("bfloat16", "float32", "float16")  # compute dtype of the teacher forward; outputs are fp16/fp32 regardless
     # hidden: the teacher's final hidden state; workers apply its output head (exact KL, hidden_size * 2 B/token)
     # | sampled: draws from the teacher (unbiased) | topk: top-k log-probabilities + tail

@@ -12,7 +12,7 @@ import json
 import os
 import uuid
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -40,6 +40,16 @@ def teacher_signature(model_dir: Path, settings: dict) -> dict:
                 "weights_sha256": weights.hexdigest(), **settings}
     identity["signature"] = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
     return identity
+
+
+def signal_settings(cfg, qkv_layer: Optional[int], vocab_size: int) -> dict:
+    """What, besides the model, decides a teacher's answers (part of the cache signature)."""
+    t = cfg.teacher
+    return {"signal": t.signal, "top_k": t.top_k if t.signal == "topk" else None,
+            "draws": t.draws if t.signal == "sampled" else None,
+            # hidden states do not depend on tau (the loss applies it), so one cache serves every tau
+            "temperature": None if t.signal == "hidden" else float(cfg.distillation.temperature),
+            "qkv_layer": qkv_layer, "vocab_size": vocab_size}
 
 
 def to_record_batch(keys: List[str], output: TeacherOutput) -> pa.RecordBatch:

@@ -101,16 +101,6 @@ class TeacherDeployment:
         return [part.to_columns() for part in parts]
 
 
-def signal_settings(cfg: DictConfig, qkv_layer: Optional[int], vocab_size: int) -> dict:
-    """What, besides the model, decides a teacher's answers (part of the cache signature)."""
-    t = cfg.teacher
-    return {"signal": t.signal, "top_k": t.top_k if t.signal == "topk" else None,
-            "draws": t.draws if t.signal == "sampled" else None,
-            # hidden states do not depend on tau (the loss applies it), so one cache serves every tau
-            "temperature": None if t.signal == "hidden" else float(cfg.distillation.temperature),
-            "qkv_layer": qkv_layer, "vocab_size": vocab_size}
-
-
 def hf_teacher_kwargs(cfg: DictConfig, teacher: ResolvedTeacher) -> dict:
     t = cfg.teacher
     return dict(model_dir=str(teacher.model_dir), top_k=t.top_k, temperature=cfg.distillation.temperature,

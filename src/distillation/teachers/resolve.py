@@ -46,8 +46,7 @@ def resolve_teacher(cfg: DictConfig) -> ResolvedTeacher:
 
 
 def cache_signature(cfg: DictConfig, teacher: ResolvedTeacher) -> dict:
-    from distillation.teachers.cache import teacher_signature
-    from distillation.teachers.deployment import signal_settings
+    from distillation.teachers.cache import signal_settings, teacher_signature
 
     return teacher_signature(teacher.model_dir, signal_settings(cfg, teacher.qkv_layer, teacher.vocab_size))
 

@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from distillation.data.influence import alignment_scores, move_weights, smooth
 from distillation.data.packing import Packed
 from distillation.data.pipeline import rank_sample_ids, read_batches, worker_stream
+from distillation.errors import DistillError
 from distillation.losses import LossWeights, OutputHead
 from distillation.models import capture_qkv, load_output_head
 from distillation.student import build_student, set_compile
@@ -148,8 +149,24 @@ def log(w: Worker, window: LogWindow, grad_norm: float, final: bool) -> None:
     window.reset()  # evaluation is not training time
 
 
+def check_replicas_agree(w: Worker) -> None:
+    """Under DDP every rank must hold the same student (gradients all-reduced, same steps taken): a
+    checksum of the parameters, gathered from every rank, must agree before rank 0 saves its copy."""
+    if w.world == 1 or not dist.is_initialized():
+        return
+    with torch.no_grad():
+        mine = torch.stack([p.double().sum() for p in w.core.parameters()]).sum().reshape(1).to(w.device)
+    everyone = [torch.zeros_like(mine) for _ in range(w.world)]
+    dist.all_gather(everyone, mine)
+    values = [float(v) for v in everyone]
+    if max(values) - min(values) > 1e-9 * max(1.0, abs(values[0])):
+        raise DistillError(f"training workers hold different students at step {w.step} (parameter checksums "
+                           f"{values}); their gradients did not agree")
+
+
 def save_checkpoint(w: Worker) -> None:
     """Every rank reports; rank 0 writes the folder (Ray Train persists it, then registers it)."""
+    check_replicas_agree(w)
     saved, folder = None, None
     if w.rank == 0:
         data_state = ray.get(w.mixture.state_at.remote(w.step * w.rows_per_step * w.world))

@@ -1,0 +1,80 @@
+"""Two training workers (DDP over gloo, on this machine's two cores) against one: the same rows per
+step, students that agree across ranks at every checkpoint (the run fails otherwise), influence
+updates computed once for both, and exact resume after one of the two workers is killed."""
+
+import os
+import signal
+import threading
+
+import psutil
+import pytest
+
+from conftest import tiny_overrides, wait_for
+from distillation.config import load_config
+from distillation.training.metrics import read_jsonl
+
+pytestmark = pytest.mark.slow
+STEPS = 4
+
+
+def _overrides(teacher, out, name, workers, influence=False):
+    base = [o for o in tiny_overrides(teacher, out, steps=STEPS)
+            if not o.startswith(("run.name", "training.batch_size", "training.grad_accum"))]
+    # Four samples per step either way: one worker takes 2 micro-batches of 2, two workers take 2 rows each.
+    shape = ["training.batch_size=2", f"training.grad_accum={2 // workers}", f"training.num_workers={workers}",
+             "training.cpus_per_worker=0.5", "teacher.num_cpus=0.5", "training.num_threads=1",
+             "training.checkpoint_every=2", "training.max_failures=2"]
+    mixing = ["data.probe_fraction=0.2", "influence.enabled=true", "influence.update_interval=2",
+              "influence.delay_steps=1", "influence.batch_size=2", "influence.probe_sequences=2",
+              "influence.eta=20"] if influence else []
+    return base + shape + mixing + [f"run.name={name}"]
+
+
+def _rows_per_step(run_dir):
+    """{step: sorted samples} over every rank's ledger entries."""
+    steps = {}
+    for entry in read_jsonl(run_dir / "ledger.jsonl"):
+        steps.setdefault(entry["step"], []).extend(tuple(s) for s in entry["samples"])
+    return {step: sorted(samples) for step, samples in steps.items()}
+
+
+def test_two_workers_train_the_rows_one_worker_trains_with_twice_the_micro_batches(tiny_teacher, ray_cluster,
+                                                                                   tmp_path):
+    from distillation.run import run
+
+    one = run(load_config(_overrides(tiny_teacher, tmp_path, "one", workers=1)))
+    two = run(load_config(_overrides(tiny_teacher, tmp_path, "two", workers=2)))
+    assert one["steps"] == two["steps"] == STEPS
+    ranks = {e["rank"] for e in read_jsonl(tmp_path / "two" / "ledger.jsonl")}
+    assert ranks == {0, 1}
+    assert _rows_per_step(tmp_path / "one") == _rows_per_step(tmp_path / "two")
+    # DDP averages the two ranks' mean gradients, as accumulation averages the two micro-batches':
+    # the same updates up to float rounding, so the same held-out loss.
+    assert two["heldout"]["student_after"]["loss"] == pytest.approx(one["heldout"]["student_after"]["loss"], rel=1e-3)
+
+
+def test_a_killed_worker_of_two_resumes_with_the_same_rows_and_one_influence_update(tiny_teacher, ray_cluster,
+                                                                                  tmp_path):
+    from distillation.run import run
+
+    reference = run(load_config(_overrides(tiny_teacher, tmp_path, "whole", workers=2, influence=True)))
+    schedule = [(e["step"], e["computed_at"]) for e in reference["mixture"]]
+    assert schedule == [(0, None), (3, 2)]  # the update after step 2, recorded once although two ranks train
+
+    run_dir, killed = tmp_path / "killed", []
+
+    def kill_one():
+        wait_for(lambda: (read_jsonl(run_dir / "metrics.jsonl") or [{"step": 0}])[-1]["step"] >= 3, 400, "step 3")
+        pids = [p.pid for p in psutil.Process().children(recursive=True)
+                if any("RayTrainWorker" in part for part in p.cmdline())]
+        assert len(pids) == 2, pids
+        os.kill(pids[1], signal.SIGKILL)
+        killed.append(pids[1])
+
+    killer = threading.Thread(target=kill_one, daemon=True)
+    killer.start()
+    summary = run(load_config(_overrides(tiny_teacher, tmp_path, "killed", workers=2, influence=True)))
+    killer.join(timeout=5)
+    assert killed and summary["steps"] == STEPS
+    assert _rows_per_step(run_dir) == _rows_per_step(tmp_path / "whole")
+    assert [(e["step"], e["computed_at"]) for e in summary["mixture"]] == schedule
