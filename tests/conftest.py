@@ -47,7 +47,7 @@ def ray_cluster():
     import ray
     from ray import serve
 
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)  # never another cluster on this machine
     yield
     serve.shutdown()
     ray.shutdown()

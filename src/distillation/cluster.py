@@ -18,7 +18,10 @@ def init_ray(cfg: DictConfig) -> None:
         return
     quiet_ray(cfg.run.verbose)
     address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
-    kwargs = {"address": address} if address else {"num_cpus": cfg.run.num_cpus, "dashboard_host": "127.0.0.1"}
+    # address="local": a cluster of this run's own. Without it ray.init() joins any single Ray cluster
+    # already running on the machine (another user's, a test's), resources and all.
+    kwargs = ({"address": address} if address else
+              {"address": "local", "num_cpus": cfg.run.num_cpus, "dashboard_host": "127.0.0.1"})
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited by the processes started now
     try:
         context = ray.init(log_to_driver=cfg.run.verbose, logging_level="INFO" if cfg.run.verbose else "ERROR",
