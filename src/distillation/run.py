@@ -91,12 +91,12 @@ def prepare(cfg: DictConfig, pre: Preflight) -> Prepared:
     if cfg.teacher.kind != "cached":
         teacher_model = load_causal_lm(pre.teacher.model_dir, "float32", cfg.teacher.trust_remote_code)
         teacher_eval = heldout_loss(teacher_model, *heldout)
-        if pre.uses_teacher and cfg.teacher.signal == "hidden":
-            check_output_head(teacher_model, pre.teacher.model_dir, corpus.heldout.rows[:1], pre.teacher.vocab_size)
-        del teacher_model
         if not math.isfinite(teacher_eval["loss"]):
             raise DistillError(f"teacher {cfg.teacher.model} scores a non-finite held-out loss "
                                f"({teacher_eval['loss']}): its weights or outputs hold NaN/inf; nothing was trained")
+        if pre.uses_teacher and cfg.teacher.signal == "hidden":
+            check_output_head(teacher_model, pre.teacher.model_dir, corpus.heldout.rows[:1], pre.teacher.vocab_size)
+        del teacher_model
     say(f"held-out loss before training: student {student_before['loss']:.3f}"
         + (f", teacher {teacher_eval['loss']:.3f}" if teacher_eval else ""))
     _make_run_folder(cfg, pre.run_dir)
