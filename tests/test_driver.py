@@ -25,7 +25,7 @@ def _start(args, out: Path, **popen):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=out, env=env, **popen)
 
 
-def _wait_for_steps(run_dir: Path, process, steps: int, timeout: float = 240):
+def _wait_for_steps(run_dir: Path, process, steps: int, timeout: float = 600):  # a loaded machine is slow
     deadline = time.time() + timeout
     while time.time() < deadline:
         metrics = run_dir / "metrics.jsonl"
