@@ -71,7 +71,7 @@ def test_precomputed_cache_replays_the_whole_run_without_a_teacher_model(tiny_te
     from distillation.precompute import precompute
     from distillation.run import run
 
-    cache = ["teacher=cached", f"teacher.cache_dir={tmp_path / 'cache'}"]
+    cache = ["teacher=cached", f"teacher.cache_dir={tmp_path / 'cache'}", "teacher.signal=sampled"]
     overrides = tiny_overrides(tiny_teacher, tmp_path) + cache
     filled = precompute(load_config(overrides))
     assert filled["planned"] > 4 * 2 * 2 and filled["cached"] == filled["scored"] > 0  # every training row

@@ -86,16 +86,16 @@ def check_shapes(cfg: DictConfig, teacher: ResolvedTeacher) -> None:
     remote = cfg.teacher.trust_remote_code
     configs = {"teacher": AutoConfig.from_pretrained(teacher.model_dir, trust_remote_code=remote),
                "student": AutoConfig.from_pretrained(student_source_dir(cfg), trust_remote_code=remote)}
-    if cfg.data.seq_len > cfg.teacher.max_tokens_per_batch:
-        raise DistillError(f"data.seq_len={cfg.data.seq_len} exceeds teacher.max_tokens_per_batch="
-                           f"{cfg.teacher.max_tokens_per_batch} (a row must fit one forward pass); raise the budget")
-    if cfg.teacher.signal == "topk" and cfg.teacher.top_k > teacher.vocab_size:
-        raise DistillError(f"teacher.top_k={cfg.teacher.top_k} exceeds the vocabulary ({teacher.vocab_size} ids)")
     for who, config in configs.items():
         limit = getattr(config, "max_position_embeddings", None)
         if limit and cfg.data.seq_len > limit:
             raise DistillError(f"data.seq_len={cfg.data.seq_len} exceeds the {who}'s {limit} positions "
                                f"(max_position_embeddings); choose data.seq_len <= {limit}")
+    if cfg.data.seq_len > cfg.teacher.max_tokens_per_batch:
+        raise DistillError(f"data.seq_len={cfg.data.seq_len} exceeds teacher.max_tokens_per_batch="
+                           f"{cfg.teacher.max_tokens_per_batch} (a row must fit one forward pass); raise the budget")
+    if cfg.teacher.signal == "topk" and cfg.teacher.top_k > teacher.vocab_size:
+        raise DistillError(f"teacher.top_k={cfg.teacher.top_k} exceeds the vocabulary ({teacher.vocab_size} ids)")
     if cfg.distillation.attention_weight <= 0:
         return
     d = cfg.distillation
