@@ -18,13 +18,15 @@ STEPS = 4
 
 
 def _overrides(teacher, out, name, workers, influence=False):
-    base = [o for o in tiny_overrides(teacher, out, steps=STEPS)
-            if not o.startswith(("run.name", "training.batch_size", "training.grad_accum"))]
+    replaced = ("run.name", "training.batch_size", "training.grad_accum") + (
+        ("data.max_tokens_per_source", "data.heldout_fraction") if influence else ())
+    base = [o for o in tiny_overrides(teacher, out, steps=STEPS) if not o.startswith(replaced)]
     # Four samples per step either way: one worker takes 2 micro-batches of 2, two workers take 2 rows each.
     shape = ["training.batch_size=2", f"training.grad_accum={2 // workers}", f"training.num_workers={workers}",
              "training.cpus_per_worker=0.5", "teacher.num_cpus=0.5", "training.num_threads=1",
              "training.checkpoint_every=2", "training.max_failures=2"]
-    mixing = ["data.probe_fraction=0.2", "influence.enabled=true", "influence.update_interval=2",
+    mixing = ["data.max_tokens_per_source=60000", "data.heldout_fraction=0.1",
+              "data.probe_fraction=0.2", "influence.enabled=true", "influence.update_interval=2",
               "influence.delay_steps=1", "influence.batch_size=2", "influence.probe_sequences=2",
               "influence.eta=20"] if influence else []
     return base + shape + mixing + [f"run.name={name}"]
