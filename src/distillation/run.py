@@ -194,6 +194,7 @@ def _fit(cfg: DictConfig, run_dir: Path, plan: WorkerPlan, start_step: int):
     from ray.train.torch import TorchTrainer
 
     t = cfg.training
+    storage_path, storage_name = train_storage(cfg, run_dir)
     board = MetricsBoard.options(name=plan.board).remote()
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -201,7 +202,7 @@ def _fit(cfg: DictConfig, run_dir: Path, plan: WorkerPlan, start_step: int):
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                      resources_per_worker={"CPU": t.cpus_per_worker, **t.worker_resources}),
         # The same name and storage path on a resumed driver: Ray Train restores its latest checkpoint.
-        run_config=RunConfig(name=train_storage(cfg, run_dir)[1], storage_path=train_storage(cfg, run_dir)[0],
+        run_config=RunConfig(name=storage_name, storage_path=storage_path,
                              checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
                              failure_config=FailureConfig(max_failures=t.max_failures)),
     )

@@ -1,6 +1,5 @@
 """The transformers teacher: hidden states, sampled or top-k + tail targets, and Q/K/V of one layer."""
 
-import hashlib
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
@@ -11,6 +10,7 @@ import torch
 from distillation.errors import DistillError
 from distillation.losses.targets import sampled_targets, sparse_targets
 from distillation.models import capture_qkv, load_causal_lm
+from distillation.teachers.cache import sequence_key
 from distillation.teachers.protocol import TeacherBase
 from distillation.teachers.schema import TeacherOutput
 
@@ -19,7 +19,7 @@ def row_generator(row: torch.Tensor) -> torch.Generator:
     """A generator seeded by one row's tokens alone (as int32, like the cache key), so a row gets the
     same draws whether it is scored alone, in a Serve batch, split across forward passes, by the
     precompute job or live."""
-    digest = hashlib.sha256(np.ascontiguousarray(row.cpu().numpy(), dtype=np.int32).tobytes()).digest()
+    digest = bytes.fromhex(sequence_key(row.cpu().numpy()))  # the cache's key: one hash of a row's ids
     return torch.Generator(device=row.device).manual_seed(int.from_bytes(digest[:8], "little"))
 
 
