@@ -103,6 +103,39 @@ def tiny_optimizer(model):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg))
 
 
+def pids_titled(title: str) -> list[int]:
+    """Pids of this process's descendants whose command line names `title` (Ray sets the actor class
+    as the process title); processes that end or turn zombie while being listed are skipped."""
+    import psutil
+
+    found = []
+    for process in psutil.Process().children(recursive=True):
+        try:
+            if any(title in part for part in process.cmdline()):
+                found.append(process.pid)
+        except psutil.Error:  # ended since it was listed
+            pass
+    return found
+
+
+def in_background(fn):
+    """Run `fn` on a daemon thread; what it raised is kept in `thread.errors` for the test to show."""
+    import threading
+
+    errors = []
+
+    def guarded():
+        try:
+            fn()
+        except BaseException as error:  # noqa: BLE001 - reported by the test, not lost on the thread
+            errors.append(error)
+
+    thread = threading.Thread(target=guarded, daemon=True)
+    thread.errors = errors
+    thread.start()
+    return thread
+
+
 def wait_for(condition, timeout_s: float, what: str, poll_s: float = 0.2, details=None):
     """Poll `condition` until it holds; past `timeout_s` fail naming `what` (and `details()`, if given)."""
     deadline = time.time() + timeout_s

@@ -4,12 +4,10 @@ updates computed once for both, and exact resume after one of the two workers is
 
 import os
 import signal
-import threading
 
-import psutil
 import pytest
 
-from conftest import tiny_overrides, wait_for
+from conftest import in_background, pids_titled, tiny_overrides, wait_for
 from distillation.config import load_config
 from distillation.training.metrics import read_jsonl
 
@@ -67,16 +65,14 @@ def test_a_killed_worker_of_two_resumes_with_the_same_rows_and_one_influence_upd
 
     def kill_one():
         wait_for(lambda: (read_jsonl(run_dir / "metrics.jsonl") or [{"step": 0}])[-1]["step"] >= 3, 400, "step 3")
-        pids = [p.pid for p in psutil.Process().children(recursive=True)
-                if any("RayTrainWorker" in part for part in p.cmdline())]
+        pids = pids_titled("RayTrainWorker")
         assert len(pids) == 2, pids
         os.kill(pids[1], signal.SIGKILL)
         killed.append(pids[1])
 
-    killer = threading.Thread(target=kill_one, daemon=True)
-    killer.start()
+    killer = in_background(kill_one)
     summary = run(load_config(_overrides(tiny_teacher, tmp_path, "killed", workers=2, influence=True)))
     killer.join(timeout=5)
-    assert killed and summary["steps"] == STEPS
+    assert killed and not killer.errors and summary["steps"] == STEPS
     assert _rows_per_step(run_dir) == _rows_per_step(tmp_path / "whole")
     assert [(e["step"], e["computed_at"]) for e in summary["mixture"]] == schedule

@@ -8,15 +8,13 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
 import ray
 
-from conftest import tiny_overrides, wait_for
+from conftest import in_background, pids_titled, tiny_overrides, wait_for
 from distillation.config import load_config
 from distillation.training.metrics import read_jsonl
 
@@ -53,13 +51,6 @@ def reference(tiny_teacher, ray_cluster, tmp_path_factory):
     return ledger, schedule, weights
 
 
-def _titled(process, title: str) -> bool:
-    try:
-        return any(title in part for part in process.cmdline())
-    except psutil.Error:  # ended since it was listed
-        return False
-
-
 def _assert_same_run(run_dir: Path, reference):
     ledger, schedule, weights = _outcome(run_dir)
     assert ledger == reference[0]
@@ -70,12 +61,6 @@ def _assert_same_run(run_dir: Path, reference):
 def _last_step(run_dir: Path) -> int:
     rows = read_jsonl(run_dir / "metrics.jsonl")
     return rows[-1]["step"] if rows else 0
-
-
-def _in_background(fn):
-    thread = threading.Thread(target=fn, daemon=True)
-    thread.start()
-    return thread
 
 
 def test_killed_driver_resumes_from_its_storage_path_with_the_same_ledger(tiny_teacher, reference, tmp_path):
@@ -111,15 +96,15 @@ def test_killed_training_worker_is_restarted_from_the_checkpoint_with_the_same_l
         wait_for(lambda: _last_step(run_dir) >= 3, 400, "step 3")
         # Ray titles a worker process after the actor it hosts (the test cluster runs no dashboard,
         # so the state API is not available here); only this test's cluster, which this process started.
-        pids = [p.pid for p in psutil.Process().children(recursive=True) if _titled(p, "RayTrainWorker")]
+        pids = pids_titled("RayTrainWorker")
         assert len(pids) == 1, pids
         os.kill(pids[0], signal.SIGKILL)
         killed.append(pids[0])
 
-    killer = _in_background(kill_worker)
+    killer = in_background(kill_worker)
     summary = run(load_config(_overrides(tiny_teacher, tmp_path, "worker")))
     killer.join(timeout=5)
-    assert killed and summary["steps"] == STEPS
+    assert killed and not killer.errors and summary["steps"] == STEPS
     _assert_same_run(run_dir, reference)
 
 
@@ -136,8 +121,8 @@ def test_killed_teacher_replica_mid_run_loses_no_sample(tiny_teacher, reference,
         ray.kill(ray.get_actor(replica["name"], namespace="serve"), no_restart=False)
         killed.append(replica["name"])
 
-    killer = _in_background(kill_replica)
+    killer = in_background(kill_replica)
     summary = run(load_config(_overrides(tiny_teacher, tmp_path, "replica")))
     killer.join(timeout=5)
-    assert killed and summary["steps"] == STEPS
+    assert killed and not killer.errors and summary["steps"] == STEPS
     _assert_same_run(run_dir, reference)
