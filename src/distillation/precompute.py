@@ -49,12 +49,12 @@ def precompute(cfg: DictConfig) -> dict:
     init_ray(cfg)
     corpus = prepare_corpus(cfg, str(teacher.model_dir), teacher.tokenizer, documents)
     planned = np.concatenate([packed.rows for packed in corpus.train.values()])
-    todo, seen = [], set(cache.rows)
+    todo, planned_keys = [], set()  # keys of this corpus's rows only, not of the whole cache
     for row in planned:
         key = sequence_key(row)
-        if key not in seen:
-            seen.add(key)
+        if key not in planned_keys and not cache.has(key):
             todo.append(row)
+        planned_keys.add(key)
     say(f"teacher cache {cache.directory}: {len(planned)} training rows, {len(cache)} cached, "
         f"{len(todo)} to score")
     scored = 0

@@ -104,3 +104,91 @@ def test_position_t_holds_the_distribution_of_token_t_plus_1(tiny_dir, live):
         expected = torch.log_softmax(prefix_logits / 5.0, -1).topk(8)
         np.testing.assert_array_equal(answer.topk_ids[0, t], expected.indices.numpy())
         np.testing.assert_allclose(answer.topk_logprobs[0, t].astype(np.float32), expected.values.numpy(), atol=2e-3)
+
+
+def test_signature_covers_every_byte_of_the_weights_and_remembers_digests_by_size_and_mtime(tmp_path):
+    import os
+
+    from conftest import save_tiny_llama
+
+    model = save_tiny_llama(tmp_path / "model", vocab_size=8192)  # embeddings alone are 2 MiB
+    weights = model / "model.safetensors"
+    assert weights.stat().st_size > 2 << 20
+    memo = tmp_path / "memo"
+    before = teacher_signature(model, SETTINGS, memo_dir=str(memo))["signature"]
+    remembered = json.loads((memo / "file-sha256.json").read_text())
+    assert list(remembered) == [str(weights.resolve())]
+
+    # a fine-tune that differs only in the last weight byte (same size, same first MiB): another teacher
+    with open(weights, "r+b") as handle:
+        handle.seek(-1, os.SEEK_END)
+        last = handle.read(1)
+        handle.seek(-1, os.SEEK_END)
+        handle.write(bytes([last[0] ^ 1]))
+    changed = teacher_signature(model, SETTINGS, memo_dir=str(memo))["signature"]
+    assert changed != before
+    assert teacher_signature(model, SETTINGS)["signature"] == changed  # the memo never changes the answer
+
+    # the memo is what is read while size and mtime are unchanged: a forged entry shows it is used
+    stamp = json.loads((memo / "file-sha256.json").read_text())[str(weights.resolve())]
+    forged = {str(weights.resolve()): {**stamp, "sha256": "0" * 64}}
+    (memo / "file-sha256.json").write_text(json.dumps(forged))
+    assert teacher_signature(model, SETTINGS, memo_dir=str(memo))["signature"] != changed
+    os.utime(weights, ns=(stamp["stamp"][1] + 10**9, stamp["stamp"][1] + 10**9))  # touched: hashed again
+    assert teacher_signature(model, SETTINGS, memo_dir=str(memo))["signature"] == changed
+
+
+def _hidden_answer(rows, seed, length=64, width=512):
+    from distillation.teachers.schema import TeacherOutput
+
+    hidden = np.random.default_rng(seed).standard_normal((rows, length, width)).astype(np.float16)
+    return TeacherOutput(hidden=hidden)
+
+
+def test_replicas_page_row_groups_within_their_memory_setting_and_replay_every_row(tmp_path):
+    signature = {"signature": "paging", "temperature": None, "vocab_size": 128}
+    writer = TeacherCache(str(tmp_path), signature, create=True, flush_rows=32)
+    ids = [_ids(100 + i, rows=32, length=64) for i in range(3)]
+    answers = [_hidden_answer(32, i) for i in range(3)]
+    for block, answer in zip(ids, answers):
+        writer.add(block, answer)  # 32 rows of 64 KiB: one shard each
+    shards = sorted((tmp_path / "paging").glob("*.parquet"))
+    assert len(shards) == 3 and writer.pending == []
+    import pyarrow.parquet as pq
+
+    assert pq.ParquetFile(shards[0]).num_row_groups == 3  # 15 rows of 64 KiB (and a key) per 1 MiB group
+
+    reader = TeacherCache(str(tmp_path), signature, create=False, memory_mb=3)
+    assert len(reader.groups) == 0 and len(reader) == 96  # indexing reads key columns only
+    one, missing = reader.lookup(ids[1][5:6])
+    assert not missing and len(reader.groups) == 1  # one row asked for: one row group read
+    np.testing.assert_array_equal(one.hidden, answers[1].hidden[5:6])
+    rng = np.random.default_rng(0)
+    for _ in range(20):  # random batches across every shard: exact rows, memory within the setting
+        shard, rows = int(rng.integers(3)), rng.choice(32, 4, replace=False)
+        got, missing = reader.lookup(ids[shard][rows])
+        assert not missing
+        np.testing.assert_array_equal(got.hidden, answers[shard].hidden[rows])
+        assert reader.memory_bytes <= 3 << 20
+    assert len(reader.groups) < 9  # 3 MiB of the 6 MiB cache: never all of it
+
+    # a key whose 8-byte prefix points at a row group without it is a miss, never another row's answer
+    other = _ids(999, rows=1, length=64)
+    from distillation.teachers.cache import _prefix
+
+    reader.index.add([_prefix(sequence_key(other[0]))], reader.index.find(_prefix(sequence_key(ids[0][0]))))
+    assert reader.lookup(other)[1] == [0]
+
+
+def test_a_replica_sees_shards_other_replicas_wrote_after_it_opened_the_cache(tmp_path):
+    signature = {"signature": "shared", "temperature": None, "vocab_size": 128}
+    first = TeacherCache(str(tmp_path), signature, create=True, flush_rows=4)
+    second = TeacherCache(str(tmp_path), signature, create=True, flush_rows=4)
+    block, answer = _ids(7, rows=4, length=16), _hidden_answer(4, 7, length=16, width=8)
+    assert second.lookup(block)[1] == [0, 1, 2, 3]
+    first.add(block, answer)  # flushed: 4 rows
+    assert second.lookup(block)[1] == [0, 1, 2, 3]  # not re-listed on every lookup ...
+    second.reload()  # ... but on reload, which reads only the new shard
+    got, missing = second.lookup(block)
+    assert not missing and len(second.shards) == 1
+    np.testing.assert_array_equal(got.hidden, answer.hidden)

@@ -44,6 +44,7 @@ class TeacherConfig:
     trust_remote_code: bool = False
     cache_dir: Optional[str] = None  # cached teacher: where the precomputed shards live
     write_through: bool = False  # cached teacher: answer misses live (transformers) and store them
+    cache_memory_mb: float = positive(512)  # cached teacher: decoded row groups a replica keeps (it pages the rest)
     max_model_len: int = 2048  # vLLM teacher: longest sequence the engine accepts
     kv_cache_gib: int = 1  # vLLM teacher on CPU: memory for its KV cache (VLLM_CPU_KVCACHE_SPACE)
     gpu_memory_utilization: float = 0.8  # vLLM teacher on GPU: its share of the GPU (prompt-logprob buffers are not in it)

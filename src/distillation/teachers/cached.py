@@ -50,10 +50,10 @@ class CachedTeacher(TeacherBase):
         self.cache.flush()
 
 
-def build_cached(cache_dir: str, signature: dict, live_kwargs: Optional[dict]) -> CachedTeacher:
+def build_cached(cache_dir: str, signature: dict, live_kwargs: Optional[dict], memory_mb: float) -> CachedTeacher:
     live = None
     if live_kwargs is not None:
         from distillation.teachers.hf import HFTeacher
 
         live = HFTeacher(**live_kwargs)
-    return CachedTeacher(TeacherCache(cache_dir, signature, create=live is not None), live)
+    return CachedTeacher(TeacherCache(cache_dir, signature, create=live is not None, memory_mb=memory_mb), live)

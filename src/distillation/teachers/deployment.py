@@ -34,7 +34,8 @@ def _build(kind: str, teacher_kwargs: dict, cache: Optional[dict]) -> Teacher:
     if kind == "cached":
         from distillation.teachers.cached import build_cached
 
-        return build_cached(cache["dir"], cache["signature"], teacher_kwargs if cache["write_through"] else None)
+        return build_cached(cache["dir"], cache["signature"], teacher_kwargs if cache["write_through"] else None,
+                            cache["memory_mb"])
     raise ValueError(f"teacher kind '{kind}' has no deployment")
 
 
@@ -123,7 +124,8 @@ def teacher_app(cfg: DictConfig, teacher: ResolvedTeacher):
     if t.kind == "cached":
         from distillation.teachers.resolve import cache_signature
 
-        cache = {"dir": t.cache_dir, "write_through": t.write_through, "signature": cache_signature(cfg, teacher)}
+        cache = {"dir": t.cache_dir, "write_through": t.write_through, "signature": cache_signature(cfg, teacher),
+                 "memory_mb": t.cache_memory_mb}
     return TeacherDeployment.options(
         ray_actor_options={"num_cpus": t.num_cpus, "num_gpus": t.num_gpus, "resources": dict(t.resources)},
         max_ongoing_requests=max(4, 2 * t.max_batch_size), health_check_period_s=t.health_check_period_s,

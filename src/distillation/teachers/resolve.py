@@ -48,7 +48,8 @@ def resolve_teacher(cfg: DictConfig) -> ResolvedTeacher:
 def cache_signature(cfg: DictConfig, teacher: ResolvedTeacher) -> dict:
     from distillation.teachers.cache import signal_settings, teacher_signature
 
-    return teacher_signature(teacher.model_dir, signal_settings(cfg, teacher.qkv_layer, teacher.vocab_size))
+    return teacher_signature(teacher.model_dir, signal_settings(cfg, teacher.qkv_layer, teacher.vocab_size),
+                             memo_dir=cfg.data.cache_dir)
 
 
 def check_cache(cfg: DictConfig, teacher: ResolvedTeacher) -> None:
