@@ -1,6 +1,7 @@
 """The driver as a user meets it (real runs, tiny models): a quiet terminal, Ctrl-C that stops after
 the step with a checkpoint and says how to resume, a resumed run that may train longer and scores
-the checkpoint it resumed from, and a broken teacher stopped before training."""
+the checkpoint it resumed from, a broken teacher stopped before training, and a resume whose source
+text changed refused."""
 
 import os
 import signal
@@ -117,3 +118,26 @@ def test_a_teacher_with_nan_weights_is_stopped_before_training(tiny_teacher, smo
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "scores a non-finite held-out loss" in errors[0] and "nothing was trained" in errors[0]
     assert not (out / "nan").exists()
+
+
+def test_resume_after_the_source_text_changed_is_a_clear_error_that_keeps_the_checkpoint(tiny_teacher, ray_cluster,
+                                                                                       tmp_path):
+    from distillation.errors import DistillError
+    from distillation.run import run
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    lines = [f"line {i}: the quick brown fox jumps over the lazy dog." for i in range(400)]
+    for part in range(4):
+        (corpus / f"part{part}.txt").write_text("\n".join(lines[part * 100:(part + 1) * 100]))
+    args = [o for o in tiny_overrides(tiny_teacher, tmp_path, steps=2) if not o.startswith("run.name")] + [
+        "run.name=edited", "distillation=ce_only", f"data.sources=[{{name: mine, kind: text, path: {corpus}}}]"]
+    run(load_config(args))
+    checkpoints = sorted((tmp_path / "edited" / "train").glob("checkpoint_*"))
+    before = {p: p.read_bytes() for c in checkpoints for p in c.rglob("*") if p.is_file()}
+    edited = (corpus / "part2.txt").read_text().replace("lazy dog", "lazy cat")  # the same rows, other text
+    (corpus / "part2.txt").write_text(edited)
+    with pytest.raises(DistillError, match=r"the text of source 'mine' \(sha256 \w+ -> \w+\) changed since the "
+                                           r"checkpoint; resume with the same files"):
+        run(load_config(args + ["run.resume=true", "training.max_steps=4"]))
+    assert {p: p.read_bytes() for c in checkpoints for p in c.rglob("*") if p.is_file()} == before

@@ -80,6 +80,8 @@ def prepare(cfg: DictConfig, pre: Preflight) -> Prepared:
     corpus = prepare_corpus(cfg, str(pre.teacher.model_dir), pre.teacher.tokenizer, pre.documents)
     say("data: " + ", ".join(f"{n} {len(v.rows)} rows (sha256 {corpus.digests[n][:12]})" for n, v in corpus.train.items())
         + f"; held-out {len(corpus.heldout.rows)} rows; probe {len(corpus.probe.rows)} rows")
+    if pre.resumed:
+        check_same_data(pre.resumed["data"], corpus)
     student = _starting_student(cfg, pre)
     say(f"teacher {cfg.teacher.model} ({cfg.teacher.kind}{'' if pre.uses_teacher else ', not needed by this loss'}); "
         f"student: BitNet, subln={cfg.student.subln}, {sum(p.numel() for p in student.parameters()) / 1e6:.1f}M "
@@ -134,6 +136,22 @@ def _make_run_folder(cfg: DictConfig, run_dir: Path) -> None:
 
 
 # -- train -----------------------------------------------------------------------------------------
+def check_same_data(plan_state: dict, corpus: Corpus) -> None:
+    """A resumed run continues the checkpoint's draws by row index, so its rows must be the ones the
+    checkpoint drew from: same sources, same rows, same text (before anything is written)."""
+    names = list(corpus.train)
+    sizes = [len(corpus.train[n].rows) for n in names]
+    if plan_state["names"] != names or plan_state["sizes"] != sizes:
+        raise DistillError(f"the checkpoint's data plan ({dict(zip(plan_state['names'], plan_state['sizes']))} rows) "
+                           f"does not match this run's sources ({dict(zip(names, sizes))} rows); resume with the same data")
+    saved = plan_state.get("data_sha256") or {}
+    changed = [n for n in names if n in saved and saved[n] != corpus.digests[n]]
+    if changed:
+        raise DistillError("the text of source " + ", ".join(
+            f"'{n}' (sha256 {saved[n][:12]} -> {corpus.digests[n][:12]})" for n in changed)
+            + " changed since the checkpoint; resume with the same files, or start a new run")
+
+
 def create_mixture(cfg: DictConfig, corpus: Corpus, name: str, resume_state: Optional[dict] = None):
     """The named Mixture actor the workers' pipelines draw from (from a checkpoint's state on resume;
     a longer run gets the longer schedule of influence updates)."""
@@ -147,9 +165,7 @@ def create_mixture(cfg: DictConfig, corpus: Corpus, name: str, resume_state: Opt
         updates = sorted(set(resume_state["update_steps"]) | {u for u in updates if u > resumed_at})
     state = ({**resume_state, "update_steps": updates} if resume_state else MixturePlan(
         names, [len(corpus.train[n].rows) for n in names], validate_weights([s.weight for s in cfg.data.sources], names),
-        t.seed, t.batch_size * t.grad_accum * t.num_workers, updates, cfg.influence.delay_steps).state())
-    if state["names"] != names or state["sizes"] != [len(corpus.train[n].rows) for n in names]:
-        raise DistillError("the checkpoint's data plan does not match this run's sources; resume with the same data")
+        t.seed, t.batch_size * t.grad_accum * t.num_workers, updates, cfg.influence.delay_steps, corpus.digests).state())
     return Mixture.options(name=name).remote(state, {n: corpus.train[n].rows for n in names},
                                              {n: corpus.train[n].lengths for n in names})
 

@@ -3,6 +3,8 @@
 import json
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from distillation.data.sources import load_documents, split_of
@@ -52,8 +54,6 @@ def test_long_files_are_cut_into_pieces_at_line_ends_that_rejoin_exactly():
 
 def test_jsonl_parquet_and_saved_datasets_read_the_same_documents(tmp_path):
     import datasets
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
     texts = ["first document", "second one", "third, with a comma"]
     (tmp_path / "j").mkdir()
@@ -70,13 +70,17 @@ def test_jsonl_parquet_and_saved_datasets_read_the_same_documents(tmp_path):
 @pytest.mark.parametrize("kind,content,message", [
     ("jsonl", '{"text": "ok"}\n{broken\n', "a.jsonl:2: not valid JSON"),
     ("jsonl", '{"body": "no text field"}\n', "expected a string field 'text'"),
-    ("jsonl", "", "has no non-empty documents"),
+    ("jsonl", "", "a.jsonl' holds no records"),
+    ("jsonl", "\n\n", "a.jsonl' holds no records"),
+    ("parquet", "empty", "a.parquet' holds no rows"),
     ("parquet", None, "cannot read column 'text'"),
     ("hf_disk", None, "load_from_disk"),
 ])
 def test_bad_source_files_are_clear_errors(tmp_path, kind, content, message):
     if kind == "jsonl":
         (tmp_path / "a.jsonl").write_text(content)
+    elif kind == "parquet" and content == "empty":
+        pq.write_table(pa.table({"text": pa.array([], pa.string())}), tmp_path / "a.parquet")
     elif kind == "parquet":
         (tmp_path / "a.parquet").write_bytes(b"PAR1 not really parquet")
     with pytest.raises(DistillError, match=message):

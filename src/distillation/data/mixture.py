@@ -35,13 +35,15 @@ class MixturePlan:
     """The deterministic sampler. Plain Python: the `Mixture` actor below serves it to the pipeline."""
 
     def __init__(self, names: Sequence[str], sizes: Sequence[int], weights: Sequence[float], seed: int,
-                 samples_per_step: int, update_steps: Sequence[int] = (), delay: int = 2):
+                 samples_per_step: int, update_steps: Sequence[int] = (), delay: int = 2,
+                 data_sha256: Optional[Dict[str, str]] = None):
         if delay < 1:
             raise DistillError(f"influence.delay_steps must be >= 1 (the step that computes an update "
                                f"cannot also use it); got {delay}")
         if any(n <= 0 for n in sizes):
             raise DistillError(f"every source needs at least one training row; sizes {dict(zip(names, sizes))}")
         self.names, self.sizes, self.seed = list(names), [int(n) for n in sizes], int(seed)
+        self.data_sha256 = dict(data_sha256 or {})  # what the rows were cut from: a resume must find the same
         self.samples_per_step, self.delay = int(samples_per_step), int(delay)
         self.update_steps = sorted(int(s) for s in update_steps)
         self.rng = np.random.default_rng(seed)
@@ -111,7 +113,7 @@ class MixturePlan:
 
     # -- state -----------------------------------------------------------------------------
     def state(self) -> dict:
-        return {"names": self.names, "sizes": self.sizes, "seed": self.seed,
+        return {"names": self.names, "sizes": self.sizes, "seed": self.seed, "data_sha256": dict(self.data_sha256),
                 "samples_per_step": self.samples_per_step, "delay": self.delay,
                 "update_steps": self.update_steps, "count": self.count, "epochs": list(self.epochs),
                 "cursors": list(self.cursors), "rng": copy.deepcopy(self.rng.bit_generator.state),
@@ -120,7 +122,7 @@ class MixturePlan:
     @classmethod
     def from_state(cls, state: dict) -> "MixturePlan":
         plan = cls(state["names"], state["sizes"], state["history"][0]["weights"], state["seed"],
-                   state["samples_per_step"], state["update_steps"], state["delay"])
+                   state["samples_per_step"], state["update_steps"], state["delay"], state.get("data_sha256"))
         plan.count, plan.epochs, plan.cursors = state["count"], list(state["epochs"]), list(state["cursors"])
         plan.rng.bit_generator.state = copy.deepcopy(state["rng"])
         plan.history = copy.deepcopy(state["history"])

@@ -98,6 +98,7 @@ def _field(record, field: str, where: str) -> str:
 
 def _jsonl(path: str, field: str) -> Iterator[tuple]:
     for file in _files(path, (".jsonl", ".json"), "jsonl"):
+        records = 0
         with open(file, encoding="utf-8") as handle:
             for line_no, line in enumerate(handle, 1):
                 if not line.strip():
@@ -107,6 +108,9 @@ def _jsonl(path: str, field: str) -> Iterator[tuple]:
                 except json.JSONDecodeError as exc:
                     raise DistillError(f"{file}:{line_no}: not valid JSON ({exc.msg})") from None
                 yield f"{file.name}:{line_no}", _field(record, field, f"{file}:{line_no}")
+                records = line_no
+        if not records:
+            raise DistillError(f"jsonl file '{file}' holds no records; remove it or fill it")
 
 
 def _parquet(path: str, field: str) -> Iterator[tuple]:
@@ -117,6 +121,8 @@ def _parquet(path: str, field: str) -> Iterator[tuple]:
             table = pq.read_table(file, columns=[field])
         except Exception as exc:  # pyarrow raises several types for a missing column or a bad file
             raise DistillError(f"cannot read column '{field}' of parquet file '{file}': {exc}") from None
+        if table.num_rows == 0:
+            raise DistillError(f"parquet file '{file}' holds no rows; remove it or fill it")
         for row, text in enumerate(table.column(field).to_pylist()):
             if not isinstance(text, str):
                 raise DistillError(f"{file} row {row}: column '{field}' is {type(text).__name__}, expected text")
