@@ -6,6 +6,7 @@
               synchronous teacher) against the student-only limit
     sweep     the defaults sweep: tau, teacher signal, lambda, gamma, layer pairing, lr (--budget N: N x steps)
     gpu       the GPU check: tests marked gpu, an experiment=gpu run, the pipeline table on the GPU
+    data      the data side at scale: teacher cache replay at 1x and 10x (replica RSS, tokens/s)
     cost      Table C: bytes/token and KL error per teacher-target form, and the loss's peak memory
               against the naive version (bench_targets.py and bench_losses.py, each in its own process)
 
@@ -40,7 +41,7 @@ def _script(name: str, args) -> str:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in ("quality", "mixture", "pipeline", "sweep", "gpu", "cost"):
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in ("quality", "mixture", "pipeline", "sweep", "gpu", "data", "cost"):
         print(__doc__)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     table, rest = argv[0], argv[1:]
@@ -59,6 +60,10 @@ def main(argv=None) -> int:
         table = f"sweep-{result['budget']}x"
     elif table == "gpu":
         from bench.bench_gpu import main as run_table
+
+        result = run_table(rest)
+    elif table == "data":
+        from bench.bench_data import main as run_table
 
         result = run_table(rest)
     elif table == "pipeline":

@@ -79,7 +79,8 @@ def prepare(cfg: DictConfig, pre: Preflight) -> Prepared:
         check_placement(cfg)
     corpus = prepare_corpus(cfg, str(pre.teacher.model_dir), pre.teacher.tokenizer, pre.documents)
     say("data: " + ", ".join(f"{n} {len(v.rows)} rows (sha256 {corpus.digests[n][:12]})" for n, v in corpus.train.items())
-        + f"; held-out {len(corpus.heldout.rows)} rows; probe {len(corpus.probe.rows)} rows")
+        + f"; held-out {len(corpus.heldout.rows)} rows; probe {len(corpus.probe.rows)} rows; "
+        f"rows {corpus.fill_ratio():.0%} real tokens")
     if pre.resumed:
         check_same_data(pre.resumed["data"], corpus)
     student = _starting_student(cfg, pre)
@@ -359,7 +360,8 @@ def finish(cfg: DictConfig, pre: Preflight, prep: Prepared, result, mixture_hist
         "heldout": {"student_before": prep.student_before, "student_after": student_after,
                     "teacher": prep.teacher_eval},
         "warnings": [w for w in [dominance_warning(last)] if w],
-        "data_sha256": prep.corpus.digests, "teacher": teacher_stats, "wall_s": time.time() - started,
+        "data_sha256": prep.corpus.digests, "fill_ratio": prep.corpus.fill_ratio(),
+        "teacher": teacher_stats, "wall_s": time.time() - started,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     shared = run_storage(cfg, run_dir)

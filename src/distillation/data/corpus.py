@@ -22,6 +22,11 @@ class Corpus:
     probe: Packed  # the influence target set (probe documents of influence.probe_source)
     digests: Dict[str, str]  # sha256 of each source's documents
 
+    def fill_ratio(self) -> float:
+        """Real tokens per row position over the training rows (one document per row pads the rest)."""
+        rows = [p for p in self.train.values() if len(p.rows)]
+        return sum(int(p.lengths.sum()) for p in rows) / max(1, sum(p.rows.size for p in rows))
+
 
 def spread(packed: Packed, count: int) -> Packed:
     """`count` rows picked evenly across `packed` (all of them if there are fewer): the first piece

@@ -187,9 +187,12 @@ class TeacherCache:
         shard = len(self.shards)
         self.shards.append(path)
         file = pq.ParquetFile(path)
+        keys = file.read(columns=["key"]).column("key").to_pylist()  # one read per shard, key column only
+        start = 0
         for group in range(file.num_row_groups):
-            keys = file.read_row_group(group, columns=["key"]).column("key").to_pylist()
-            self.index.add([_prefix(k) for k in keys], shard << 20 | group)
+            end = start + file.metadata.row_group(group).num_rows
+            self.index.add([_prefix(k) for k in keys[start:end]], shard << 20 | group)
+            start = end
 
     def _ensure_indexed(self) -> None:
         if not self.indexed:
