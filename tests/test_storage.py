@@ -40,3 +40,14 @@ def test_a_relative_storage_folder_is_made_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     storage, name = train_storage(load_config(["run.storage_path=rel/store"]), Path("x"))
     assert storage == f"{tmp_path}/rel/store/x" and name == "train"
+
+
+def test_a_uri_query_stays_at_the_end_of_every_location(tmp_path):
+    from distillation.storage import join
+
+    cfg = load_config(["run.storage_path='s3://bucket/runs?region=eu-west-1&endpoint_override=localhost:9000'"])
+    assert train_location(cfg, tmp_path / "myrun") == (
+        "s3://bucket/runs/myrun/train?region=eu-west-1&endpoint_override=localhost:9000")
+    assert join(run_storage(cfg, tmp_path / "myrun"), "config.yaml") == (
+        "s3://bucket/runs/myrun/config.yaml?region=eu-west-1&endpoint_override=localhost:9000")
+    assert join(f"file://{tmp_path}/", "a", "b") == f"file://{tmp_path}/a/b"  # no query, no trailing mark

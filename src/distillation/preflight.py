@@ -17,7 +17,7 @@ from distillation.config import to_yaml
 from distillation.data.corpus import load_sources
 from distillation.data.sources import Document
 from distillation.errors import DistillError
-from distillation.storage import exists, read_text, run_storage, train_location
+from distillation.storage import exists, join, read_text, run_storage, train_location
 from distillation.teachers.resolve import ResolvedTeacher, check_cache, resolve_teacher, student_source_dir
 from distillation.training.plan import needs_teacher
 
@@ -121,7 +121,7 @@ def run_folder(cfg: DictConfig) -> Path:
     if cfg.run.resume:
         shared = run_storage(cfg, out)
         saved = (out / "config.yaml").read_text() if (out / "config.yaml").is_file() else (
-            read_text(shared + "/config.yaml") if shared else None)  # a job's lost working folder: the storage copy
+            read_text(join(shared, "config.yaml")) if shared else None)  # a job's lost working folder: the storage copy
         if saved is None:
             raise DistillError(f"run.resume=true but {out} holds no run (config.yaml missing); check run.name"
                                + (f" and run.storage_path ({shared})" if shared else ""))
@@ -167,7 +167,7 @@ def latest_checkpoint(location: str) -> tuple:
 
     from distillation.training.checkpoint import read_state
 
-    if not exists(location.rstrip("/") + "/checkpoint_manager_snapshot.json"):
+    if not exists(join(location, "checkpoint_manager_snapshot.json")):
         return None, None
     checkpoint = Result.from_path(location).checkpoint
     if checkpoint is None:

@@ -29,7 +29,7 @@ from distillation.data.corpus import Corpus, prepare_corpus
 from distillation.errors import DistillError
 from distillation.models import TOKENIZER_FILES, check_output_head, load_causal_lm
 from distillation.preflight import Preflight, preflight
-from distillation.storage import read_text, run_storage, train_location, train_storage, upload, write_text
+from distillation.storage import join, read_text, run_storage, train_location, train_storage, upload, write_text
 from distillation.student import build_student, load_student, set_compile
 from distillation.teachers.deployment import deploy_teacher
 from distillation.training.evaluate import heldout_loss
@@ -122,9 +122,9 @@ def _make_run_folder(cfg: DictConfig, run_dir: Path) -> None:
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     shared = run_storage(cfg, run_dir)
     if shared:  # so a driver whose local folder is gone (a finished job's) can still resume the run
-        write_text(shared + "/config.yaml", to_yaml(cfg))
+        write_text(join(shared, "config.yaml"), to_yaml(cfg))
         for name in ("metrics.jsonl", "ledger.jsonl"):  # a resumed run whose local folder is new
-            earlier = read_text(f"{shared}/{name}") if cfg.run.resume and not (run_dir / name).exists() else None
+            earlier = read_text(join(shared, name)) if cfg.run.resume and not (run_dir / name).exists() else None
             if earlier:
                 (run_dir / name).write_text(earlier)
     logs = session_log_dir()

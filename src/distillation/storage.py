@@ -13,25 +13,27 @@ from distillation.errors import DistillError
 TRAIN_DIR = "train"
 
 
-def _join(base: str, *parts: str) -> str:
-    return "/".join([base.rstrip("/"), *parts])
+def join(base: str, *parts: str) -> str:
+    """`base`/`parts`, keeping a URI's query (s3://bucket/runs?region=eu-west-1) at the end."""
+    base, mark, query = base.partition("?")
+    return "/".join([base.rstrip("/"), *parts]) + mark + query
 
 
 def train_storage(cfg: DictConfig, run_dir: Path) -> Tuple[str, str]:
     """(storage_path, name) for Ray Train's RunConfig: the same on a resumed driver, so Ray Train
     finds the run's latest checkpoint there."""
     if cfg.run.storage_path:
-        return _join(_normalised(cfg.run.storage_path), run_dir.name), TRAIN_DIR
+        return join(_normalised(cfg.run.storage_path), run_dir.name), TRAIN_DIR
     return str(run_dir / "ray"), TRAIN_DIR
 
 
 def train_location(cfg: DictConfig, run_dir: Path) -> str:
-    return _join(*train_storage(cfg, run_dir))
+    return join(*train_storage(cfg, run_dir))
 
 
 def run_storage(cfg: DictConfig, run_dir: Path) -> Optional[str]:
     """The run's folder on the storage when it is not the local run folder, else None."""
-    return _join(_normalised(cfg.run.storage_path), run_dir.name) if cfg.run.storage_path else None
+    return join(_normalised(cfg.run.storage_path), run_dir.name) if cfg.run.storage_path else None
 
 
 def _normalised(path: str) -> str:
@@ -68,8 +70,8 @@ def upload(local_dir: Path, location: str, skip: Tuple[str, ...] = ()) -> None:
         rel = path.relative_to(local_dir)
         if path.is_dir() or rel.parts[0] in skip or path.is_symlink():
             continue
-        fs.create_dir(_join(base, *rel.parent.parts) if rel.parent.parts else base, recursive=True)
-        pafs.copy_files(str(path), _join(base, *rel.parts), destination_filesystem=fs)
+        fs.create_dir(join(base, *rel.parent.parts) if rel.parent.parts else base, recursive=True)
+        pafs.copy_files(str(path), join(base, *rel.parts), destination_filesystem=fs)
 
 
 def read_text(location: str) -> Optional[str]:
