@@ -29,13 +29,20 @@ def test_teacher_replicas_and_train_workers_land_on_their_nodes(tiny_teacher, tm
     assert placed["train_workers"] == [placed["nodes"]["student"]]
 
 
-def test_more_workers_than_the_cluster_can_place_is_a_clear_error(ray_cluster):
+def test_more_workers_or_replicas_than_the_cluster_can_place_is_a_clear_error(ray_cluster):
     from distillation.cluster import check_placement
 
     with pytest.raises(DistillError, match="training.num_workers=5 workers .* cannot be placed"):
         check_placement(load_config(["training.num_workers=5"]))
     with pytest.raises(DistillError, match="cannot be placed"):
         check_placement(load_config(["placement=labelled"]))  # no node offers `student` here
+    # the teacher pool and the workers together: 2 CPUs hold one replica and one worker, not two workers
+    check_placement(load_config([]))
+    with pytest.raises(DistillError, match=r"num_workers=2 .* room for 1 beside 1 teacher replica\(s\)"):
+        check_placement(load_config(["training.num_workers=2"]))
+    check_placement(load_config(["training.num_workers=2"]), uses_teacher=False)  # CE only: no pool
+    with pytest.raises(DistillError, match="teacher.min_replicas=3 replicas of .* cannot be placed"):
+        check_placement(load_config(["teacher.min_replicas=3", "teacher.max_replicas=3"]))
 
 
 def test_a_run_whose_workers_never_start_stops_after_the_stall_timeout(tiny_teacher, ray_cluster, tmp_path):

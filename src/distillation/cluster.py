@@ -2,6 +2,7 @@
 
 import os
 import signal
+from typing import Dict, List
 
 import ray
 from omegaconf import DictConfig
@@ -32,17 +33,32 @@ def init_ray(cfg: DictConfig) -> None:
         else "Ray cluster ready (no dashboard)")
 
 
-def check_placement(cfg: DictConfig) -> None:
-    """`num_workers` the cluster cannot place would leave Ray Train waiting forever: say so now."""
-    t = cfg.training
+def _place(free: List[Dict[str, float]], need: Dict[str, float], count: int) -> int:
+    """First fit of `count` bundles of `need` onto the nodes' `free` resources (taken as placed);
+    how many fit."""
+    wanted = {k: v for k, v in need.items() if v > 0}
+    placed = 0
+    for node in free:
+        while placed < count and all(node.get(k, 0) >= v for k, v in wanted.items()):
+            for k, v in wanted.items():
+                node[k] -= v
+            placed += 1
+    return placed
+
+
+def check_placement(cfg: DictConfig, uses_teacher: bool = True) -> None:
+    """The teacher pool's first replicas and `num_workers` training workers, together: what the
+    cluster cannot place would leave Serve or Ray Train waiting forever, so say so now."""
+    t, tc = cfg.training, cfg.teacher
+    free = [dict(node.get("Resources", {})) for node in ray.nodes() if node.get("Alive")]
+    if uses_teacher:
+        replica = {"CPU": tc.num_cpus, "GPU": tc.num_gpus, **tc.resources}
+        if _place(free, replica, tc.min_replicas) < tc.min_replicas:
+            raise DistillError(f"teacher.min_replicas={tc.min_replicas} replicas of {replica} cannot be placed on "
+                               f"the cluster's nodes; lower teacher.num_cpus/num_gpus/min_replicas or add nodes")
     need = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {}), **t.worker_resources}
-    fits = 0
-    for node in ray.nodes():
-        if not node.get("Alive"):
-            continue
-        have = node.get("Resources", {})
-        wanted = {k: v for k, v in need.items() if v > 0}
-        fits += int(min(have.get(k, 0) / v for k, v in wanted.items())) if wanted else t.num_workers
+    fits = _place(free, need, t.num_workers)
     if fits < t.num_workers:
+        beside = f" beside {tc.min_replicas} teacher replica(s)" if uses_teacher else ""
         raise DistillError(f"training.num_workers={t.num_workers} workers of {dict(need)} cannot be placed: the "
-                           f"cluster's nodes hold room for {fits}. Lower num_workers or add nodes.")
+                           f"cluster's nodes hold room for {fits}{beside}. Lower num_workers or add nodes.")

@@ -76,7 +76,7 @@ def run(cfg: DictConfig, ray_lines: Optional[RayLinesToFile] = None) -> dict:
 def prepare(cfg: DictConfig, pre: Preflight) -> Prepared:
     init_ray(cfg)
     if cfg.run.check_placement:
-        check_placement(cfg)
+        check_placement(cfg, pre.uses_teacher)
     corpus = prepare_corpus(cfg, str(pre.teacher.model_dir), pre.teacher.tokenizer, pre.documents)
     say("data: " + ", ".join(f"{n} {len(v.rows)} rows (sha256 {corpus.digests[n][:12]})" for n, v in corpus.train.items())
         + f"; held-out {len(corpus.heldout.rows)} rows; probe {len(corpus.probe.rows)} rows; "
