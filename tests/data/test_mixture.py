@@ -69,3 +69,27 @@ def test_mixture_actor_proportions_follow_an_update_from_the_next_step_on(ray_cl
     assert batch["input_ids"].shape == (2, 4) and batch["length"].tolist() == [4, 4]
     replay = MixturePlan.from_state(ray.get(mixture.state_at.remote(1500)))
     assert replay.count == 1500 and replay.weights_at(20).tolist() == [0.1, 0.9]
+
+
+def test_the_mixture_keeps_draws_back_to_the_checkpoint_two_before_the_latest_and_stays_exact(ray_cluster):
+    plan = MixturePlan(["a", "b"], [50, 70], [0.3, 0.7], seed=3, samples_per_step=10, update_steps=[4], delay=1)
+    rows = {n: np.arange(70 * 2, dtype=np.int32).reshape(70, 2)[:size] for n, size in (("a", 50), ("b", 70))}
+    lengths = {"a": np.full(50, 2, np.int32), "b": np.full(70, 2, np.int32)}
+    mixture = Mixture.remote(plan.state(), rows, lengths)
+    whole = MixturePlan.from_state(plan.state())  # the reference: one plan that never forgets
+    ray.get(mixture.draw.remote(np.arange(0, 50)))
+    ray.get(mixture.set_weights.remote(4, [0.9, 0.1]))
+    whole.set_weights(4, [0.9, 0.1])
+    first = ray.get(mixture.draw.remote(np.arange(0, 300)))
+    assert [tuple(p) for p in zip(first["source"], first["row"])] == whole.draw(300)
+    for count, kept_from in ((100, 0), (200, 0), (250, 100), (300, 200)):  # checkpoints at these counts
+        state = ray.get(mixture.state_at.remote(count))
+        reference = MixturePlan.from_state(plan.state())
+        reference.set_weights(4, [0.9, 0.1])
+        reference.draw(count)
+        assert state == reference.state()  # exact, whatever was released
+        assert ray.get(mixture.retained.remote()) == {"start": kept_from, "draws": 300 - kept_from}
+    again = ray.get(mixture.draw.remote(np.arange(200, 260)))  # a restart from the oldest kept checkpoint
+    np.testing.assert_array_equal(again["source"], first["source"][200:260])
+    with pytest.raises(ray.exceptions.RayTaskError, match="sample 150 precedes sample 200"):
+        ray.get(mixture.draw.remote(np.arange(150, 160)))

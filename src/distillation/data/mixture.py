@@ -132,21 +132,30 @@ class MixturePlan:
 @ray.remote(num_cpus=0)
 class Mixture:
     """The one place the running pipeline reads weights from. Holds the plan, the training rows of
-    every source, and every draw not yet consumed; `draw` awaits scheduled weight updates."""
+    every source, and the draws a restarted worker may still ask for; `draw` awaits scheduled
+    weight updates.
+
+    Draws are kept from `start`, the sample count of the checkpoint two before the latest: a worker
+    group restarts from the latest registered checkpoint, and Ray Train registers one only after
+    every rank reported it, so by the time a third checkpoint is being written the first of the
+    three is as far back as a restart can go. Memory is two checkpoint intervals of draws (plus the
+    pipeline's look-ahead), not the run's."""
 
     def __init__(self, plan_state: dict, rows: Dict[str, np.ndarray], lengths: Dict[str, np.ndarray]):
-        self.initial_state = copy.deepcopy(plan_state)
+        self.base_state = copy.deepcopy(plan_state)  # the plan at sample `start`
         self.plan = MixturePlan.from_state(plan_state)
         self.start = self.plan.count  # draws before this were consumed before a resume
         self.rows = [rows[n] for n in self.plan.names]
         self.lengths = [lengths[n] for n in self.plan.names]
-        self.drawn: List[tuple] = []
+        self.drawn: List[tuple] = []  # samples start .. plan.count - 1
+        self.checkpoints: List[int] = []  # sample counts `state_at` was asked for, in order
         self.updated = asyncio.Condition()
 
     async def draw(self, sample_ids: np.ndarray) -> dict:
         ids = np.asarray(sample_ids, dtype=np.int64)
         if len(ids) and ids.min() < self.start:
-            raise DistillError(f"sample {ids.min()} was consumed before this run resumed at {self.start}")
+            raise DistillError(f"sample {ids.min()} precedes sample {self.start}, where this run resumed or the "
+                               f"checkpoint a restart could still use begins")
         need = int(ids.max()) + 1 if len(ids) else 0
         async with self.updated:
             while self.plan.count < need:
@@ -170,14 +179,29 @@ class Mixture:
         return changed
 
     def state_at(self, count: int) -> dict:
-        """The plan's state after exactly `count` samples (the consumed point of a checkpoint): the
-        start state replayed with the weight history, which is what a resumed run continues from."""
+        """The plan's state after exactly `count` samples (the consumed point of a checkpoint, which
+        a resumed run continues from): the state at `start` replayed with the weight history. Asked
+        for a third checkpoint, it releases the draws before the first of the three."""
+        state = self._replayed(count)
+        self.checkpoints.append(count)
+        if len(self.checkpoints) >= 3 and self.checkpoints[-3] > self.start:
+            release = self.checkpoints[-3]
+            self.base_state = self._replayed(release)
+            del self.drawn[:release - self.start]
+            self.start = release
+        return state
+
+    def _replayed(self, count: int) -> dict:
         if count < self.start:
-            raise DistillError(f"state at {count} precedes this run's start {self.start}")
-        replay = MixturePlan.from_state(self.initial_state)
+            raise DistillError(f"state at {count} precedes sample {self.start}, the earliest this mixture keeps")
+        replay = MixturePlan.from_state(self.base_state)
         replay.history = copy.deepcopy(self.plan.history)
         replay.draw(count)
         return replay.state()
+
+    def retained(self) -> dict:
+        """Which draws are kept (for tests and the curious): from sample `start`, `draws` of them."""
+        return {"start": self.start, "draws": len(self.drawn)}
 
     def history(self) -> List[dict]:
         return copy.deepcopy(self.plan.history)
