@@ -14,9 +14,8 @@ from conftest import tiny_overrides
 from distillation.config import load_config
 from distillation.errors import DistillError
 
-pytestmark = pytest.mark.slow
 
-
+@pytest.mark.slow
 def test_teacher_replicas_and_train_workers_land_on_their_nodes(tiny_teacher, tmp_path):
     out = tmp_path / "placed.json"
     overrides = tiny_overrides(tiny_teacher, tmp_path, steps=2)
@@ -29,6 +28,7 @@ def test_teacher_replicas_and_train_workers_land_on_their_nodes(tiny_teacher, tm
     assert placed["train_workers"] == [placed["nodes"]["student"]]
 
 
+@pytest.mark.slow
 def test_more_workers_or_replicas_than_the_cluster_can_place_is_a_clear_error(ray_cluster):
     from distillation.cluster import check_placement
 
@@ -45,6 +45,25 @@ def test_more_workers_or_replicas_than_the_cluster_can_place_is_a_clear_error(ra
         check_placement(load_config(["teacher.min_replicas=3", "teacher.max_replicas=3"]))
 
 
+@pytest.mark.parametrize("nodes,replica,replicas,worker,workers,fits", [
+    # a GPU node and a CPU node: the replica must take the CPU node, whichever node is listed first
+    ([{"CPU": 4, "GPU": 1}, {"CPU": 4}], {"CPU": 4}, 1, {"CPU": 4, "GPU": 1}, 1, True),
+    ([{"CPU": 4}, {"CPU": 4, "GPU": 1}], {"CPU": 4, "GPU": 1}, 1, {"CPU": 4}, 1, True),
+    ([{"CPU": 1}], {"CPU": 0.5}, 0, {"CPU": 0.05}, 20, True),  # float remainders are Ray's 1e-4 units
+    ([{"CPU": 2}], {"CPU": 1}, 1, {"CPU": 1}, 2, False),
+    ([{"CPU": 8, "GPU": 1}], {"CPU": 1, "GPU": 1}, 1, {"CPU": 1, "GPU": 1}, 1, False),
+])
+def test_placement_fits_replicas_and_workers_together_in_either_order(nodes, replica, replicas, worker, workers,
+                                                                      fits):
+    from distillation.cluster import placement_problem
+
+    problem = placement_problem(nodes, replica, replicas, worker, workers)
+    assert (problem == "") == fits, problem
+    if not fits:
+        assert "cannot be placed" in problem and "beside 1 teacher replica(s)" in problem
+
+
+@pytest.mark.slow
 def test_a_run_whose_workers_never_start_stops_after_the_stall_timeout(tiny_teacher, ray_cluster, tmp_path):
     """Labelled placement with the up-front check off, as on an autoscaling cluster, but the student
     nodes never come: Ray Train would wait forever; the driver stops, says where it stood, exits 2.

@@ -51,3 +51,4 @@ def test_a_uri_query_stays_at_the_end_of_every_location(tmp_path):
     assert join(run_storage(cfg, tmp_path / "myrun"), "config.yaml") == (
         "s3://bucket/runs/myrun/config.yaml?region=eu-west-1&endpoint_override=localhost:9000")
     assert join(f"file://{tmp_path}/", "a", "b") == f"file://{tmp_path}/a/b"  # no query, no trailing mark
+    assert join(f"{tmp_path}/exp?1", "train") == f"{tmp_path}/exp?1/train"  # a folder name, not a query

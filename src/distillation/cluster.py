@@ -35,13 +35,13 @@ def init_ray(cfg: DictConfig) -> None:
 
 def _place(free: List[Dict[str, float]], need: Dict[str, float], count: int) -> int:
     """First fit of `count` bundles of `need` onto the nodes' `free` resources (taken as placed);
-    how many fit."""
+    how many fit. Ray books resources in units of 1e-4, so a float remainder below that is room."""
     wanted = {k: v for k, v in need.items() if v > 0}
     placed = 0
     for node in free:
-        while placed < count and all(node.get(k, 0) >= v for k, v in wanted.items()):
+        while placed < count and all(node.get(k, 0) + 1e-4 >= v for k, v in wanted.items()):
             for k, v in wanted.items():
-                node[k] -= v
+                node[k] = node.get(k, 0) - v
             placed += 1
     return placed
 
@@ -50,15 +50,30 @@ def check_placement(cfg: DictConfig, uses_teacher: bool = True) -> None:
     """The teacher pool's first replicas and `num_workers` training workers, together: what the
     cluster cannot place would leave Serve or Ray Train waiting forever, so say so now."""
     t, tc = cfg.training, cfg.teacher
-    free = [dict(node.get("Resources", {})) for node in ray.nodes() if node.get("Alive")]
-    if uses_teacher:
-        replica = {"CPU": tc.num_cpus, "GPU": tc.num_gpus, **tc.resources}
-        if _place(free, replica, tc.min_replicas) < tc.min_replicas:
-            raise DistillError(f"teacher.min_replicas={tc.min_replicas} replicas of {replica} cannot be placed on "
-                               f"the cluster's nodes; lower teacher.num_cpus/num_gpus/min_replicas or add nodes")
-    need = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {}), **t.worker_resources}
-    fits = _place(free, need, t.num_workers)
-    if fits < t.num_workers:
-        beside = f" beside {tc.min_replicas} teacher replica(s)" if uses_teacher else ""
-        raise DistillError(f"training.num_workers={t.num_workers} workers of {dict(need)} cannot be placed: the "
-                           f"cluster's nodes hold room for {fits}{beside}. Lower num_workers or add nodes.")
+    nodes = [dict(node.get("Resources", {})) for node in ray.nodes() if node.get("Alive")]
+    replica = {"CPU": tc.num_cpus, "GPU": tc.num_gpus, **tc.resources}
+    worker = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {}), **t.worker_resources}
+    problem = placement_problem(nodes, replica, tc.min_replicas if uses_teacher else 0, worker, t.num_workers)
+    if problem:
+        raise DistillError(problem)
+
+
+def placement_problem(nodes: List[Dict[str, float]], replica: Dict[str, float], replicas: int,
+                      worker: Dict[str, float], workers: int) -> str:
+    """Why `replicas` teacher replicas and `workers` training workers do not fit on `nodes` (their
+    resources), or "" if they do. First fit in both orders, so a node only one of them can use (a
+    GPU node, say) is not taken by the other."""
+    if _place([dict(n) for n in nodes], replica, replicas) < replicas:
+        return (f"teacher.min_replicas={replicas} replicas of {replica} cannot be placed on the cluster's "
+                f"nodes; lower teacher.num_cpus/num_gpus/min_replicas or add nodes")
+    free = [dict(n) for n in nodes]
+    if _place(free, worker, workers) == workers and _place(free, replica, replicas) == replicas:
+        return ""
+    free = [dict(n) for n in nodes]
+    _place(free, replica, replicas)
+    fits = _place(free, worker, workers)
+    if fits == workers:
+        return ""
+    beside = f" beside {replicas} teacher replica(s)" if replicas else ""
+    return (f"training.num_workers={workers} workers of {worker} cannot be placed: the cluster's nodes hold "
+            f"room for {fits}{beside}. Lower num_workers or add nodes.")

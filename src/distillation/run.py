@@ -164,9 +164,13 @@ def create_mixture(cfg: DictConfig, corpus: Corpus, name: str, resume_state: Opt
     if resume_state:  # a longer run: the updates it had, then the longer schedule's after the resume point
         resumed_at = resume_state["count"] // resume_state["samples_per_step"]
         updates = sorted(set(resume_state["update_steps"]) | {u for u in updates if u > resumed_at})
-    state = ({**resume_state, "update_steps": updates} if resume_state else MixturePlan(
-        names, [len(corpus.train[n].rows) for n in names], validate_weights([s.weight for s in cfg.data.sources], names),
-        t.seed, t.batch_size * t.grad_accum * t.num_workers, updates, cfg.influence.delay_steps, corpus.digests).state())
+        state = {**resume_state, "update_steps": updates,  # a checkpoint from before digests were kept gets them
+                 "data_sha256": resume_state.get("data_sha256") or corpus.digests}
+    else:
+        state = MixturePlan(names, [len(corpus.train[n].rows) for n in names],
+                            validate_weights([s.weight for s in cfg.data.sources], names), t.seed,
+                            t.batch_size * t.grad_accum * t.num_workers, updates, cfg.influence.delay_steps,
+                            corpus.digests).state()
     return Mixture.options(name=name).remote(state, {n: corpus.train[n].rows for n in names},
                                              {n: corpus.train[n].lengths for n in names})
 

@@ -15,7 +15,7 @@ TRAIN_DIR = "train"
 
 def join(base: str, *parts: str) -> str:
     """`base`/`parts`, keeping a URI's query (s3://bucket/runs?region=eu-west-1) at the end."""
-    base, mark, query = base.partition("?")
+    base, mark, query = base.partition("?") if "://" in base else (base, "", "")
     return "/".join([base.rstrip("/"), *parts]) + mark + query
 
 

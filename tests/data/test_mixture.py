@@ -93,3 +93,7 @@ def test_the_mixture_keeps_draws_back_to_the_checkpoint_two_before_the_latest_an
     np.testing.assert_array_equal(again["source"], first["source"][200:260])
     with pytest.raises(ray.exceptions.RayTaskError, match="sample 150 precedes sample 200"):
         ray.get(mixture.draw.remote(np.arange(150, 160)))
+    # a group restarted from 250 writes the checkpoint at 300 again, and again: nothing more is released
+    for _ in range(3):
+        ray.get(mixture.state_at.remote(300))
+        assert ray.get(mixture.retained.remote())["start"] == 200

@@ -192,3 +192,11 @@ def test_a_replica_sees_shards_other_replicas_wrote_after_it_opened_the_cache(tm
     got, missing = second.lookup(block)
     assert not missing and len(second.shards) == 1
     np.testing.assert_array_equal(got.hidden, answer.hidden)
+
+    # a cached teacher reloads on a miss before it answers live or refuses: a replay-only replica
+    # finds what a write-through replica stored after it opened the cache
+    replay = CachedTeacher(TeacherCache(str(tmp_path), signature, create=False))
+    more, more_answer = _ids(8, rows=4, length=16), _hidden_answer(4, 8, length=16, width=8)
+    replay.score(block)
+    first.add(more, more_answer)
+    np.testing.assert_array_equal(replay.score(more).hidden, more_answer.hidden)

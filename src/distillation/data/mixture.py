@@ -165,6 +165,8 @@ class Mixture:
                 self.drawn.extend(self.plan.draw(max(self.plan.count, min(need, limit))))
                 if blocked is not None:
                     await self.updated.wait()
+        if len(ids) and ids.min() < self.start:  # released while this call waited for an update
+            raise DistillError(f"sample {ids.min()} precedes sample {self.start}, the earliest this mixture keeps")
         picked = [self.drawn[i - self.start] for i in ids]
         source = np.array([s for s, _ in picked], dtype=np.int32)
         index = np.array([i for _, i in picked], dtype=np.int64)
@@ -183,7 +185,9 @@ class Mixture:
         a resumed run continues from): the state at `start` replayed with the weight history. Asked
         for a third checkpoint, it releases the draws before the first of the three."""
         state = self._replayed(count)
-        self.checkpoints.append(count)
+        # a restarted group asks again for counts it asked before: only the latest run of increasing
+        # counts says how far back a restart can go
+        self.checkpoints = [c for c in self.checkpoints if c < count][-2:] + [count]
         if len(self.checkpoints) >= 3 and self.checkpoints[-3] > self.start:
             release = self.checkpoints[-3]
             self.base_state = self._replayed(release)

@@ -33,6 +33,9 @@ class CachedTeacher(TeacherBase):
     def score(self, input_ids: np.ndarray) -> TeacherOutput:
         input_ids = np.asarray(input_ids)
         found, missing = self.cache.lookup(input_ids)
+        if missing:  # another replica (or the precompute job) may have written them since
+            self.cache.reload()
+            found, missing = self.cache.lookup(input_ids)
         if not missing:
             self.hits += len(input_ids)
             return found
