@@ -3,9 +3,9 @@
 Layout: `<cache_dir>/<signature>/signature.json` (the teacher identity and signal settings the
 signature hashes) and `*.parquet` shards with a `key` column (sha256 of the token ids) and one
 binary column per `TeacherOutput` field holding that row's array, in row groups of about 1 MiB.
-Replicas page: they index keys and read the row groups a lookup needs, never the whole cache. Answers from another teacher, or
-the same teacher with another top-k, temperature, layer or vocabulary, live under another signature,
-so a cache can never replay targets that do not match the run.
+Replicas page: they index keys and read the row groups a lookup needs, never the whole cache.
+Answers from another teacher, or the same teacher with another top-k, temperature, layer or
+vocabulary, live under another signature, so a cache can never replay targets that do not match the run.
 """
 
 import hashlib
