@@ -77,7 +77,7 @@ def test_a_second_ctrl_c_stops_at_once(tiny_teacher, tmp_path):
     time.sleep(0.5)
     os.killpg(process.pid, signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130
+    assert process.returncode == 130, stderr[-3000:]
     assert [line for line in stderr.splitlines() if line.startswith("error:")] == [
         "error: interrupted twice: stopped at once; the last checkpoint written, if any, is kept "
         "(run.resume=true continues from it)"]
