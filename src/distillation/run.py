@@ -182,6 +182,7 @@ def train(cfg: DictConfig, pre: Preflight, prep: Prepared):
     app_name, teacher_stats, handle = None, None, None
     mixture_name = f"distill-mixture-{run_dir.name}"
     mixture = create_mixture(cfg, prep.corpus, mixture_name, pre.resumed["data"] if pre.resumed else None)
+    interrupts = _Interrupts()
     try:
         if pre.uses_teacher:
             app_name = f"teacher-{run_dir.name}"
@@ -196,20 +197,21 @@ def train(cfg: DictConfig, pre: Preflight, prep: Prepared):
                           teacher_dir=str(pre.teacher.model_dir), vocab_size=pre.teacher.vocab_size,
                           probe=(corpus.probe.rows, corpus.probe.lengths),
                           eval={n: (p.rows, p.lengths) for n, p in corpus.heldout_by_source.items() if len(p.rows)})
-        result = _fit(cfg, run_dir, plan, pre.resumed["step"] if pre.resumed else 0)
+        result = _fit(cfg, run_dir, plan, pre.resumed["step"] if pre.resumed else 0, interrupts)
         mixture_history = ray.get(mixture.history.remote())
         if handle is not None:
             teacher_stats = handle.describe.remote().result()
             handle.flush.remote().result()  # write-through answers reach the cache before the pool goes
     finally:
-        if app_name:
-            from ray import serve
-            serve.delete(app_name)
-        ray.kill(mixture)
+        with interrupts:  # counted, not raised: a Ctrl-C that comes late cannot cut the clean-up short
+            if app_name:
+                from ray import serve
+                serve.delete(app_name)
+            ray.kill(mixture)
     return result, mixture_history, teacher_stats
 
 
-def _fit(cfg: DictConfig, run_dir: Path, plan: WorkerPlan, start_step: int):
+def _fit(cfg: DictConfig, run_dir: Path, plan: WorkerPlan, start_step: int, interrupts: "_Interrupts"):
     """Ray Train's fit in a thread while this one follows the metrics, the ledger and Ctrl-C."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -236,14 +238,13 @@ def _fit(cfg: DictConfig, run_dir: Path, plan: WorkerPlan, start_step: int):
             outcome["error"] = exc
 
     thread = threading.Thread(target=fit, daemon=True)
-    interrupts = _Interrupts()
-    try:
-        with interrupts:
+    with interrupts:  # from here until the board is gone, Ctrl-C is counted; `_follow` acts on it
+        try:
             thread.start()
             rows = _follow(board, thread, start_step, t.max_steps, run_dir, cfg.run.progress, cfg.run.stall_timeout_s,
                            interrupts)
-    finally:
-        ray.kill(board)  # named, so it would outlive this run in a driver that goes on (tests, notebooks)
+        finally:
+            ray.kill(board)  # named, so it would outlive this run in a driver that goes on (tests, notebooks)
     if "error" in outcome:
         raise _worker_error(outcome["error"])
     step = rows[-1]["step"] if rows else start_step
