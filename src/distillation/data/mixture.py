@@ -153,9 +153,7 @@ class Mixture:
 
     async def draw(self, sample_ids: np.ndarray) -> dict:
         ids = np.asarray(sample_ids, dtype=np.int64)
-        if len(ids) and ids.min() < self.start:
-            raise DistillError(f"sample {ids.min()} precedes sample {self.start}, where this run resumed or the "
-                               f"checkpoint a restart could still use begins")
+        self._check_kept(ids)
         need = int(ids.max()) + 1 if len(ids) else 0
         async with self.updated:
             while self.plan.count < need:
@@ -165,8 +163,7 @@ class Mixture:
                 self.drawn.extend(self.plan.draw(max(self.plan.count, min(need, limit))))
                 if blocked is not None:
                     await self.updated.wait()
-        if len(ids) and ids.min() < self.start:  # released while this call waited for an update
-            raise DistillError(f"sample {ids.min()} precedes sample {self.start}, the earliest this mixture keeps")
+        self._check_kept(ids)  # again: draws may have been released while this call waited for an update
         picked = [self.drawn[i - self.start] for i in ids]
         source = np.array([s for s, _ in picked], dtype=np.int32)
         index = np.array([i for _, i in picked], dtype=np.int64)
@@ -179,6 +176,11 @@ class Mixture:
             changed = self.plan.set_weights(computed_at, weights, scores)
             self.updated.notify_all()
         return changed
+
+    def _check_kept(self, ids: np.ndarray) -> None:
+        if len(ids) and ids.min() < self.start:
+            raise DistillError(f"sample {ids.min()} precedes sample {self.start}, where this run resumed or the "
+                               f"checkpoint a restart could still use begins")
 
     def state_at(self, count: int) -> dict:
         """The plan's state after exactly `count` samples (the consumed point of a checkpoint, which

@@ -166,8 +166,7 @@ class TeacherCache:
                                f"or set teacher.write_through=true")
         self.shards: List[Path] = []
         self.index = KeyIndex()
-        self.groups: "OrderedDict[int, Dict[str, Dict[str, bytes]]]" = OrderedDict()  # location -> rows
-        self.group_bytes: Dict[int, int] = {}
+        self.groups: "OrderedDict[int, tuple]" = OrderedDict()  # location -> (rows by key, bytes), LRU order
         self.memory_bytes, self.budget_bytes = 0, int(memory_mb * (1 << 20))
         self.pending: List[pa.RecordBatch] = []
         self.pending_rows: Dict[str, Dict[str, bytes]] = {}
@@ -202,14 +201,14 @@ class TeacherCache:
         """The rows of one row group, {key: {field: bytes}}, through the LRU."""
         if location in self.groups:
             self.groups.move_to_end(location)
-            return self.groups[location]
+            return self.groups[location][0]
         table = pq.ParquetFile(self.shards[location >> 20]).read_row_group(location & 0xFFFFF)
         rows = _rows_by_key(table)
-        self.groups[location], self.group_bytes[location] = rows, table.nbytes
+        self.groups[location] = (rows, table.nbytes)
         self.memory_bytes += table.nbytes
         while self.memory_bytes > self.budget_bytes and len(self.groups) > 1:
-            evicted, _ = self.groups.popitem(last=False)
-            self.memory_bytes -= self.group_bytes.pop(evicted)
+            _, (_, evicted_bytes) = self.groups.popitem(last=False)
+            self.memory_bytes -= evicted_bytes
         return rows
 
     def _row(self, key: str) -> Optional[Dict[str, bytes]]:
