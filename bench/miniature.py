@@ -54,12 +54,12 @@ def _train_tokenizer(cfg, out: Path):
 
 
 def _training_rows(cfg, out: Path, tokenizer):
-    from distillation.data.corpus import prepare_corpus
+    """Every training row of the sources' first units (the teacher's budget), cut as a run cuts them."""
+    from distillation.data.corpus import open_sources, row_recipe
 
-    corpus = prepare_corpus(cfg, str(out), tokenizer)
-    rows = np.concatenate([p.rows for p in corpus.train.values()])
-    lengths = np.concatenate([p.lengths for p in corpus.train.values()])
-    return rows, lengths
+    recipe = row_recipe(cfg, str(out))
+    parts = [recipe.cut(spec, unit)["train"] for spec in open_sources(cfg).values() for unit in spec.units]
+    return np.concatenate([p.rows for p in parts]), np.concatenate([p.lengths for p in parts])
 
 
 def build_miniature_teacher(cfg, say=print) -> Path:

@@ -157,3 +157,39 @@ def tiny_overrides(model_dir: Path, out: Path, steps: int = 4):
             "data.heldout_fraction=0.2", f"training.max_steps={steps}", "training.batch_size=2", "training.grad_accum=2",
             "training.warmup_steps=1", "distillation.split_heads=4", "distillation.teacher_layer=-1",
             "distillation.student_layer=-1", "teacher.top_k=16", "training.num_threads=1"]
+
+
+def jsonl_corpus(root: Path, files: int, docs_per_file: int, seed: int = 0) -> Path:
+    """A folder of JSONL files of real English text (the Python reference docs, cut into snippets of
+    about 40-400 characters, shuffled by `seed`): many small documents, one row each at seq_len 64."""
+    import json
+    from pydoc_data.topics import topics
+
+    import numpy as np
+
+    words = " ".join(topics.values()).split()
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for f in range(files):
+        starts = rng.integers(0, len(words) - 80, docs_per_file)
+        sizes = rng.integers(8, 80, docs_per_file)
+        with open(root / f"part-{f:04d}.jsonl", "w") as out:
+            for start, size in zip(starts, sizes):
+                out.write(json.dumps({"text": " ".join(words[start:start + size])}) + "\n")
+    return root
+
+
+def jsonl_mixture_inputs(root: Path, tokenizer_dir: Path, names=("a", "b"), files: int = 6, docs_per_file: int = 40,
+                         seq_len: int = 64):
+    """(specs, recipe, pool) for a Mixture actor over one JSONL corpus per name (no held-out split)."""
+    from distillation.data.corpus import RowRecipe
+    from distillation.data.sources import open_source
+
+    specs = {n: open_source(n, "jsonl", str(jsonl_corpus(root / n, files, docs_per_file, seed=i)), "unused")
+             for i, n in enumerate(names)}
+    recipe = RowRecipe(str(tokenizer_dir), seq_len, 0.0, 0.0)
+    pool = {}
+    for name, spec in specs.items():
+        first = recipe.cut(spec, spec.units[0])["train"]
+        pool[name] = (first.rows[:4], first.lengths[:4])
+    return specs, recipe, pool

@@ -94,11 +94,13 @@ def test_precomputed_cache_replays_the_whole_run_without_a_teacher_model(tiny_te
                          create=False)
     live = HFTeacher(tiny_teacher, top_k=cfg.teacher.top_k, temperature=cfg.distillation.temperature, qkv_layer=-1,
                      dtype=cfg.teacher.dtype, signal="sampled", draws=cfg.teacher.draws)
-    from distillation.data.corpus import prepare_corpus
-    from distillation.models import load_tokenizer
+    from distillation.data.corpus import open_sources, row_recipe
 
-    corpus = prepare_corpus(cfg, str(tiny_teacher), load_tokenizer(tiny_teacher))
-    for row in [packed.rows[i] for packed in corpus.train.values() for i in range(2)]:
+    recipe = row_recipe(cfg, str(tiny_teacher))
+    for spec in open_sources(cfg).values():  # the last unit of each source: precompute read them all
+        rows = recipe.cut(spec, spec.units[-1])["train"].rows
+        assert len(rows)
+        row = rows[len(rows) // 2]
         cached, _ = cache.lookup(row[None])
         np.testing.assert_array_equal(cached.sampled_ids, live.score(row[None]).sampled_ids)
 

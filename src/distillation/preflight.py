@@ -14,8 +14,8 @@ from typing import Any, Dict, List, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from distillation.config import to_yaml
-from distillation.data.corpus import load_sources
-from distillation.data.sources import Document
+from distillation.data.corpus import open_sources
+from distillation.data.sources import SourceSpec
 from distillation.errors import DistillError
 from distillation.storage import exists, join, read_text, run_storage, train_location
 from distillation.teachers.resolve import ResolvedTeacher, check_cache, resolve_teacher, student_source_dir
@@ -37,7 +37,7 @@ class Preflight:
     run_dir: Path  # not created yet (an existing one when resuming)
     resumed: Optional[dict]  # the latest checkpoint's train state when resuming
     resumed_checkpoint: Optional[Any]  # a ray.train.Checkpoint: read it with as_directory() (storage may be remote)
-    documents: Dict[str, List[Document]]
+    sources: Dict[str, SourceSpec]  # opened and checked, not read
 
 
 def preflight(cfg: DictConfig) -> Preflight:
@@ -56,7 +56,30 @@ def preflight(cfg: DictConfig) -> Preflight:
     if cfg.run.resume and resumed and cfg.training.max_steps < resumed["step"]:
         raise DistillError(f"training.max_steps={cfg.training.max_steps} is below the step the run resumes from "
                            f"({resumed['step']}); a resumed run can only train as long or longer")
-    return Preflight(teacher, uses_teacher, run_dir, resumed, checkpoint, load_sources(cfg))
+    sources = open_sources(cfg)
+    if resumed:
+        check_same_data(resumed["data"], sources)
+    return Preflight(teacher, uses_teacher, run_dir, resumed, checkpoint, sources)
+
+
+def check_same_data(plan_state: dict, sources: Dict[str, SourceSpec]) -> None:
+    """A resumed run continues the checkpoint's cursors into each source's units, so the units must be
+    the ones it drew from: same sources, same files (names, sizes, modification times)."""
+    from distillation.data.mixture import MixturePlan
+
+    MixturePlan.from_state(plan_state)  # a plan from before streaming is a clear error
+    names = list(sources)
+    units = [len(sources[n].units) for n in names]
+    if plan_state["names"] != names or plan_state["units"] != units:
+        raise DistillError(f"the checkpoint's data plan ({dict(zip(plan_state['names'], plan_state['units']))} units) "
+                           f"does not match this run's sources ({dict(zip(names, units))} units); resume with the same data")
+    saved = plan_state["fingerprints"]
+    changed = [n for n in names if saved.get(n) != sources[n].fingerprint]
+    if changed:
+        raise DistillError("the files of source " + ", ".join(
+            f"'{n}' (fingerprint {saved.get(n, '')[:12]} -> {sources[n].fingerprint[:12]})" for n in changed)
+            + " changed since the checkpoint (names, sizes or modification times); resume with the same files, "
+              "or start a new run")
 
 
 def check_teacher_kind(cfg: DictConfig, teacher: ResolvedTeacher) -> None:

@@ -58,6 +58,7 @@ class Prepared:
     corpus: Corpus
     student_before: dict
     teacher_eval: Optional[dict]
+    served_fill: Optional[float] = None  # real tokens per row position over the rows trained on
 
 
 def run(cfg: DictConfig, ray_lines: Optional[RayLinesToFile] = None) -> dict:
@@ -77,12 +78,11 @@ def prepare(cfg: DictConfig, pre: Preflight) -> Prepared:
     init_ray(cfg)
     if cfg.run.check_placement:
         check_placement(cfg, pre.uses_teacher)
-    corpus = prepare_corpus(cfg, str(pre.teacher.model_dir), pre.teacher.tokenizer, pre.documents)
-    say("data: " + ", ".join(f"{n} {len(v.rows)} rows (sha256 {corpus.digests[n][:12]})" for n, v in corpus.train.items())
+    corpus = prepare_corpus(cfg, str(pre.teacher.model_dir), pre.teacher.tokenizer, pre.sources)
+    say("data: " + ", ".join(f"{n} {len(s.units)} units (fingerprint {s.fingerprint[:12]})"
+                             for n, s in corpus.specs.items())
         + f"; held-out {len(corpus.heldout.rows)} rows; probe {len(corpus.probe.rows)} rows; "
-        f"rows {corpus.fill_ratio():.0%} real tokens")
-    if pre.resumed:
-        check_same_data(pre.resumed["data"], corpus)
+        f"rows {corpus.fill:.0%} real tokens (the units read so far)")
     student = _starting_student(cfg, pre)
     say(f"teacher {cfg.teacher.model} ({cfg.teacher.kind}{'' if pre.uses_teacher else ', not needed by this loss'}); "
         f"student: BitNet, subln={cfg.student.subln}, {sum(p.numel() for p in student.parameters()) / 1e6:.1f}M "
@@ -137,22 +137,6 @@ def _make_run_folder(cfg: DictConfig, run_dir: Path) -> None:
 
 
 # -- train -----------------------------------------------------------------------------------------
-def check_same_data(plan_state: dict, corpus: Corpus) -> None:
-    """A resumed run continues the checkpoint's draws by row index, so its rows must be the ones the
-    checkpoint drew from: same sources, same rows, same text (before anything is written)."""
-    names = list(corpus.train)
-    sizes = [len(corpus.train[n].rows) for n in names]
-    if plan_state["names"] != names or plan_state["sizes"] != sizes:
-        raise DistillError(f"the checkpoint's data plan ({dict(zip(plan_state['names'], plan_state['sizes']))} rows) "
-                           f"does not match this run's sources ({dict(zip(names, sizes))} rows); resume with the same data")
-    saved = plan_state.get("data_sha256") or {}
-    changed = [n for n in names if n in saved and saved[n] != corpus.digests[n]]
-    if changed:
-        raise DistillError("the text of source " + ", ".join(
-            f"'{n}' (sha256 {saved[n][:12]} -> {corpus.digests[n][:12]})" for n in changed)
-            + " changed since the checkpoint; resume with the same files, or start a new run")
-
-
 def create_mixture(cfg: DictConfig, corpus: Corpus, name: str, resume_state: Optional[dict] = None):
     """The named Mixture actor the workers' pipelines draw from (from a checkpoint's state on resume;
     a longer run gets the longer schedule of influence updates)."""
@@ -164,15 +148,15 @@ def create_mixture(cfg: DictConfig, corpus: Corpus, name: str, resume_state: Opt
     if resume_state:  # a longer run: the updates it had, then the longer schedule's after the resume point
         resumed_at = resume_state["count"] // resume_state["samples_per_step"]
         updates = sorted(set(resume_state["update_steps"]) | {u for u in updates if u > resumed_at})
-        state = {**resume_state, "update_steps": updates,  # a checkpoint from before digests were kept gets them
-                 "data_sha256": resume_state.get("data_sha256") or corpus.digests}
+        state = {**resume_state, "update_steps": updates}
     else:
-        state = MixturePlan(names, [len(corpus.train[n].rows) for n in names],
+        state = MixturePlan(names, [len(corpus.specs[n].units) for n in names],
                             validate_weights([s.weight for s in cfg.data.sources], names), t.seed,
                             t.batch_size * t.grad_accum * t.num_workers, updates, cfg.influence.delay_steps,
-                            corpus.digests).state()
-    return Mixture.options(name=name).remote(state, {n: corpus.train[n].rows for n in names},
-                                             {n: corpus.train[n].lengths for n in names})
+                            corpus.fingerprints(), cfg.data.shuffle_units).state()
+    return Mixture.options(name=name).remote(state, corpus.specs, corpus.recipe,
+                                             {n: (p.rows, p.lengths) for n, p in corpus.pool.items()},
+                                             cfg.data.reader_cpus)
 
 
 def train(cfg: DictConfig, pre: Preflight, prep: Prepared):
@@ -199,6 +183,7 @@ def train(cfg: DictConfig, pre: Preflight, prep: Prepared):
                           eval={n: (p.rows, p.lengths) for n, p in corpus.heldout_by_source.items() if len(p.rows)})
         result = _fit(cfg, run_dir, plan, pre.resumed["step"] if pre.resumed else 0, interrupts)
         mixture_history = ray.get(mixture.history.remote())
+        prep.served_fill = ray.get(mixture.fill_ratio.remote())
         if handle is not None:
             teacher_stats = handle.describe.remote().result()
             handle.flush.remote().result()  # write-through answers reach the cache before the pool goes
@@ -365,7 +350,7 @@ def finish(cfg: DictConfig, pre: Preflight, prep: Prepared, result, mixture_hist
         "heldout": {"student_before": prep.student_before, "student_after": student_after,
                     "teacher": prep.teacher_eval},
         "warnings": [w for w in [dominance_warning(last)] if w],
-        "data_sha256": prep.corpus.digests, "fill_ratio": prep.corpus.fill_ratio(),
+        "data_fingerprints": prep.corpus.fingerprints(), "fill_ratio": prep.served_fill,
         "teacher": teacher_stats, "wall_s": time.time() - started,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

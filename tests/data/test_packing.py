@@ -25,10 +25,9 @@ def test_labels_shift_by_one_and_mask_the_last_real_position_and_the_padding():
 
 
 def test_the_fill_ratio_counts_real_tokens_over_every_training_row_position():
-    from distillation.data.corpus import Corpus
+    from distillation.data.corpus import fill_ratio
 
     short = pack([np.arange(2, 5), np.arange(2, 12)], pad_id=0, seq_len=8, max_tokens=100)  # 3 | 8 | 2 real
     full = pack([np.arange(2, 18)], pad_id=0, seq_len=8, max_tokens=100)  # 8 | 8
     empty = pack([], pad_id=0, seq_len=8, max_tokens=100)
-    corpus = Corpus({"a": short, "b": full, "c": empty}, {}, empty, 0, empty, {})
-    assert corpus.fill_ratio() == (3 + 8 + 2 + 8 + 8) / (5 * 8)
+    assert fill_ratio([short, full, empty]) == (3 + 8 + 2 + 8 + 8) / (5 * 8)

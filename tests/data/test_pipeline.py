@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import ray
 
+from conftest import jsonl_mixture_inputs
 from distillation.data.mixture import Mixture, MixturePlan
 from distillation.data.pipeline import rank_sample_ids, read_batches, step_blocks, worker_stream
 
@@ -17,17 +18,16 @@ def test_teacher_requests_never_span_two_steps():
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)  # passes in under a minute here; a deadlock fails here, not at the 20-minute limit
-def test_the_stream_never_waits_on_its_own_rows_when_every_step_moves_the_weights(ray_cluster):
+def test_the_stream_never_waits_on_its_own_rows_when_every_step_moves_the_weights(ray_cluster, smollm2_dir, tmp_path):
     """The tightest schedule: the consumer sends the update of step s only after reading step s, and
     step s + 1 draws with it (delay 1). Hundreds of one-row steps (a long run in miniature), several
     requests in flight, run out of order by Ray Data: a request holding rows of three steps, or one
     call slot for all requests, waits forever here."""
     steps = 450  # over 200 rows: what from_items would merge into blocks of three
-    plan = MixturePlan(["a", "b"], [60, 60], [0.5, 0.5], seed=0, samples_per_step=1,
-                       update_steps=range(1, steps - 1), delay=1)
-    rows = {n: np.arange(60 * 4, dtype=np.int32).reshape(60, 4) for n in "ab"}
-    mixture = Mixture.options(name="stream-mixture").remote(plan.state(), rows,
-                                                            {n: np.full(60, 4, np.int32) for n in "ab"})
+    specs, recipe, pool = jsonl_mixture_inputs(tmp_path, smollm2_dir)
+    plan = MixturePlan(["a", "b"], [len(specs[n].units) for n in "ab"], [0.5, 0.5], seed=0, samples_per_step=1,
+                       update_steps=range(1, steps - 1), delay=1, window=2)
+    mixture = Mixture.options(name="stream-mixture").remote(plan.state(), specs, recipe, pool)
     try:
         stream = worker_stream(np.arange(steps), 1, "stream-mixture", None, "no-teacher", request_size=1,
                                max_in_flight=4, max_attempts=1)

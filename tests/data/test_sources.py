@@ -7,7 +7,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from distillation.data.sources import load_documents, split_of
+from distillation.data import sources
+from distillation.data.sources import load_documents, open_source, read_unit, split_of
 from distillation.errors import DistillError
 
 
@@ -28,7 +29,10 @@ def test_real_sources_yield_real_text(kind, tmp_path):
     text = " ".join(d.text for d in docs)
     marker = {"shakespeare": "thou", "python_stdlib": "def ", "python_docs": "the"}[kind]
     assert marker in text
-    assert len(text) <= 8 * 20_000 + max(len(d.text) for d in docs)
+    whole = open_source(kind, kind, None, load_config().data.cache_dir)
+    capped = open_source(kind, kind, None, load_config().data.cache_dir, max_tokens=20_000)
+    assert 1 <= len(capped.units) <= len(whole.units) and capped.units == whole.units[:len(capped.units)]
+    assert sum(u.size for u in capped.units[:-1]) < 4 * 20_000  # whole units up to about 4 bytes per token
 
 
 def test_text_source_reads_files_and_rejects_a_missing_folder(tmp_path):
@@ -74,6 +78,7 @@ def test_jsonl_parquet_and_saved_datasets_read_the_same_documents(tmp_path):
     ("jsonl", "\n\n", "a.jsonl' holds no records"),
     ("parquet", "empty", "a.parquet' holds no rows"),
     ("parquet", None, "cannot read column 'text'"),
+    ("parquet", "no column", "cannot read column 'text' .*it has columns \\['body'\\]"),
     ("hf_disk", None, "load_from_disk"),
 ])
 def test_bad_source_files_are_clear_errors(tmp_path, kind, content, message):
@@ -81,6 +86,8 @@ def test_bad_source_files_are_clear_errors(tmp_path, kind, content, message):
         (tmp_path / "a.jsonl").write_text(content)
     elif kind == "parquet" and content == "empty":
         pq.write_table(pa.table({"text": pa.array([], pa.string())}), tmp_path / "a.parquet")
+    elif kind == "parquet" and content == "no column":
+        pq.write_table(pa.table({"body": ["x"]}), tmp_path / "a.parquet")
     elif kind == "parquet":
         (tmp_path / "a.parquet").write_bytes(b"PAR1 not really parquet")
     with pytest.raises(DistillError, match=message):
@@ -90,3 +97,36 @@ def test_bad_source_files_are_clear_errors(tmp_path, kind, content, message):
 def test_a_folder_without_files_of_the_kind_is_a_clear_error(tmp_path):
     with pytest.raises(DistillError, match="holds no .jsonl/.json files"):
         load_documents("mine", "jsonl", str(tmp_path), "unused", max_tokens=100)
+
+
+def test_a_big_file_is_read_in_line_aligned_byte_ranges_that_together_hold_every_line_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "UNIT_BYTES", 1000)
+    lines = [json.dumps({"text": f"document {i} " + "word " * (i % 37)}) for i in range(400)]
+    (tmp_path / "big.jsonl").write_text("\n".join(lines) + "\n")
+    spec = open_source("big", "jsonl", str(tmp_path), "unused")
+    assert len(spec.units) > 10
+    by_start = sorted(spec.units, key=lambda u: u.start)
+    texts = [d.text for u in by_start for d in read_unit(spec, u)]
+    assert texts == [json.loads(line)["text"] for line in lines]
+    assert len({d.doc_id for u in spec.units for d in read_unit(spec, u)}) == 400
+
+
+def test_a_bad_line_past_the_first_unit_names_the_file_and_its_byte_offset(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "UNIT_BYTES", 100)
+    good = json.dumps({"text": "fine text here"})
+    (tmp_path / "a.jsonl").write_text("\n".join([good] * 20 + ["{broken"] + [good] * 5) + "\n")
+    spec = open_source("mine", "jsonl", str(tmp_path), "unused")  # the first record is fine: it opens
+    offset = 20 * (len(good) + 1)
+    with pytest.raises(DistillError, match=f"a.jsonl \\(the line at byte {offset}\\): not valid JSON"):
+        for unit in spec.units:
+            read_unit(spec, unit)
+
+
+def test_the_fingerprint_changes_with_a_file_and_only_then(tmp_path):
+    import os
+
+    (tmp_path / "a.txt").write_text("some text\n")
+    first = open_source("mine", "text", str(tmp_path), "unused").fingerprint
+    assert open_source("mine", "text", str(tmp_path), "unused").fingerprint == first
+    os.utime(tmp_path / "a.txt", ns=(1, 1))
+    assert open_source("mine", "text", str(tmp_path), "unused").fingerprint != first

@@ -8,7 +8,7 @@ import pytest
 import ray
 from ray import serve
 
-from conftest import wait_for
+from conftest import in_background, jsonl_mixture_inputs, wait_for
 from distillation.config import load_config
 from distillation.data.mixture import Mixture, MixturePlan
 from distillation.data.pipeline import worker_stream
@@ -35,35 +35,38 @@ def test_pool_scales_out_under_load_and_back_in(tiny_dir_one_layer, ray_cluster)
     try:
         assert _running("pool-autoscale") == 1
         ids = np.random.default_rng(0).integers(0, 128, (2, 512))
-        stop = threading.Event()
+        stop, answered = threading.Event(), [0]
 
         def load():
             while not stop.is_set():
                 [r.result() for r in [handle.remote(ids) for _ in range(8)]]
+                answered[0] += 8
 
-        workers = [threading.Thread(target=load, daemon=True) for _ in range(2)]
-        for w in workers:
-            w.start()
+        workers = [in_background(load) for _ in range(2)]
+
+        def details():  # CI once saw no scale-out at all: say whether the load was really there
+            return f"{_cluster_state()}; answered {answered[0]}; load errors {[w.errors for w in workers]}"
+
         # Generous: on two busy cores a new replica process needs a while to import torch and load.
-        wait_for(lambda: _running("pool-autoscale") == 2, 240, "a second replica under load", 0.5, _cluster_state)
+        wait_for(lambda: _running("pool-autoscale") == 2, 240, "a second replica under load", 0.5, details)
         stop.set()
         for w in workers:
             w.join()
+        assert not any(w.errors for w in workers), [w.errors for w in workers]
         wait_for(lambda: _running("pool-autoscale") == 1, 120, "scale back to one replica", 0.5, _cluster_state)
     finally:
         serve.delete("pool-autoscale")
 
 
-def test_killed_replica_loses_no_batch(tiny_dir_one_layer, ray_cluster):
+def test_killed_replica_loses_no_batch(tiny_teacher, ray_cluster, tmp_path):
     cfg = load_config(["teacher.min_replicas=2", "teacher.max_replicas=2", "teacher.num_cpus=0.5",
                        "teacher.signal=topk", "teacher.top_k=8"])
-    deploy_teacher(cfg, ResolvedTeacher(tiny_dir_one_layer, None, 128, None), "pool-kill")
+    deploy_teacher(cfg, ResolvedTeacher(tiny_teacher, None, 49152, None), "pool-kill")
     try:
         count = 48
-        rows = np.random.default_rng(1).integers(0, 128, (count, 256)).astype(np.int32)
-        plan = MixturePlan(["only"], [count], [1.0], seed=0, samples_per_step=2)
-        mixture = Mixture.options(name="pool-kill-mixture").remote(plan.state(), {"only": rows},
-                                                                   {"only": np.full(count, 256, np.int32)})
+        specs, recipe, pool = jsonl_mixture_inputs(tmp_path, tiny_teacher, names=("only",))
+        plan = MixturePlan(["only"], [len(specs["only"].units)], [1.0], seed=0, samples_per_step=2, window=2)
+        mixture = Mixture.options(name="pool-kill-mixture").remote(plan.state(), specs, recipe, pool)
         dataset = worker_stream(np.arange(count), 2, "pool-kill-mixture", "pool-kill", DEPLOYMENT_NAME,
                                 request_size=2, max_in_flight=4, max_attempts=6)
         replicas = [a for a in ray.util.list_named_actors(all_namespaces=True)
@@ -72,8 +75,9 @@ def test_killed_replica_loses_no_batch(tiny_dir_one_layer, ray_cluster):
         seen = []
         for i, row in enumerate(dataset.iter_rows()):
             seen.append(int(row["sample_id"]))
-            assert row["teacher_topk_ids"].shape == (256, 8)
-            assert row["input_ids"].tolist() == rows[row["row"]].tolist()
+            assert row["teacher_topk_ids"].shape == (64, 8)
+            unit_rows = recipe.cut(specs["only"], specs["only"].units[row["unit"]])["train"].rows
+            assert row["input_ids"].tolist() == unit_rows[row["row"]].tolist()
             if i == 4:  # mid-stream, with requests in flight
                 ray.kill(ray.get_actor(replicas[0]["name"], namespace="serve"), no_restart=False)
         assert seen == list(range(count))  # every sample, once, in order

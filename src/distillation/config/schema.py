@@ -96,7 +96,11 @@ class SourceConfig:
 class DataConfig:
     sources: List[SourceConfig] = field(default_factory=list)
     seq_len: int = positive(256)
-    max_tokens_per_source: int = 400_000  # tokenization budget per source (the rest is never read)
+    # Optional: read only each source's first units (canonical order) up to about this many tokens.
+    # Off by default: sources are read lazily, unit by unit, as the run consumes them.
+    max_tokens_per_source: Optional[int] = None
+    shuffle_units: int = positive(4)  # units whose rows are shuffled together (memory: this many per source)
+    reader_cpus: float = 0.0  # CPUs Ray books per unit-reading task (0: they share the run's cores)
     heldout_fraction: float = 0.05  # share of each source's documents held out (chosen by name hash)
     heldout_sequences: int = 4  # held-out sequences per source used for the summary's loss
     probe_fraction: float = 0.05  # share of documents set aside for the influence probe (never trained on)
@@ -120,6 +124,7 @@ class InfluenceConfig:
     update_interval: int = positive(5)  # optimizer steps
     delay_steps: int = positive(2)  # an update computed after step s is used from step s + delay (pipeline slack)
     batch_size: int = positive(4)  # sequences per source per estimate
+    pool_sequences: int = positive(64)  # training rows per source, read at the start, that estimates draw from
     eta: float = 2.0  # step size of the multiplicative update (scores are cosines in [-1, 1])
     smoothing: float = 0.5  # EMA factor on the scores
     floor: float = 0.05  # no weight falls below this

@@ -1,31 +1,75 @@
-"""The run's text, split and cut into rows: training rows per source, held-out rows for evaluation
-(with the byte count bits/byte needs) and the probe rows influence scores against."""
+"""The run's data: the opened sources (whose training rows the mixture reads unit by unit, as the run
+consumes them), held-out rows for evaluation (with the byte count bits/byte needs), the probe rows
+influence scores against, and a small pool of training rows per source for influence estimates.
 
-from dataclasses import dataclass
+Only those small sets are read before training: each source's first units in canonical order, until
+they hold enough held-out, probe and pool rows. So the time to the first step and the driver's memory
+do not grow with the corpus.
+"""
+
+from dataclasses import dataclass, replace
 from typing import Dict, List, Optional
 
 import numpy as np
+import ray
 from omegaconf import DictConfig
 
 from distillation.data.packing import Packed, pack, predicted_bytes
-from distillation.data.pipeline import tokenize_documents
-from distillation.data.sources import Document, content_digest, load_documents, split_of
+from distillation.data.sources import SourceSpec, Unit, open_source, read_unit, split_of
 from distillation.errors import DistillError
+
+SPLITS = ("train", "heldout", "probe")
+SCAN_WINDOW = 4  # units read at once while sampling the small sets
+_TOKENIZERS: dict = {}  # per worker process: a tokenizer is loaded once and kept for later tasks
+
+
+@dataclass(frozen=True)
+class RowRecipe:
+    """How a unit becomes rows: tokenized, each document assigned its split, cut into rows."""
+    tokenizer_dir: str
+    seq_len: int
+    heldout_fraction: float
+    probe_fraction: float
+
+    def cut(self, spec: SourceSpec, unit: Unit) -> Dict[str, Packed]:
+        from distillation.models import load_tokenizer
+
+        if self.tokenizer_dir not in _TOKENIZERS:
+            _TOKENIZERS[self.tokenizer_dir] = load_tokenizer(self.tokenizer_dir)
+        tokenizer = _TOKENIZERS[self.tokenizer_dir]
+        docs = read_unit(spec, unit)
+        encoded = tokenizer([d.text for d in docs], add_special_tokens=False)["input_ids"] if docs else []
+        parts: Dict[str, List[np.ndarray]] = {name: [] for name in SPLITS}
+        for doc, ids in zip(docs, encoded):
+            split = split_of(f"{spec.name}/{doc.doc_id}", self.heldout_fraction, self.probe_fraction)
+            parts[split].append(np.asarray(ids, dtype=np.int32))
+        return {name: pack(tokens, tokenizer.eos_token_id, self.seq_len) for name, tokens in parts.items()}
+
+
+@ray.remote
+def _cut(recipe: RowRecipe, spec: SourceSpec, unit: Unit) -> Dict[str, Packed]:
+    return recipe.cut(spec, unit)
+
+
+def cut_remote(recipe: RowRecipe, spec: SourceSpec, unit: Unit, num_cpus: float) -> "ray.ObjectRef":
+    """A Ray task that reads and cuts one unit on any worker; `spec` without its unit list (which can
+    be long) travels with it."""
+    return _cut.options(num_cpus=num_cpus).remote(recipe, replace(spec, units=()), unit)
 
 
 @dataclass
 class Corpus:
-    train: Dict[str, Packed]  # per source
+    specs: Dict[str, SourceSpec]
+    recipe: RowRecipe
     heldout_by_source: Dict[str, Packed]
     heldout: Packed  # every source's held-out rows together
     heldout_bytes: int  # UTF-8 bytes of the held-out tokens that are predicted
     probe: Packed  # the influence target set (probe documents of influence.probe_source)
-    digests: Dict[str, str]  # sha256 of each source's documents
+    pool: Dict[str, Packed]  # training rows per source that influence estimates draw from
+    fill: float  # real tokens per row position over the training rows read so far
 
-    def fill_ratio(self) -> float:
-        """Real tokens per row position over the training rows (one document per row pads the rest)."""
-        rows = [p for p in self.train.values() if len(p.rows)]
-        return sum(int(p.lengths.sum()) for p in rows) / max(1, sum(p.rows.size for p in rows))
+    def fingerprints(self) -> Dict[str, str]:
+        return {name: spec.fingerprint for name, spec in self.specs.items()}
 
 
 def spread(packed: Packed, count: int) -> Packed:
@@ -37,49 +81,75 @@ def spread(packed: Packed, count: int) -> Packed:
     return Packed(packed.rows[index], packed.lengths[index], packed.dropped_tokens)
 
 
-def concat(parts: List[Packed]) -> Packed:
+def concat(parts: List[Packed], seq_len: int) -> Packed:
+    parts = [p for p in parts if len(p.rows)]
+    if not parts:
+        return Packed(np.zeros((0, seq_len), np.int32), np.zeros(0, np.int32), 0)
     return Packed(np.concatenate([p.rows for p in parts]), np.concatenate([p.lengths for p in parts]),
                   sum(p.dropped_tokens for p in parts))
 
 
-def load_sources(cfg: DictConfig) -> Dict[str, List[Document]]:
-    """Every source's documents, read and checked (paths, formats, fields, weights) in the driver,
+def fill_ratio(parts: List[Packed]) -> float:
+    """Real tokens per row position (one document per row pads the rest)."""
+    return sum(int(p.lengths.sum()) for p in parts) / max(1, sum(p.rows.size for p in parts))
+
+
+def open_sources(cfg: DictConfig) -> Dict[str, SourceSpec]:
+    """Every source opened and checked (paths, formats, fields, weights) in the driver, from metadata,
     before anything starts."""
     from distillation.data.mixture import validate_weights
 
     d = cfg.data
     validate_weights([s.weight for s in d.sources], [s.name for s in d.sources])
-    return {s.name: load_documents(s.name, s.kind, s.path, d.cache_dir, d.max_tokens_per_source, s.text_field, s.split)
+    return {s.name: open_source(s.name, s.kind, s.path, d.cache_dir, s.text_field, s.split, d.max_tokens_per_source)
             for s in d.sources}
 
 
-def prepare_corpus(cfg: DictConfig, tokenizer_dir: str, tokenizer,
-                   documents: Optional[Dict[str, List[Document]]] = None) -> Corpus:
-    """Tokenized (Ray Data), split and cut into rows; `documents` from `load_sources` if already read."""
+def row_recipe(cfg: DictConfig, tokenizer_dir: str) -> RowRecipe:
     d = cfg.data
-    documents = documents if documents is not None else load_sources(cfg)
-    docs, digests = [], {}
-    for source in d.sources:
-        loaded = documents[source.name]
-        digests[source.name] = content_digest(loaded)
-        docs.extend(loaded)
-    tokens = tokenize_documents(docs, tokenizer_dir)  # per source, in document order
-    probe_source = cfg.influence.probe_source or d.sources[0].name
-    train, heldout, probe = {}, {}, None
-    for source in d.sources:
-        by_split = {"train": [], "heldout": [], "probe": []}
-        mine = [doc for doc in docs if doc.source == source.name]
-        for doc, toks in zip(mine, tokens.get(source.name, [])):
-            by_split[split_of(f"{source.name}/{doc.doc_id}", d.heldout_fraction, d.probe_fraction)].append(toks)
-        rows = {name: pack(part, tokenizer.eos_token_id, d.seq_len, d.max_tokens_per_source)
-                for name, part in by_split.items()}
+    return RowRecipe(tokenizer_dir, d.seq_len, d.heldout_fraction, d.probe_fraction)
+
+
+def _sample(spec: SourceSpec, recipe: RowRecipe, wanted: Dict[str, int], num_cpus: float) -> Dict[str, Packed]:
+    """The rows of the source's first units (canonical order) until each split has `wanted` rows,
+    read SCAN_WINDOW units at a time; which units are read does not depend on timing."""
+    got: Dict[str, List[Packed]] = {name: [] for name in SPLITS}
+    pending, next_unit = [], 0
+    while True:
+        enough = all(sum(len(p.rows) for p in got[name]) >= n for name, n in wanted.items())
+        if enough or (not pending and next_unit == len(spec.units)):
+            break
+        while len(pending) < SCAN_WINDOW and next_unit < len(spec.units):
+            pending.append(cut_remote(recipe, spec, spec.units[next_unit], num_cpus))
+            next_unit += 1
+        for name, packed in ray.get(pending.pop(0)).items():
+            got[name].append(packed)
+    for ref in pending:
+        ray.cancel(ref)
+    return {name: concat(parts, recipe.seq_len) for name, parts in got.items()}
+
+
+def prepare_corpus(cfg: DictConfig, tokenizer_dir: str, tokenizer,
+                   specs: Optional[Dict[str, SourceSpec]] = None) -> Corpus:
+    d, inf = cfg.data, cfg.influence
+    specs = specs if specs is not None else open_sources(cfg)
+    recipe = row_recipe(cfg, tokenizer_dir)
+    probe_source = inf.probe_source or d.sources[0].name
+    heldout, pool, probe, train_read = {}, {}, None, []
+    for name, spec in specs.items():
+        wanted = {"train": inf.pool_sequences if inf.enabled else 1,
+                  "heldout": 4 * d.heldout_sequences if d.heldout_fraction > 0 else 0,
+                  "probe": 2 * inf.probe_sequences if inf.enabled and name == probe_source else 0}
+        rows = _sample(spec, recipe, wanted, d.reader_cpus)
         if len(rows["train"].rows) == 0:
-            raise DistillError(f"source '{source.name}' yields no training row (documents need at least 2 tokens)")
-        train[source.name] = rows["train"]
-        heldout[source.name] = spread(rows["heldout"], d.heldout_sequences)
-        if source.name == probe_source:
-            probe = spread(rows["probe"], cfg.influence.probe_sequences)
-    if cfg.influence.enabled and len(probe.rows) == 0:
+            raise DistillError(f"source '{name}' yields no training row (documents need at least 2 tokens)")
+        train_read.append(rows["train"])
+        pool[name] = spread(rows["train"], inf.pool_sequences)
+        heldout[name] = spread(rows["heldout"], d.heldout_sequences)
+        if name == probe_source:
+            probe = spread(rows["probe"], inf.probe_sequences)
+    if inf.enabled and len(probe.rows) == 0:
         raise DistillError(f"influence probe source '{probe_source}' has no probe documents; raise data.probe_fraction")
-    all_heldout = concat(list(heldout.values()))
-    return Corpus(train, heldout, all_heldout, predicted_bytes(all_heldout, tokenizer), probe, digests)
+    all_heldout = concat(list(heldout.values()), d.seq_len)
+    return Corpus(specs, recipe, heldout, all_heldout, predicted_bytes(all_heldout, tokenizer), probe, pool,
+                  fill_ratio(train_read))

@@ -1,23 +1,32 @@
-"""Which training row comes next: a seeded draw over sources by weight, with weights that move.
+"""Which training row comes next: a seeded draw over sources by weight, with weights that move, over
+sources streamed unit by unit.
 
-Sample k of the run (global order; `k // samples_per_step` is its optimizer step) is drawn as a
-source with probability equal to that source's weight at k's step, then the next row of that
-source's seeded permutation (without replacement; a source that runs out starts a new epoch).
+Each source is a list of units (data/sources.py). Epoch e of a source visits its units in a seeded
+order, in blocks of `window` units; a block's rows (all its units' training rows) are shuffled
+together by a seeded permutation. Sample k of the run (global order; `k // samples_per_step` is its
+optimizer step) picks a source with probability equal to that source's weight at k's step (a uniform
+number that is a hash of the seed and k), then the next row of that source's current block; a source
+whose block is spent moves to the next block, and after its last block to a new epoch.
 
 Weights change only on a schedule: an update computed after step s takes effect from step
 s + delay. A draw for a later step waits until that update has arrived, so the draws depend on the
-seed and the update values, never on timing. That is what makes resume exact: the plan's state
-(RNG, per-source epochs and cursors, weight history) at any sample count is saved in checkpoints.
+seed, the update values and the text, never on timing. The plan's state is small and bounded:
+per-source cursors (epoch, block, row), the sample count and the weight history; a resumed run
+continues from it exactly, reading the block its cursors point into.
 """
 
 import asyncio
 import copy
-from typing import Dict, List, Optional, Sequence
+from collections import OrderedDict
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import ray
 
 from distillation.errors import DistillError
+
+BlockKey = Tuple[int, int, int]  # (source, epoch, block)
+Address = Tuple[int, int, int, int]  # (source, epoch, block, row in the shuffled block)
 
 
 def validate_weights(weights: Sequence[float], names: Sequence[str]) -> np.ndarray:
@@ -31,27 +40,39 @@ def validate_weights(weights: Sequence[float], names: Sequence[str]) -> np.ndarr
     return w / w.sum()
 
 
-class MixturePlan:
-    """The deterministic sampler. Plain Python: the `Mixture` actor below serves it to the pipeline."""
+def uniforms(seed: int, ids: np.ndarray) -> np.ndarray:
+    """A uniform number in [0, 1) per sample id: splitmix64 of (seed, id), so sample k's source choice
+    needs no sequential RNG state."""
+    with np.errstate(over="ignore"):
+        z = np.asarray(ids, dtype=np.uint64) + np.uint64(seed % 2**32) * np.uint64(0x100000001B3)
+        z = z + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / float(2**53)
 
-    def __init__(self, names: Sequence[str], sizes: Sequence[int], weights: Sequence[float], seed: int,
+
+class MixturePlan:
+    """The deterministic sampler. Plain Python: the `Mixture` actor below serves it to the pipeline.
+    `units` is the number of units per source; the number of rows in a block is known once the
+    block is read, so `draw` asks for it through `block_rows`."""
+
+    def __init__(self, names: Sequence[str], units: Sequence[int], weights: Sequence[float], seed: int,
                  samples_per_step: int, update_steps: Sequence[int] = (), delay: int = 2,
-                 data_sha256: Optional[Dict[str, str]] = None):
+                 fingerprints: Optional[Dict[str, str]] = None, window: int = 8):
         if delay < 1:
             raise DistillError(f"influence.delay_steps must be >= 1 (the step that computes an update "
                                f"cannot also use it); got {delay}")
-        if any(n <= 0 for n in sizes):
-            raise DistillError(f"every source needs at least one training row; sizes {dict(zip(names, sizes))}")
-        self.names, self.sizes, self.seed = list(names), [int(n) for n in sizes], int(seed)
-        self.data_sha256 = dict(data_sha256 or {})  # what the rows were cut from: a resume must find the same
+        if any(n <= 0 for n in units):
+            raise DistillError(f"every source needs at least one unit; units {dict(zip(names, units))}")
+        self.names, self.units, self.seed, self.window = list(names), [int(n) for n in units], int(seed), int(window)
+        self.fingerprints = dict(fingerprints or {})  # what the rows were cut from: a resume must find the same
         self.samples_per_step, self.delay = int(samples_per_step), int(delay)
         self.update_steps = sorted(int(s) for s in update_steps)
-        self.rng = np.random.default_rng(seed)
-        self.epochs, self.cursors = [0] * len(sizes), [0] * len(sizes)
+        self.epochs, self.blocks, self.offsets = [0] * len(units), [0] * len(units), [0] * len(units)
         self.history: List[dict] = [{"step": 0, "computed_at": None, "scores": [],
                                      "weights": validate_weights(weights, names).tolist()}]
         self.count = 0  # samples drawn so far
-        self._orders: Dict[int, np.ndarray] = {}
 
     # -- weights ---------------------------------------------------------------------------
     def weights_at(self, step: int) -> np.ndarray:
@@ -85,91 +106,176 @@ class MixturePlan:
                 return s
         return None
 
-    # -- drawing ---------------------------------------------------------------------------
-    def _order(self, source: int) -> np.ndarray:
-        key = self.epochs[source]
-        if self._orders.get(source, (None,))[0] != key:
-            perm = np.random.default_rng([self.seed, source, key]).permutation(self.sizes[source])
-            self._orders[source] = (key, perm)
-        return self._orders[source][1]
+    # -- blocks ----------------------------------------------------------------------------
+    def blocks_per_epoch(self, source: int) -> int:
+        return -(-self.units[source] // self.window)
 
-    def draw(self, count: int) -> List[tuple]:
-        """Draw samples self.count .. count-1; returns their (source, row) pairs."""
+    def block_units(self, key: BlockKey) -> np.ndarray:
+        """The indices of the units block `key` holds, in the epoch's seeded unit order."""
+        source, epoch, block = key
+        order = np.random.default_rng([self.seed, source, epoch]).permutation(self.units[source])
+        return order[block * self.window:(block + 1) * self.window]
+
+    def block_order(self, key: BlockKey, rows: int) -> np.ndarray:
+        """The shuffled order of a block's `rows` rows."""
+        return np.random.default_rng([self.seed, *key, 1]).permutation(rows)
+
+    def next_block(self, key: BlockKey) -> BlockKey:
+        source, epoch, block = key
+        return (source, epoch, block + 1) if block + 1 < self.blocks_per_epoch(source) else (source, epoch + 1, 0)
+
+    def cursor(self, source: int) -> BlockKey:
+        return source, self.epochs[source], self.blocks[source]
+
+    # -- drawing ---------------------------------------------------------------------------
+    def draw(self, count: int, block_rows: Callable[[BlockKey], Optional[int]]
+             ) -> Tuple[List[Address], Optional[BlockKey]]:
+        """Draw samples self.count .. count-1. Stops early, before a block whose size `block_rows`
+        does not know yet (None), and returns that block's key with what it drew."""
         blocked = self.blocking_update(count)
         if blocked is not None:
             raise DistillError(f"sample {count - 1} needs the weight update of step {blocked}, not received yet")
-        out = []
-        while self.count < count:
-            probs = self.weights_at(self.count // self.samples_per_step)
-            source = int(np.searchsorted(np.cumsum(probs), self.rng.random() * probs.sum(), side="right"))
-            source = min(source, len(probs) - 1)
-            if self.cursors[source] == self.sizes[source]:
-                self.epochs[source] += 1
-                self.cursors[source] = 0
-            out.append((source, int(self._order(source)[self.cursors[source]])))
-            self.cursors[source] += 1
+        out: List[Address] = []
+        if self.count >= count:
+            return out, None
+        ids = np.arange(self.count, count)
+        for k, u in zip(ids.tolist(), uniforms(self.seed, ids).tolist()):
+            probs = self.weights_at(k // self.samples_per_step)
+            source = min(int(np.searchsorted(np.cumsum(probs), u * probs.sum(), side="right")), len(probs) - 1)
+            while True:  # move past spent (or empty) blocks
+                key = self.cursor(source)
+                rows = block_rows(key)
+                if rows is None:
+                    return out, key
+                if self.offsets[source] < rows:
+                    break
+                _, self.epochs[source], self.blocks[source] = self.next_block(key)
+                self.offsets[source] = 0
+            out.append((*key, self.offsets[source]))
+            self.offsets[source] += 1
             self.count += 1
-        return out
+        return out, None
 
     # -- state -----------------------------------------------------------------------------
     def state(self) -> dict:
-        return {"names": self.names, "sizes": self.sizes, "seed": self.seed, "data_sha256": dict(self.data_sha256),
-                "samples_per_step": self.samples_per_step, "delay": self.delay,
-                "update_steps": self.update_steps, "count": self.count, "epochs": list(self.epochs),
-                "cursors": list(self.cursors), "rng": copy.deepcopy(self.rng.bit_generator.state),
+        return {"names": self.names, "units": self.units, "seed": self.seed, "window": self.window,
+                "fingerprints": dict(self.fingerprints), "samples_per_step": self.samples_per_step,
+                "delay": self.delay, "update_steps": self.update_steps, "count": self.count,
+                "epochs": list(self.epochs), "blocks": list(self.blocks), "offsets": list(self.offsets),
                 "history": copy.deepcopy(self.history)}
 
     @classmethod
     def from_state(cls, state: dict) -> "MixturePlan":
-        plan = cls(state["names"], state["sizes"], state["history"][0]["weights"], state["seed"],
-                   state["samples_per_step"], state["update_steps"], state["delay"], state.get("data_sha256"))
-        plan.count, plan.epochs, plan.cursors = state["count"], list(state["epochs"]), list(state["cursors"])
-        plan.rng.bit_generator.state = copy.deepcopy(state["rng"])
+        if "units" not in state:
+            raise DistillError("this checkpoint's data plan comes from before sources were streamed "
+                               "(it counts rows, not units); start a new run")
+        plan = cls(state["names"], state["units"], state["history"][0]["weights"], state["seed"],
+                   state["samples_per_step"], state["update_steps"], state["delay"], state["fingerprints"],
+                   state["window"])
+        plan.count = state["count"]
+        plan.epochs, plan.blocks, plan.offsets = list(state["epochs"]), list(state["blocks"]), list(state["offsets"])
         plan.history = copy.deepcopy(state["history"])
         return plan
 
 
 @ray.remote(num_cpus=0)
 class Mixture:
-    """The one place the running pipeline reads weights from. Holds the plan, the training rows of
-    every source, and the draws a restarted worker may still ask for; `draw` awaits scheduled
-    weight updates.
+    """The one place the running pipeline reads weights and rows from. Holds the plan, the blocks in
+    use (read by Ray tasks, the next block of each source read ahead), and the draws a restarted
+    worker may still ask for; `draw` awaits scheduled weight updates.
 
-    Draws are kept from `start`, the sample count of the checkpoint two before the latest: a worker
-    group restarts from the latest registered checkpoint, and Ray Train registers one only after
-    every rank reported it, so by the time a third checkpoint is being written the first of the
-    three is as far back as a restart can go. Memory is two checkpoint intervals of draws (plus the
-    pipeline's look-ahead), not the run's."""
+    Memory is bounded: at most `cached_blocks` blocks of rows, the row counts of the blocks visited
+    (one int each), and the draws (4 ints each) from `start`, the sample count of the checkpoint two
+    before the latest: a worker group restarts from the latest registered checkpoint, and Ray Train
+    registers one only after every rank reported it, so by the time a third checkpoint is being
+    written the first of the three is as far back as a restart can go. A draw whose block was
+    evicted reads it again (the same rows: reading is deterministic)."""
 
-    def __init__(self, plan_state: dict, rows: Dict[str, np.ndarray], lengths: Dict[str, np.ndarray]):
+    def __init__(self, plan_state: dict, corpus_specs: dict, recipe, pool: Dict[str, tuple],
+                 reader_cpus: float = 0.0, cached_blocks: Optional[int] = None):
+        from distillation.data.corpus import cut_remote
+
+        self.cut_remote = cut_remote
         self.base_state = copy.deepcopy(plan_state)  # the plan at sample `start`
         self.plan = MixturePlan.from_state(plan_state)
+        self.specs = [corpus_specs[n] for n in self.plan.names]
+        self.recipe, self.reader_cpus = recipe, reader_cpus
+        self.pool = [pool[n] for n in self.plan.names]
         self.start = self.plan.count  # draws before this were consumed before a resume
-        self.rows = [rows[n] for n in self.plan.names]
-        self.lengths = [lengths[n] for n in self.plan.names]
-        self.drawn: List[tuple] = []  # samples start .. plan.count - 1
+        self.drawn: List[Address] = []  # samples start .. plan.count - 1
         self.checkpoints: List[int] = []  # sample counts `state_at` was asked for, in order
         self.updated = asyncio.Condition()
+        self.cached_blocks = cached_blocks or 2 * len(self.specs) + 2  # the current and the next block per source
+        self.blocks: "OrderedDict[BlockKey, tuple]" = OrderedDict()  # LRU of shuffled row columns
+        self.reading: Dict[BlockKey, list] = {}  # blocks being read: their units' task refs
+        self.block_rows: Dict[BlockKey, int] = {}
+        self.served = [0, 0]  # real tokens, row positions handed out
+        self.units_read = 0
+
+    # -- blocks ----------------------------------------------------------------------------
+    def _start_reading(self, key: BlockKey) -> None:
+        if key not in self.blocks and key not in self.reading:
+            spec = self.specs[key[0]]
+            self.units_read += len(self.plan.block_units(key))
+            self.reading[key] = [self.cut_remote(self.recipe, spec, spec.units[u], self.reader_cpus)
+                                 for u in self.plan.block_units(key)]
+
+    async def _block(self, key: BlockKey) -> tuple:
+        if key in self.blocks:
+            self.blocks.move_to_end(key)
+            return self.blocks[key]
+        self._start_reading(key)
+        refs = self.reading[key]
+        parts = [part["train"] for part in await asyncio.gather(*refs)]
+        self.reading.pop(key, None)
+        if key in self.blocks:  # another call finished the same read while this one awaited it
+            return self.blocks[key]
+        units = self.plan.block_units(key)
+        columns = (np.concatenate([p.rows for p in parts]), np.concatenate([p.lengths for p in parts]),
+                   np.concatenate([np.full(len(p.rows), u, np.int64) for u, p in zip(units, parts)]),
+                   np.concatenate([np.arange(len(p.rows), dtype=np.int64) for p in parts]))
+        order = self.plan.block_order(key, len(columns[0]))
+        self.blocks[key] = tuple(c[order] for c in columns)  # rows, lengths, unit, row in unit
+        self.block_rows[key] = len(order)
+        while len(self.blocks) > self.cached_blocks:
+            self.blocks.popitem(last=False)
+        self._start_reading(self.plan.next_block(key))  # read ahead while this block is used
+        return self.blocks[key]
+
+    async def _draw_until(self, need: int) -> None:
+        """Draw up to sample `need`, reading blocks as the plan reaches them, waiting for updates."""
+        while self.plan.count < need:
+            blocked = self.plan.blocking_update(need)
+            if blocked is not None:  # draw what does not depend on the missing update, then wait
+                limit = (blocked + self.plan.delay) * self.plan.samples_per_step
+                if self.plan.count >= limit:
+                    await self.updated.wait()
+                    continue
+            else:
+                limit = need
+            drawn, missing = self.plan.draw(min(need, limit), self.block_rows.get)
+            self.drawn.extend(drawn)
+            if missing is not None:
+                await self._block(missing)
 
     async def draw(self, sample_ids: np.ndarray) -> dict:
         ids = np.asarray(sample_ids, dtype=np.int64)
         self._check_kept(ids)
-        need = int(ids.max()) + 1 if len(ids) else 0
         async with self.updated:
-            while self.plan.count < need:
-                blocked = self.plan.blocking_update(need)
-                # Draw everything that does not depend on the missing update, then wait for it.
-                limit = need if blocked is None else (blocked + self.plan.delay) * self.plan.samples_per_step
-                self.drawn.extend(self.plan.draw(max(self.plan.count, min(need, limit))))
-                if blocked is not None:
-                    await self.updated.wait()
+            await self._draw_until(int(ids.max()) + 1 if len(ids) else 0)
         self._check_kept(ids)  # again: draws may have been released while this call waited for an update
         picked = [self.drawn[i - self.start] for i in ids]
-        source = np.array([s for s, _ in picked], dtype=np.int32)
-        index = np.array([i for _, i in picked], dtype=np.int64)
-        return {"sample_id": ids, "source": source, "row": index,
-                "input_ids": np.stack([self.rows[s][i] for s, i in picked]) if picked else np.zeros((0, 0), np.int32),
-                "length": np.array([self.lengths[s][i] for s, i in picked], dtype=np.int32)}
+        columns = [[], [], [], []]  # rows, lengths, unit, row in unit
+        for source, epoch, block, index in picked:
+            for column, values in zip(columns, await self._block((source, epoch, block))):
+                column.append(values[index])
+        lengths = np.array(columns[1], dtype=np.int32)
+        self.served[0] += int(lengths.sum())
+        self.served[1] += len(lengths) * self.recipe.seq_len
+        return {"sample_id": ids, "source": np.array([p[0] for p in picked], dtype=np.int32),
+                "unit": np.array(columns[2], dtype=np.int64), "row": np.array(columns[3], dtype=np.int64),
+                "input_ids": np.stack(columns[0]) if picked else np.zeros((0, self.recipe.seq_len), np.int32),
+                "length": lengths}
 
     async def set_weights(self, computed_at: int, weights: List[float], scores: List[float] = ()) -> bool:
         async with self.updated:
@@ -200,14 +306,22 @@ class Mixture:
     def _replayed(self, count: int) -> dict:
         if count < self.start:
             raise DistillError(f"state at {count} precedes sample {self.start}, the earliest this mixture keeps")
+        if count > self.plan.count:
+            raise DistillError(f"state at {count} is past sample {self.plan.count}, the last drawn")
         replay = MixturePlan.from_state(self.base_state)
         replay.history = copy.deepcopy(self.plan.history)
-        replay.draw(count)
+        replay.draw(count, self.block_rows.get)  # every block it passes was read to draw them the first time
         return replay.state()
 
     def retained(self) -> dict:
-        """Which draws are kept (for tests and the curious): from sample `start`, `draws` of them."""
-        return {"start": self.start, "draws": len(self.drawn)}
+        """What is kept (for tests and the curious): draws from sample `start`, blocks of rows, and how
+        many units were read so far."""
+        return {"start": self.start, "draws": len(self.drawn), "blocks": len(self.blocks),
+                "units_read": self.units_read}
+
+    def fill_ratio(self) -> float:
+        """Real tokens per row position over the rows handed out so far."""
+        return self.served[0] / max(1, self.served[1])
 
     def history(self) -> List[dict]:
         return copy.deepcopy(self.plan.history)
@@ -216,11 +330,12 @@ class Mixture:
         return self.plan.weights_at(step)
 
     def influence_batches(self, step: int, batch_size: int) -> Dict[str, tuple]:
-        """`batch_size` training rows per source for the influence estimate at `step`, seeded by step
-        (not drawn from the plan, so estimating influence never changes what the trainer sees)."""
+        """`batch_size` rows per source for the influence estimate at `step` from the sources' pools,
+        seeded by step (not drawn from the plan, so estimating influence never changes what the
+        trainer sees)."""
         rng = np.random.default_rng([self.plan.seed, step, 1])
         out = {}
-        for name, rows, lengths in zip(self.plan.names, self.rows, self.lengths):
+        for name, (rows, lengths) in zip(self.plan.names, self.pool):
             pick = rng.choice(len(rows), size=min(batch_size, len(rows)), replace=False)
             out[name] = (rows[pick], lengths[pick])
         return out

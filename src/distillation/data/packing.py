@@ -22,8 +22,10 @@ class Packed(NamedTuple):
     dropped_tokens: int  # in one-token pieces, or beyond the token budget
 
 
-def pack(token_lists: List[np.ndarray], pad_id: int, seq_len: int, max_tokens: int) -> Packed:
+def pack(token_lists: List[np.ndarray], pad_id: int, seq_len: int, max_tokens: Optional[int] = None) -> Packed:
+    """Rows of the documents in order, up to `max_tokens` real tokens if given."""
     rows, lengths, dropped, taken = [], [], 0, 0
+    max_tokens = 10**18 if max_tokens is None else max_tokens
     for tokens in token_lists:
         tokens = np.asarray(tokens, dtype=np.int32)
         for start in range(0, len(tokens), seq_len):
@@ -43,7 +45,7 @@ def pack(token_lists: List[np.ndarray], pad_id: int, seq_len: int, max_tokens: i
 
 def full_rows(token_lists: List[np.ndarray], seq_len: int, count: Optional[int] = None) -> np.ndarray:
     """The first `count` (default: all) rows with no padding, for benchmarks that compare like with like."""
-    packed = pack(token_lists, 0, seq_len, max_tokens=10**12)
+    packed = pack(token_lists, 0, seq_len)
     rows = packed.rows[packed.lengths == seq_len][:count]
     if count is not None and len(rows) < count:
         raise ValueError(f"only {len(rows)} full rows of {seq_len} tokens; {count} wanted")

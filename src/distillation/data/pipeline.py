@@ -1,5 +1,5 @@
-"""The Ray Data pipeline: tokenize the sources; per training worker, draw rows from the mixture and
-attach teacher answers to them.
+"""The Ray Data pipeline per training worker: draw rows from the mixture (which reads the sources
+unit by unit, data/mixture.py) and attach teacher answers to them.
 
 The teacher stage is a callable class holding a Serve DeploymentHandle; its async `__call__` lets
 Ray Data keep several requests in flight while the trainer consumes earlier batches. It does not
@@ -11,36 +11,6 @@ from typing import Dict, List, Optional
 
 import numpy as np
 import ray
-
-from distillation.data.sources import Document
-
-
-class Tokenize:
-    def __init__(self, tokenizer_dir: str):
-        from distillation.models import load_tokenizer
-
-        self.tokenizer = load_tokenizer(tokenizer_dir)
-
-    def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-        encoded = self.tokenizer(list(batch["text"]), add_special_tokens=False)["input_ids"]
-        ragged = np.empty(len(encoded), dtype=object)
-        ragged[:] = [np.asarray(ids, dtype=np.int32) for ids in encoded]
-        return {"source": batch["source"], "doc_id": batch["doc_id"], "tokens": ragged}
-
-
-def tokenize_documents(docs: List[Document], tokenizer_dir: str) -> Dict[str, List[np.ndarray]]:
-    """Token arrays per source, in document order."""
-    ray.data.DataContext.get_current().enable_progress_bars = False  # one training progress bar, later
-    items = [{"source": d.source, "doc_id": d.doc_id, "text": d.text} for d in docs]
-    ds = ray.data.from_items(items).map_batches(
-        Tokenize, fn_constructor_kwargs={"tokenizer_dir": tokenizer_dir}, batch_size=64, num_cpus=1,
-        compute=ray.data.ActorPoolStrategy(size=1))
-    order = {(d.source, d.doc_id): i for i, d in enumerate(docs)}
-    rows = sorted(ds.take_all(), key=lambda r: order[(r["source"], r["doc_id"])])
-    out: Dict[str, List[np.ndarray]] = {}
-    for row in rows:
-        out.setdefault(row["source"], []).append(np.asarray(row["tokens"], dtype=np.int32))
-    return out
 
 
 def _retryable() -> tuple:

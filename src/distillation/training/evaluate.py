@@ -39,7 +39,7 @@ def text_rows(tokenizer, text: str, seq_len: int = 256) -> Packed:
     consecutive rows of `seq_len` by the training packer: no overlap, padding carries no label."""
     ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int32)
     pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    return pack([ids], pad_id, seq_len, max_tokens=10**12)
+    return pack([ids], pad_id, seq_len)
 
 
 def score_text(model: nn.Module, tokenizer, text: str, seq_len: int = 256, batch_size: int = 4) -> dict:

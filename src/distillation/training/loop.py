@@ -206,7 +206,7 @@ def train_loop_per_worker(config: dict) -> None:
         waited_since = time.perf_counter()
         for batch in read_batches(stream, t.batch_size, w.device):
             data_wait_s = time.perf_counter() - waited_since
-            ledger.extend(zip(batch["sample_id"].tolist(), batch["source"].tolist(), batch["row"].tolist()))
+            ledger.extend(zip(*(batch[c].tolist() for c in ("sample_id", "source", "unit", "row"))))
             sync = (micro + 1) % t.grad_accum == 0
             # DDP all-reduces on every backward unless told not to: only the last micro-batch syncs.
             with nullcontext() if sync or not hasattr(w.model, "no_sync") else w.model.no_sync():
