@@ -1,12 +1,18 @@
-"""The data side at scale. Part `cache`: a teacher cache of hidden-state answers (SmolLM2's width,
-the default row length) at 1x and 10x the default corpus's training rows, written by the same code as
-write-through; a replica's replay measured in a fresh process each (its peak RSS must follow
-`teacher.cache_memory_mb`, not the cache's size), with random lookups of training-sized batches.
+"""The data side at scale, in two parts.
 
-    python -m bench data [--scales 1 10] [--batches 300] [--memory-mb 512]
+`corpus`: a corpus of real text (the built-in sources' documents, repeated) at 1x, 10x and 100x
+CORPUS_BASE_TOKENS, as JSONL and as Parquet shards; for each, the CPU default student trains CE-only
+(no teacher, so only the data path differs) for a few steps through the real `distill` command. Measured:
+seconds to the first optimizer step, training tokens/s, and the peak RSS (VmHWM) of the driver, the
+Mixture actor and every unit-reading worker. Goal: at 100x, time to first step and memory within
+1.2x of 1x, tokens/s unchanged within noise.
 
-The corpus half of the issue (streaming 1x/10x/100x Parquet and JSONL corpora) waits for the
-streaming data path; today the corpus passes through the driver (README, known limits).
+`cache`: a teacher cache of hidden-state answers (SmolLM2's width, the default row length) at 1x and
+10x BASE_ROWS, written by the same code as write-through; a replica's replay measured in a fresh
+process each (its peak RSS must follow `teacher.cache_memory_mb`, not the cache's size), with random
+lookups of training-sized batches.
+
+    python -m bench data [--parts corpus cache] [--scales 1 10 100] [--repeats 2] [--steps 12]
 """
 
 import argparse
@@ -15,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -85,17 +92,146 @@ def _replay_in_fresh_process(root: Path, rows: int, batches: int, memory_mb: flo
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _median_range(values) -> str:
-    return f"{statistics.median(values):,.0f} [{min(values):,.0f}, {max(values):,.0f}]"
+def _median_range(values, digits=0) -> str:
+    return f"{statistics.median(values):,.{digits}f} [{min(values):,.{digits}f}, {max(values):,.{digits}f}]"
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m bench data")
-    parser.add_argument("--scales", type=int, nargs="+", default=[1, 10])
-    parser.add_argument("--batches", type=int, default=300)
-    parser.add_argument("--memory-mb", type=float, default=512)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args(argv)
+# -- corpus ----------------------------------------------------------------------------------------
+CORPUS_BASE_TOKENS = 1_200_000  # the old default's budget: 3 sources x 400k tokens
+SHARD_BYTES = 32 << 20  # JSONL shards: several line-aligned units each
+PARQUET_ROW_GROUP = 2_000  # documents per row group
+
+
+def _base_documents() -> list:
+    from distillation.config import load_config
+    from distillation.data.sources import BYTES_PER_TOKEN, load_documents
+
+    cfg = load_config([])
+    docs = [d.text for s in cfg.data.sources
+            for d in load_documents(s.name, s.kind, s.path, cfg.data.cache_dir, CORPUS_BASE_TOKENS)]
+    out, size = [], 0
+    for text in docs:  # the first ~CORPUS_BASE_TOKENS tokens' worth, interleaving the sources' documents
+        if size >= CORPUS_BASE_TOKENS * BYTES_PER_TOKEN:
+            break
+        out.append(text)
+        size += len(text.encode())
+    return out
+
+
+def write_corpus(root: Path, docs: list, scale: int, kind: str) -> int:
+    """The base documents repeated `scale` times as shards of `kind`; bytes written."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root.mkdir(parents=True, exist_ok=True)
+    if kind == "parquet":
+        for copy in range(scale):  # one file per copy of the base corpus
+            pq.write_table(pa.table({"text": docs}), root / f"part-{copy:05d}.parquet",
+                           row_group_size=PARQUET_ROW_GROUP)
+    else:
+        shard, handle = 0, None
+        for _ in range(scale):
+            for text in docs:
+                if handle is None or handle.tell() >= SHARD_BYTES:
+                    if handle:
+                        handle.close()
+                    handle, shard = open(root / f"part-{shard:05d}.jsonl", "w"), shard + 1
+                handle.write(json.dumps({"text": text}) + "\n")
+        handle.close()
+    return sum(p.stat().st_size for p in root.iterdir())
+
+
+def _peaks(pid: int, stop: threading.Event, out: dict) -> None:
+    """Every 0.2 s, the VmHWM of `pid` and of each Ray process by role: what a process peaked at is
+    kept even after it exits."""
+    roles = {"ray::Mixture": "mixture", "ray::_cut": "readers", "ray::RayTrainWorker": "train worker"}
+    seen: dict = {}
+    while not stop.is_set():
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                title = (entry / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+                hwm = next(int(line.split()[1]) / 1024 for line in (entry / "status").read_text().splitlines()
+                           if line.startswith("VmHWM:"))
+            except (OSError, StopIteration):
+                continue
+            role = "driver" if int(entry.name) == pid else next((r for t, r in roles.items() if title.startswith(t)),
+                                                                 seen.get(int(entry.name), (None,))[0])
+            if role:
+                seen[int(entry.name)] = (role, max(hwm, seen.get(int(entry.name), (role, 0))[1]))
+        stop.wait(0.2)
+    for role, hwm in seen.values():
+        out.setdefault(role, []).append(hwm)
+
+
+def train_on(corpus: Path, kind: str, steps: int, out: Path) -> dict:
+    """One CE-only `distill` run on the corpus: seconds to the first step, tokens/s, peak RSS by role."""
+    args = ["distillation=ce_only", f"data.sources=[{{name: corpus, kind: {kind}, path: '{corpus}'}}]",
+            f"training.max_steps={steps}", "training.eval_every=0", f"run.output_dir={out}", "run.name=data",
+            "run.progress=false"]
+    started = time.time()
+    process = subprocess.Popen([sys.executable, "-m", "distillation.cli", *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, cwd=Path(__file__).resolve().parents[1])
+    stop, peaks, first = threading.Event(), {}, [None]
+    watcher = threading.Thread(target=_peaks, args=(process.pid, stop, peaks), daemon=True)
+    watcher.start()
+    metrics = out / "data" / "metrics.jsonl"
+    while process.poll() is None:
+        if first[0] is None and metrics.is_file() and metrics.stat().st_size:
+            first[0] = time.time() - started
+        time.sleep(0.2)
+    stop.set()
+    watcher.join()
+    log = process.stdout.read()
+    if process.returncode:
+        raise RuntimeError(f"distill failed ({process.returncode}): {log[-3000:]}")
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    return {"first_step_s": first[0], "wall_s": time.time() - started,
+            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rows[2:]),
+            "peak_rss_mb": {role: max(v) for role, v in peaks.items()}, "processes": {r: len(v) for r, v in peaks.items()}}
+
+
+def _ratio(last: dict, first: dict, pick) -> float:
+    median = lambda row: statistics.median(pick(r) for r in row["runs"])  # noqa: E731
+    return median(last) / max(1e-9, median(first))
+
+
+def corpus_part(args) -> dict:
+    docs = _base_documents()
+    lines = ["| format | scale | on disk | first step s | tokens/s | driver MB | mixture MB | readers MB (max) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    measured = []
+    for kind in ("jsonl", "parquet"):
+        for scale in args.scales:
+            with tempfile.TemporaryDirectory(dir=Path.home() / ".cache") as root:
+                corpus = Path(root) / "corpus"
+                size = write_corpus(corpus, docs, scale, kind)
+                runs = [train_on(corpus, kind, args.steps, Path(root) / f"run{r}") for r in range(args.repeats)]
+            row = {"kind": kind, "scale": scale, "bytes": size, "runs": runs}
+            measured.append(row)
+            print(json.dumps(row), flush=True)
+            peak = lambda role: [r["peak_rss_mb"].get(role, 0) for r in runs]  # noqa: E731
+            lines.append(f"| {kind} | {scale}x | {size / 2**20:,.0f} MiB | "
+                         f"{_median_range([r['first_step_s'] for r in runs], 1)} | "
+                         f"{_median_range([r['tokens_per_s'] for r in runs])} | {_median_range(peak('driver'))} | "
+                         f"{_median_range(peak('mixture'))} | {_median_range(peak('readers'))} |")
+    lines.append("")
+    for kind in ("jsonl", "parquet"):
+        rows = [m for m in measured if m["kind"] == kind]
+        first, last = rows[0], rows[-1]
+        parts = [f"{name} {_ratio(last, first, pick):.2f}x" for name, pick in (
+            ("first step", lambda r: r["first_step_s"]), ("tokens/s", lambda r: r["tokens_per_s"]),
+            *[(f"{role} RSS", lambda r, role=role: r["peak_rss_mb"].get(role, 0))
+              for role in ("driver", "mixture", "readers")])]
+        lines.append(f"{kind} {last['scale']}x against {first['scale']}x: " + ", ".join(parts) + ".")
+    lines.append(f"1x = about {CORPUS_BASE_TOKENS:,} tokens ({len(docs):,} documents of the built-in "
+                 f"sources); {args.repeats} runs each of {args.steps} CE-only steps of the CPU default student "
+                 f"(training.batch_size 4, seq_len 256), one source; peak RSS is each process's VmHWM.")
+    return {"table": "\n".join(lines), "measured": measured}
+
+
+def cache_part(args) -> dict:
     row_mb = SEQ_LEN * HIDDEN * 2 / 2**20
     lines = ["| scale | rows | cache on disk | write s | index s | replay tokens/s | replica peak RSS (MB) |",
              "|---|---:|---:|---:|---:|---:|---:|"]
@@ -122,7 +258,25 @@ def main(argv=None) -> dict:
                  f"tokens/s {ratio('tokens_per_s'):.2f}x. Rows of {row_mb:.2f} MiB (hidden states, {SEQ_LEN} x "
                  f"{HIDDEN} fp16); {args.repeats} replays of {args.batches} random batches of {BATCH} rows each, "
                  f"every replay in a fresh process with teacher.cache_memory_mb={args.memory_mb:g}.")
-    return {"table": "\n".join(lines), "measured": measured, "settings": vars(args)}
+    return {"table": "\n".join(lines), "measured": measured}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m bench data")
+    parser.add_argument("--parts", nargs="+", choices=["corpus", "cache"], default=["corpus", "cache"])
+    parser.add_argument("--scales", type=int, nargs="+", default=None, help="corpus: 1 10 100; cache: 1 10")
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--batches", type=int, default=300)
+    parser.add_argument("--memory-mb", type=float, default=512)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args(argv)
+    tables, measured = [], {}
+    for part, scales, run in (("corpus", [1, 10, 100], corpus_part), ("cache", [1, 10], cache_part)):
+        if part in args.parts:
+            got = run(argparse.Namespace(**{**vars(args), "scales": args.scales or scales}))
+            tables.append(f"**{part}**\n\n" + got["table"])
+            measured[part] = got["measured"]
+    return {"table": "\n\n".join(tables), "measured": measured, "settings": vars(args)}
 
 
 if __name__ == "__main__":

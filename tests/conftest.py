@@ -161,7 +161,8 @@ def tiny_overrides(model_dir: Path, out: Path, steps: int = 4):
 
 def jsonl_corpus(root: Path, files: int, docs_per_file: int, seed: int = 0) -> Path:
     """A folder of JSONL files of real English text (the Python reference docs, cut into snippets of
-    about 40-400 characters, shuffled by `seed`): many small documents, one row each at seq_len 64."""
+    about 40-400 characters, shuffled by `seed`, each led by its own number so no two are alike): many
+    small documents, one row each at seq_len 64."""
     import json
     from pydoc_data.topics import topics
 
@@ -174,8 +175,8 @@ def jsonl_corpus(root: Path, files: int, docs_per_file: int, seed: int = 0) -> P
         starts = rng.integers(0, len(words) - 80, docs_per_file)
         sizes = rng.integers(8, 80, docs_per_file)
         with open(root / f"part-{f:04d}.jsonl", "w") as out:
-            for start, size in zip(starts, sizes):
-                out.write(json.dumps({"text": " ".join(words[start:start + size])}) + "\n")
+            for i, (start, size) in enumerate(zip(starts, sizes)):
+                out.write(json.dumps({"text": f"{f}.{i}. " + " ".join(words[start:start + size])}) + "\n")
     return root
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import tiny_model_dir, tiny_overrides
+from conftest import jsonl_corpus, tiny_model_dir, tiny_overrides
 from distillation.config import load_config
 
 pytestmark = pytest.mark.slow
@@ -103,6 +103,33 @@ def test_precomputed_cache_replays_the_whole_run_without_a_teacher_model(tiny_te
         row = rows[len(rows) // 2]
         cached, _ = cache.lookup(row[None])
         np.testing.assert_array_equal(cached.sampled_ids, live.score(row[None]).sampled_ids)
+
+
+def test_a_corpus_of_300k_documents_streams_lazily_and_held_out_text_never_reaches_training(tiny_teacher, ray_cluster,
+                                                                                             tmp_path):
+    """Far more documents than the old in-memory path took (it capped a source at 400k tokens): the
+    run reads only the units its steps draw from, and no held-out or probe row is ever trained on."""
+    from distillation.data.corpus import open_sources, row_recipe
+    from distillation.run import run
+    from distillation.training.metrics import read_jsonl
+
+    corpus = jsonl_corpus(tmp_path / "corpus", files=60, docs_per_file=5_000)  # 300k documents, ~75 MB
+    args = [o for o in tiny_overrides(tiny_teacher, tmp_path, steps=3) if not o.startswith(("run.name", "data.max"))]
+    cfg = load_config(args + ["run.name=big", "distillation=ce_only", "data.probe_fraction=0.1",
+                              f"data.sources=[{{name: big, kind: jsonl, path: {corpus}}}]"])
+    summary = run(cfg)
+    assert summary["steps"] == 3 and summary["data"]["units"] == {"big": 60}
+    assert summary["data"]["units_read"] <= 2 * cfg.data.shuffle_units  # the block in use and the next one
+    assert 0 < summary["peak_rss_mb"]["mixture"] < 1000 and 0 < summary["peak_rss_mb"]["driver"]
+    spec, recipe = open_sources(cfg)["big"], row_recipe(cfg, str(tiny_teacher))
+    trained, held = set(), set()
+    for entry in read_jsonl(Path(summary["ledger"])):
+        for _, source, unit, row in entry["samples"]:
+            parts = recipe.cut(spec, spec.units[unit])
+            trained.add(parts["train"].rows[row].tobytes())
+            held |= {r.tobytes() for name in ("heldout", "probe") for r in parts[name].rows}
+    assert len(trained) == 3 * 2 * 2 and held  # every trained row is a training row of its unit ...
+    assert not trained & held  # ... and none is a held-out or probe row
 
 
 def _cli(*args, cwd):

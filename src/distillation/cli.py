@@ -4,6 +4,7 @@
 teacher) on text files, in this process, without Ray."""
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -52,6 +53,13 @@ def main(argv: Optional[List[str]] = None, command: str = "distill") -> int:
                 run(cfg, ray_lines)
     except DistillError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        if getattr(exc, "at_once", False):
+            # Ray Train's fit() still waits in ray.get on its thread, and Ray's shutdown at interpreter
+            # exit makes such a thread end the process with status 1. The run's clean-up is done and
+            # a local cluster's processes share this one's fate, so leave now with the status meant.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(exc.exit_code)
         return getattr(exc, "exit_code", 2)
     except KeyboardInterrupt:  # outside training (where the driver handles it): set-up or clean-up
         print("error: interrupted; if the run folder exists, run.resume=true continues from its last checkpoint",

@@ -77,3 +77,13 @@ def placement_problem(nodes: List[Dict[str, float]], replica: Dict[str, float], 
     beside = f" beside {replicas} teacher replica(s)" if replicas else ""
     return (f"training.num_workers={workers} workers of {worker} cannot be placed: the cluster's nodes hold "
             f"room for {fits}{beside}. Lower num_workers or add nodes.")
+
+
+def peak_rss_mb() -> float:
+    """This process's memory high-water mark (VmHWM; 0 where /proc is missing). Not getrusage's
+    ru_maxrss: Linux carries that over fork and exec, so a fresh process would report its parent's."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return 0.0

@@ -22,7 +22,7 @@ from typing import Optional
 import ray
 from omegaconf import DictConfig, OmegaConf
 
-from distillation.cluster import check_placement, init_ray
+from distillation.cluster import check_placement, init_ray, peak_rss_mb
 from distillation.config import to_yaml
 from distillation.console import RayLinesToFile, say, session_log_dir
 from distillation.data.corpus import Corpus, prepare_corpus
@@ -48,9 +48,14 @@ INTERRUPTED_EXIT = 130  # what shells report for a process ended by SIGINT
 
 
 class Interrupted(DistillError):
-    """The user stopped the run (Ctrl-C / SIGINT); the message says what was kept and how to resume."""
+    """The user stopped the run (Ctrl-C / SIGINT); the message says what was kept and how to resume.
+    `at_once`: stopped without waiting for training to end, so Ray Train's fit is still running."""
 
     exit_code = INTERRUPTED_EXIT
+
+    def __init__(self, message: str, at_once: bool = False):
+        super().__init__(message)
+        self.at_once = at_once
 
 
 @dataclass
@@ -58,7 +63,7 @@ class Prepared:
     corpus: Corpus
     student_before: dict
     teacher_eval: Optional[dict]
-    served_fill: Optional[float] = None  # real tokens per row position over the rows trained on
+    mixture_stats: Optional[dict] = None  # the Mixture actor's `retained()` at the end of training
 
 
 def run(cfg: DictConfig, ray_lines: Optional[RayLinesToFile] = None) -> dict:
@@ -183,7 +188,7 @@ def train(cfg: DictConfig, pre: Preflight, prep: Prepared):
                           eval={n: (p.rows, p.lengths) for n, p in corpus.heldout_by_source.items() if len(p.rows)})
         result = _fit(cfg, run_dir, plan, pre.resumed["step"] if pre.resumed else 0, interrupts)
         mixture_history = ray.get(mixture.history.remote())
-        prep.served_fill = ray.get(mixture.fill_ratio.remote())
+        prep.mixture_stats = ray.get(mixture.retained.remote())
         if handle is not None:
             teacher_stats = handle.describe.remote().result()
             handle.flush.remote().result()  # write-through answers reach the cache before the pool goes
@@ -288,7 +293,7 @@ def _follow(board, thread, start_step: int, max_steps: int, run_dir: Path, progr
         while True:
             if interrupts.count > 1:
                 raise Interrupted("interrupted twice: stopped at once; the last checkpoint written, if any, is kept "
-                                  "(run.resume=true continues from it)")
+                                  "(run.resume=true continues from it)", at_once=True)
             if interrupts.count and not stopping:
                 stopping = True
                 board.request_stop.remote()
@@ -341,6 +346,7 @@ def finish(cfg: DictConfig, pre: Preflight, prep: Prepared, result, mixture_hist
         plot_mixture(mixture_history, [s.name for s in cfg.data.sources], cfg.training.max_steps, run_dir / "mixture.png")
     (run_dir / "mixture.json").write_text(json.dumps(mixture_history, indent=1))
     last = all_rows[-1] if all_rows else {}
+    stats = prep.mixture_stats or {}
     summary = {
         "run_dir": str(run_dir), "student_checkpoint": str(final_dir), "metrics": str(run_dir / "metrics.jsonl"),
         "ledger": str(run_dir / "ledger.jsonl"), "loss_plot": str(run_dir / "loss.png"),
@@ -350,7 +356,10 @@ def finish(cfg: DictConfig, pre: Preflight, prep: Prepared, result, mixture_hist
         "heldout": {"student_before": prep.student_before, "student_after": student_after,
                     "teacher": prep.teacher_eval},
         "warnings": [w for w in [dominance_warning(last)] if w],
-        "data_fingerprints": prep.corpus.fingerprints(), "fill_ratio": prep.served_fill,
+        "data": {"fingerprints": prep.corpus.fingerprints(),
+                 "units": {n: len(s.units) for n, s in prep.corpus.specs.items()},
+                 "units_read": stats.get("units_read"), "fill_ratio": stats.get("fill_ratio")},
+        "peak_rss_mb": {"driver": peak_rss_mb(), "mixture": stats.get("peak_rss_mb")},
         "teacher": teacher_stats, "wall_s": time.time() - started,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -314,14 +314,13 @@ class Mixture:
         return replay.state()
 
     def retained(self) -> dict:
-        """What is kept (for tests and the curious): draws from sample `start`, blocks of rows, and how
-        many units were read so far."""
-        return {"start": self.start, "draws": len(self.drawn), "blocks": len(self.blocks),
-                "units_read": self.units_read}
+        """What is kept and read (the run's summary reports it): draws from sample `start`, blocks of
+        rows, units read so far, real tokens per row position over the rows handed out, peak RSS."""
+        from distillation.cluster import peak_rss_mb
 
-    def fill_ratio(self) -> float:
-        """Real tokens per row position over the rows handed out so far."""
-        return self.served[0] / max(1, self.served[1])
+        return {"start": self.start, "draws": len(self.drawn), "blocks": len(self.blocks),
+                "units_read": self.units_read, "fill_ratio": self.served[0] / max(1, self.served[1]),
+                "peak_rss_mb": peak_rss_mb()}
 
     def history(self) -> List[dict]:
         return copy.deepcopy(self.plan.history)
