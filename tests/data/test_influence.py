@@ -62,7 +62,7 @@ def test_on_real_text_the_shakespeare_weight_rises_toward_a_shakespeare_probe(ra
     from distillation.run import run
 
     summary = run(load_config([
-        "distillation=ce_only", "student.num_layers=2", "data.seq_len=64", "data.max_tokens_per_source=60000",
+        "distillation=ce_only", "student.num_layers=2", "data.seq_len=64",
         "training.batch_size=4", "training.max_steps=7", "influence.enabled=true", "influence.update_interval=2",
         "influence.delay_steps=1", "influence.probe_sequences=4", f"run.output_dir={tmp_path}", "run.name=influence",
         "run.progress=false"]))
