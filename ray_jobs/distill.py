@@ -3,9 +3,7 @@
 Inside a Ray job RAY_ADDRESS is set, so the run joins the cluster instead of starting one.
 """
 
-import sys
-
-from distillation.cli import main
+from distillation.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

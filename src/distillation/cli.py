@@ -23,6 +23,22 @@ def usage() -> str:
             "checkpoint (exit 130); a second Ctrl-C stops at once.")
 
 
+_LEAVE_AT_ONCE = False  # set when a run stopped at once (a second Ctrl-C): see `entry`
+
+
+def entry() -> None:
+    """The `distill` command. After a run stopped at once, Ray Train's fit() still waits in ray.get
+    on its thread, and Ray's shutdown at interpreter exit makes such a thread end the process with
+    status 1; the run's clean-up is done and a local cluster's processes share this one's fate, so
+    the process leaves at once with the status meant."""
+    code = main()
+    if _LEAVE_AT_ONCE:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 def main(argv: Optional[List[str]] = None, command: str = "distill") -> int:
     """`command` is `distill` (train) or `precompute` (fill the teacher cache for the same data plan)."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -53,13 +69,8 @@ def main(argv: Optional[List[str]] = None, command: str = "distill") -> int:
                 run(cfg, ray_lines)
     except DistillError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        if getattr(exc, "at_once", False):
-            # Ray Train's fit() still waits in ray.get on its thread, and Ray's shutdown at interpreter
-            # exit makes such a thread end the process with status 1. The run's clean-up is done and
-            # a local cluster's processes share this one's fate, so leave now with the status meant.
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(exc.exit_code)
+        global _LEAVE_AT_ONCE
+        _LEAVE_AT_ONCE = getattr(exc, "at_once", False)
         return getattr(exc, "exit_code", 2)
     except KeyboardInterrupt:  # outside training (where the driver handles it): set-up or clean-up
         print("error: interrupted; if the run folder exists, run.resume=true continues from its last checkpoint",
@@ -211,4 +222,4 @@ def eval_main(args: List[str], prog: str = "distill eval") -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -78,8 +78,8 @@ def check_same_data(plan_state: dict, sources: Dict[str, SourceSpec]) -> None:
     if changed:
         raise DistillError("the files of source " + ", ".join(
             f"'{n}' (fingerprint {saved.get(n, '')[:12]} -> {sources[n].fingerprint[:12]})" for n in changed)
-            + " changed since the checkpoint (names, sizes or modification times); resume with the same files, "
-              "or start a new run")
+            + " changed since the checkpoint (its files' names, sizes or modification times; for a built-in "
+              "source the Python version, for a dataset its content); resume with the same files, or start a new run")
 
 
 def check_teacher_kind(cfg: DictConfig, teacher: ResolvedTeacher) -> None:

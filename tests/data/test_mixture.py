@@ -146,7 +146,8 @@ def test_rows_are_the_units_text_read_lazily_in_bounded_memory_and_reread_exactl
 def test_the_mixture_keeps_draws_back_to_the_checkpoint_two_before_the_latest_and_stays_exact(
         ray_cluster, smollm2_dir, tmp_path):
     kw = dict(weights=[0.3, 0.7], seed=3, samples_per_step=10, update_steps=[4], delay=1, window=2)
-    mixture, _, specs, recipe = _actor(tmp_path / "one", smollm2_dir, kw)
+    # windows of 64 samples: cursors at 0, 64, ..., 256; older windows' draws are drawn again from them
+    mixture, _, specs, recipe = _actor(tmp_path / "one", smollm2_dir, kw, window_samples=64)
     reference, *_ = _actor(tmp_path / "two", smollm2_dir, kw)  # never asked for a checkpoint: keeps all
     for m in (mixture, reference):
         ray.get(m.draw.remote(np.arange(0, 50)))
@@ -154,7 +155,7 @@ def test_the_mixture_keeps_draws_back_to_the_checkpoint_two_before_the_latest_an
     first = ray.get(mixture.draw.remote(np.arange(0, 300)))
     whole = ray.get(reference.draw.remote(np.arange(0, 300)))
     np.testing.assert_array_equal(first["input_ids"], whole["input_ids"])
-    for count, kept_from in ((100, 0), (200, 0), (250, 100), (300, 200)):  # checkpoints at these counts
+    for count, kept_from, windows in ((100, 0, 5), (200, 0, 5), (250, 100, 4), (300, 200, 2)):  # checkpoints
         state = ray.get(mixture.state_at.remote(count))
         fresh, *_ = _actor(tmp_path / f"at{count}", smollm2_dir, kw)
         ray.get(fresh.draw.remote(np.arange(0, 50)))
@@ -163,7 +164,7 @@ def test_the_mixture_keeps_draws_back_to_the_checkpoint_two_before_the_latest_an
         assert state == ray.get(fresh.state_at.remote(count))  # exact, whatever was released
         ray.kill(fresh)
         kept = ray.get(mixture.retained.remote())
-        assert (kept["start"], kept["draws"]) == (kept_from, 300 - kept_from)
+        assert (kept["start"], kept["windows"]) == (kept_from, windows) and kept["draws"] <= 4 * 64
     again = ray.get(mixture.draw.remote(np.arange(200, 260)))  # a restart from the oldest kept checkpoint
     np.testing.assert_array_equal(again["input_ids"], first["input_ids"][200:260])
     with pytest.raises(ray.exceptions.RayTaskError, match="sample 150 precedes sample 200"):

@@ -20,6 +20,7 @@ from distillation.errors import DistillError
 
 SPLITS = ("train", "heldout", "probe")
 SCAN_WINDOW = 4  # units read at once while sampling the small sets
+SCAN_UNITS = 64  # at most this many units per source are read for them (a bound on the time to the first step)
 _TOKENIZERS: dict = {}  # per worker process: a tokenizer is loaded once and kept for later tasks
 
 
@@ -114,12 +115,12 @@ def _sample(spec: SourceSpec, recipe: RowRecipe, wanted: Dict[str, int], num_cpu
     """The rows of the source's first units (canonical order) until each split has `wanted` rows,
     read SCAN_WINDOW units at a time; which units are read does not depend on timing."""
     got: Dict[str, List[Packed]] = {name: [] for name in SPLITS}
-    pending, next_unit = [], 0
+    pending, next_unit, last = [], 0, min(len(spec.units), SCAN_UNITS)
     while True:
         enough = all(sum(len(p.rows) for p in got[name]) >= n for name, n in wanted.items())
-        if enough or (not pending and next_unit == len(spec.units)):
+        if enough or (not pending and next_unit == last):
             break
-        while len(pending) < SCAN_WINDOW and next_unit < len(spec.units):
+        while len(pending) < SCAN_WINDOW and next_unit < last:
             pending.append(cut_remote(recipe, spec, spec.units[next_unit], num_cpus))
             next_unit += 1
         for name, packed in ray.get(pending.pop(0)).items():
@@ -142,14 +143,16 @@ def prepare_corpus(cfg: DictConfig, tokenizer_dir: str, tokenizer,
                   "probe": 2 * inf.probe_sequences if inf.enabled and name == probe_source else 0}
         rows = _sample(spec, recipe, wanted, d.reader_cpus)
         if len(rows["train"].rows) == 0:
-            raise DistillError(f"source '{name}' yields no training row (documents need at least 2 tokens)")
+            raise DistillError(f"source '{name}' yields no training row in its first {SCAN_UNITS} units "
+                               f"(documents need at least 2 tokens)")
         train_read.append(rows["train"])
         pool[name] = spread(rows["train"], inf.pool_sequences)
         heldout[name] = spread(rows["heldout"], d.heldout_sequences)
         if name == probe_source:
             probe = spread(rows["probe"], inf.probe_sequences)
     if inf.enabled and len(probe.rows) == 0:
-        raise DistillError(f"influence probe source '{probe_source}' has no probe documents; raise data.probe_fraction")
+        raise DistillError(f"influence probe source '{probe_source}' has no probe documents in its first "
+                           f"{SCAN_UNITS} units; raise data.probe_fraction")
     all_heldout = concat(list(heldout.values()), d.seq_len)
     return Corpus(specs, recipe, heldout, all_heldout, predicted_bytes(all_heldout, tokenizer), probe, pool,
                   fill_ratio(train_read))

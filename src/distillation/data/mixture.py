@@ -73,6 +73,7 @@ class MixturePlan:
         self.history: List[dict] = [{"step": 0, "computed_at": None, "scores": [],
                                      "weights": validate_weights(weights, names).tolist()}]
         self.count = 0  # samples drawn so far
+        self._orders: "OrderedDict[tuple, np.ndarray]" = OrderedDict()  # unit orders of recent epochs
 
     # -- weights ---------------------------------------------------------------------------
     def weights_at(self, step: int) -> np.ndarray:
@@ -113,8 +114,12 @@ class MixturePlan:
     def block_units(self, key: BlockKey) -> np.ndarray:
         """The indices of the units block `key` holds, in the epoch's seeded unit order."""
         source, epoch, block = key
-        order = np.random.default_rng([self.seed, source, epoch]).permutation(self.units[source])
-        return order[block * self.window:(block + 1) * self.window]
+        if (source, epoch) not in self._orders:
+            self._orders[(source, epoch)] = np.random.default_rng([self.seed, source, epoch]).permutation(
+                self.units[source])
+            if len(self._orders) > 2 * len(self.units):
+                self._orders.popitem(last=False)
+        return self._orders[(source, epoch)][block * self.window:(block + 1) * self.window]
 
     def block_order(self, key: BlockKey, rows: int) -> np.ndarray:
         """The shuffled order of a block's `rows` rows."""
@@ -140,9 +145,10 @@ class MixturePlan:
             return out, None
         ids = np.arange(self.count, count)
         for k, u in zip(ids.tolist(), uniforms(self.seed, ids).tolist()):
-            probs = self.weights_at(k // self.samples_per_step)
-            source = min(int(np.searchsorted(np.cumsum(probs), u * probs.sum(), side="right")), len(probs) - 1)
-            while True:  # move past spent (or empty) blocks
+            cumulative = np.cumsum(self.weights_at(k // self.samples_per_step))
+            # scaled by the sum as computed, so rounding can never pick a last source of weight 0
+            source = min(int(np.searchsorted(cumulative, u * cumulative[-1], side="right")), len(cumulative) - 1)
+            for _ in range(self.blocks_per_epoch(source) + 1):  # move past spent (or empty) blocks
                 key = self.cursor(source)
                 rows = block_rows(key)
                 if rows is None:
@@ -151,12 +157,19 @@ class MixturePlan:
                     break
                 _, self.epochs[source], self.blocks[source] = self.next_block(key)
                 self.offsets[source] = 0
+            else:
+                raise DistillError(f"source '{self.names[source]}' has no training row in a whole epoch of its units")
             out.append((*key, self.offsets[source]))
             self.offsets[source] += 1
             self.count += 1
         return out, None
 
     # -- state -----------------------------------------------------------------------------
+    def cursors(self) -> dict:
+        """What moves as the plan draws (the rest of `state` is fixed or the weight history)."""
+        return {"count": self.count, "epochs": list(self.epochs), "blocks": list(self.blocks),
+                "offsets": list(self.offsets)}
+
     def state(self) -> dict:
         return {"names": self.names, "units": self.units, "seed": self.seed, "window": self.window,
                 "fingerprints": dict(self.fingerprints), "samples_per_step": self.samples_per_step,
@@ -178,31 +191,41 @@ class MixturePlan:
         return plan
 
 
+WINDOW_SAMPLES = 4096  # the actor keeps the plan's cursors every this many samples
+
+
 @ray.remote(num_cpus=0)
 class Mixture:
     """The one place the running pipeline reads weights and rows from. Holds the plan, the blocks in
-    use (read by Ray tasks, the next block of each source read ahead), and the draws a restarted
-    worker may still ask for; `draw` awaits scheduled weight updates.
+    use (read by Ray tasks, the next block of each source read ahead), and what a restarted worker
+    may still ask for; `draw` awaits scheduled weight updates.
 
     Memory is bounded: at most `cached_blocks` blocks of rows, the row counts of the blocks visited
-    (one int each), and the draws (4 ints each) from `start`, the sample count of the checkpoint two
+    (one int each), the draws (4 ints each) of the current and a few recent windows of
+    WINDOW_SAMPLES samples, and the plan's cursors at every window start from `start`. An older
+    window's draws are drawn again from its cursors (the plan is deterministic; the blocks it passes
+    are known), and so is a checkpoint's state. `start` is the sample count of the checkpoint two
     before the latest: a worker group restarts from the latest registered checkpoint, and Ray Train
     registers one only after every rank reported it, so by the time a third checkpoint is being
     written the first of the three is as far back as a restart can go. A draw whose block was
     evicted reads it again (the same rows: reading is deterministic)."""
 
     def __init__(self, plan_state: dict, corpus_specs: dict, recipe, pool: Dict[str, tuple],
-                 reader_cpus: float = 0.0, cached_blocks: Optional[int] = None):
+                 reader_cpus: float = 0.0, cached_blocks: Optional[int] = None, window_samples: int = WINDOW_SAMPLES):
         from distillation.data.corpus import cut_remote
 
         self.cut_remote = cut_remote
-        self.base_state = copy.deepcopy(plan_state)  # the plan at sample `start`
         self.plan = MixturePlan.from_state(plan_state)
+        self.template = {k: v for k, v in plan_state.items() if k != "history"}  # fixed fields, for replays
         self.specs = [corpus_specs[n] for n in self.plan.names]
         self.recipe, self.reader_cpus = recipe, reader_cpus
         self.pool = [pool[n] for n in self.plan.names]
-        self.start = self.plan.count  # draws before this were consumed before a resume
-        self.drawn: List[Address] = []  # samples start .. plan.count - 1
+        self.origin = self.start = self.plan.count  # draws before `start` were consumed before a resume
+        self.window_samples = window_samples
+        self.cursors: Dict[int, dict] = {self.origin: self.plan.cursors()}  # at every window start
+        self.current: List[Address] = []  # draws of the window that begins at current_start
+        self.current_start = self.origin
+        self.windows: "OrderedDict[int, List[Address]]" = OrderedDict()  # a few earlier windows' draws
         self.checkpoints: List[int] = []  # sample counts `state_at` was asked for, in order
         self.updated = asyncio.Condition()
         self.cached_blocks = cached_blocks or 2 * len(self.specs) + 2  # the current and the next block per source
@@ -215,10 +238,9 @@ class Mixture:
     # -- blocks ----------------------------------------------------------------------------
     def _start_reading(self, key: BlockKey) -> None:
         if key not in self.blocks and key not in self.reading:
-            spec = self.specs[key[0]]
-            self.units_read += len(self.plan.block_units(key))
-            self.reading[key] = [self.cut_remote(self.recipe, spec, spec.units[u], self.reader_cpus)
-                                 for u in self.plan.block_units(key)]
+            spec, units = self.specs[key[0]], self.plan.block_units(key)
+            self.units_read += len(units)
+            self.reading[key] = [self.cut_remote(self.recipe, spec, spec.units[u], self.reader_cpus) for u in units]
 
     async def _block(self, key: BlockKey) -> tuple:
         if key in self.blocks:
@@ -226,8 +248,11 @@ class Mixture:
             return self.blocks[key]
         self._start_reading(key)
         refs = self.reading[key]
-        parts = [part["train"] for part in await asyncio.gather(*refs)]
-        self.reading.pop(key, None)
+        try:
+            parts = [part["train"] for part in await asyncio.gather(*refs)]
+        finally:  # a failed read is tried again by the next call, not remembered
+            if self.reading.get(key) is refs:
+                del self.reading[key]
         if key in self.blocks:  # another call finished the same read while this one awaited it
             return self.blocks[key]
         units = self.plan.block_units(key)
@@ -239,35 +264,78 @@ class Mixture:
         self.block_rows[key] = len(order)
         while len(self.blocks) > self.cached_blocks:
             self.blocks.popitem(last=False)
-        self._start_reading(self.plan.next_block(key))  # read ahead while this block is used
+        if key == self.plan.cursor(key[0]):  # the source's current block: read its next one ahead
+            self._start_reading(self.plan.next_block(key))
         return self.blocks[key]
 
+    # -- draws -----------------------------------------------------------------------------
+    def _window(self, count: int) -> int:
+        return self.origin + (count - self.origin) // self.window_samples * self.window_samples
+
+    def _plan_at(self, window: int) -> MixturePlan:
+        return MixturePlan.from_state({**self.template, **self.cursors[window],
+                                       "history": copy.deepcopy(self.plan.history)})
+
+    def _redraw(self, plan: MixturePlan, count: int) -> List[Address]:
+        drawn, missing = plan.draw(count, self.block_rows.get)
+        if missing is not None:  # every block it passes was read when these samples were first drawn
+            raise DistillError(f"replaying the mixture to sample {count} needs block {missing}, never read")
+        return drawn
+
+    def _addresses(self, ids: np.ndarray) -> List[Address]:
+        out = []
+        for i in ids.tolist():
+            window = self._window(i)
+            if window == self.current_start:
+                out.append(self.current[i - window])
+                continue
+            if window not in self.windows:
+                self._keep(window, self._redraw(self._plan_at(window), window + self.window_samples))
+            self.windows.move_to_end(window)
+            out.append(self.windows[window][i - window])
+        return out
+
+    def _keep(self, window: int, draws: List[Address]) -> None:
+        self.windows[window] = draws
+        while len(self.windows) > 3:
+            self.windows.popitem(last=False)
+
     async def _draw_until(self, need: int) -> None:
-        """Draw up to sample `need`, reading blocks as the plan reaches them, waiting for updates."""
+        """Draw up to sample `need`, reading blocks as the plan reaches them, waiting for updates,
+        keeping the cursors at every window start."""
         while self.plan.count < need:
             blocked = self.plan.blocking_update(need)
+            limit = need
             if blocked is not None:  # draw what does not depend on the missing update, then wait
                 limit = (blocked + self.plan.delay) * self.plan.samples_per_step
                 if self.plan.count >= limit:
                     await self.updated.wait()
                     continue
-            else:
-                limit = need
-            drawn, missing = self.plan.draw(min(need, limit), self.block_rows.get)
-            self.drawn.extend(drawn)
+            boundary = self.current_start + self.window_samples
+            drawn, missing = self.plan.draw(min(need, limit, boundary), self.block_rows.get)
+            self.current.extend(drawn)
+            if self.plan.count == boundary:
+                self.cursors[boundary] = self.plan.cursors()
+                self._keep(self.current_start, self.current)
+                self.current, self.current_start = [], boundary
             if missing is not None:
                 await self._block(missing)
 
     async def draw(self, sample_ids: np.ndarray) -> dict:
         ids = np.asarray(sample_ids, dtype=np.int64)
         self._check_kept(ids)
-        async with self.updated:
-            await self._draw_until(int(ids.max()) + 1 if len(ids) else 0)
+        need = int(ids.max()) + 1 if len(ids) else 0
+        if need > self.plan.count:  # drawn in order, one call at a time; rows drawn already need no lock
+            async with self.updated:
+                await self._draw_until(need)
         self._check_kept(ids)  # again: draws may have been released while this call waited for an update
-        picked = [self.drawn[i - self.start] for i in ids]
+        picked = self._addresses(ids)
+        blocks = {}
+        for key in dict.fromkeys(p[:3] for p in picked):  # each block this call needs, once
+            blocks[key] = await self._block(key)
         columns = [[], [], [], []]  # rows, lengths, unit, row in unit
         for source, epoch, block, index in picked:
-            for column, values in zip(columns, await self._block((source, epoch, block))):
+            for column, values in zip(columns, blocks[(source, epoch, block)]):
                 column.append(values[index])
         lengths = np.array(columns[1], dtype=np.int32)
         self.served[0] += int(lengths.sum())
@@ -290,17 +358,17 @@ class Mixture:
 
     def state_at(self, count: int) -> dict:
         """The plan's state after exactly `count` samples (the consumed point of a checkpoint, which
-        a resumed run continues from): the state at `start` replayed with the weight history. Asked
-        for a third checkpoint, it releases the draws before the first of the three."""
+        a resumed run continues from), drawn again from the cursors of its window. Asked for a
+        third checkpoint, it releases what precedes the first of the three."""
         state = self._replayed(count)
         # a restarted group asks again for counts it asked before: only the latest run of increasing
         # counts says how far back a restart can go
         self.checkpoints = [c for c in self.checkpoints if c < count][-2:] + [count]
         if len(self.checkpoints) >= 3 and self.checkpoints[-3] > self.start:
-            release = self.checkpoints[-3]
-            self.base_state = self._replayed(release)
-            del self.drawn[:release - self.start]
-            self.start = release
+            self.start = self.checkpoints[-3]
+            for window in [w for w in self.cursors if w + self.window_samples <= self.start]:
+                del self.cursors[window]
+                self.windows.pop(window, None)
         return state
 
     def _replayed(self, count: int) -> dict:
@@ -308,17 +376,18 @@ class Mixture:
             raise DistillError(f"state at {count} precedes sample {self.start}, the earliest this mixture keeps")
         if count > self.plan.count:
             raise DistillError(f"state at {count} is past sample {self.plan.count}, the last drawn")
-        replay = MixturePlan.from_state(self.base_state)
-        replay.history = copy.deepcopy(self.plan.history)
-        replay.draw(count, self.block_rows.get)  # every block it passes was read to draw them the first time
-        return replay.state()
+        plan = self._plan_at(self._window(count))
+        self._redraw(plan, count)
+        return plan.state()
 
     def retained(self) -> dict:
-        """What is kept and read (the run's summary reports it): draws from sample `start`, blocks of
-        rows, units read so far, real tokens per row position over the rows handed out, peak RSS."""
+        """What is kept and read (the run's summary reports it): the first sample still served
+        (`start`), draws held, window cursors, blocks of rows, units read so far, real tokens per
+        row position over the rows handed out, peak RSS."""
         from distillation.cluster import peak_rss_mb
 
-        return {"start": self.start, "draws": len(self.drawn), "blocks": len(self.blocks),
+        kept = len(self.current) + sum(len(w) for w in self.windows.values())
+        return {"start": self.start, "draws": kept, "windows": len(self.cursors), "blocks": len(self.blocks),
                 "units_read": self.units_read, "fill_ratio": self.served[0] / max(1, self.served[1]),
                 "peak_rss_mb": peak_rss_mb()}
 

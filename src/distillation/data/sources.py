@@ -31,7 +31,7 @@ from distillation.errors import DistillError
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".json", ".jsonl", ".csv")
 BYTES_PER_TOKEN = 4  # for `data.max_tokens_per_source`: roughly, English text under a BPE tokenizer
-UNIT_BYTES = 8 << 20  # text and JSONL files are read in line-aligned ranges of at most this many bytes
+UNIT_BYTES = 1 << 20  # text and JSONL files are read in line-aligned ranges of at most this many bytes
 DATASET_UNIT_ROWS = 10_000  # rows of a `datasets` dataset per unit
 STDLIB_UNIT_FILES = 16  # small built-in files are read in groups
 # Text is cut into pieces of at most this many characters (at line ends) before anything is held
@@ -53,6 +53,7 @@ class Unit:
     a built-in group)."""
     uid: str
     path: str
+    file: str = ""  # the path relative to the source's folder: documents' ids start with it
     start: int = 0
     stop: int = 0
     part: int = 0
@@ -113,7 +114,8 @@ def _byte_ranges(path: str, kind: str, field: str = "text") -> List[Unit]:
         rel = _rel(root, file)
         for start in range(0, max(size, 1), UNIT_BYTES):
             end = min(size, start + UNIT_BYTES)
-            units.append(Unit(rel if size <= UNIT_BYTES else f"{rel}@{start}", str(file), start, end, size=end - start))
+            units.append(Unit(rel if size <= UNIT_BYTES else f"{rel}@{start}", str(file), rel, start, end,
+                              size=end - start))
     return units
 
 
@@ -149,7 +151,8 @@ def _parquet_units(path: str, field: str) -> List[Unit]:
         first = 0
         for group in range(meta.metadata.num_row_groups):
             info = meta.metadata.row_group(group)
-            units.append(Unit(f"{_rel(root, file)}:rg{group}", str(file), first, first + info.num_rows, group,
+            rel = _rel(root, file)
+            units.append(Unit(f"{rel}:rg{group}", str(file), rel, first, first + info.num_rows, group,
                               info.total_byte_size))
             first += info.num_rows
     return units
@@ -175,8 +178,9 @@ def _open_dataset(path: str, field: str, split: str, on_disk: bool):
 
 def _dataset_units(path: str, field: str, split: str, on_disk: bool) -> List[Unit]:
     data = _open_dataset(path, field, split, on_disk)
-    per_row = max(1, (data.data.nbytes if hasattr(data, "data") else 0) // max(1, len(data)))
-    return [Unit(f"{split}:{start}", path, start, min(len(data), start + DATASET_UNIT_ROWS),
+    per_row = max(1, data.data.nbytes // max(1, len(data)))
+    # the dataset's own content fingerprint in the unit ids: a re-saved dataset is another source
+    return [Unit(f"{split}:{start}@{data._fingerprint}", path, split, start, min(len(data), start + DATASET_UNIT_ROWS),
                  size=per_row * DATASET_UNIT_ROWS) for start in range(0, len(data), DATASET_UNIT_ROWS)]
 
 
@@ -232,11 +236,12 @@ def open_source(name: str, kind: str, path: Optional[str], cache_dir: str, text_
         raise DistillError(f"unknown source kind '{kind}' for source '{name}'; expected one of {', '.join(KINDS)}")
     units = sorted(listers[kind](), key=lambda u: _hash(u.uid))
     if max_tokens is not None:
-        budget, kept = max_tokens * BYTES_PER_TOKEN, []
+        budget, taken, kept = max_tokens * BYTES_PER_TOKEN, 0, []
         for unit in units:
-            if sum(u.size for u in kept) >= budget:
+            if taken >= budget:
                 break
             kept.append(unit)
+            taken += unit.size
         units = kept
     return SourceSpec(name, kind, tuple(units), _fingerprint(kind, units), text_field, split, cache_dir)
 
@@ -271,20 +276,20 @@ def _lines(unit: Unit) -> Iterator[Tuple[int, int, bytes]]:
 
 
 def _read_jsonl(unit: Unit, field: str) -> Iterator[tuple]:
-    name = Path(unit.path).name
     for offset, number, line in _lines(unit):
         if line.strip():
             where = f"{unit.path}:{number}" if unit.start == 0 else f"{unit.path} (the line at byte {offset})"
-            yield f"{name}@{offset}", _json_text(line, field, where)
+            yield f"{unit.file}@{offset}", _json_text(line, field, where)
 
 
 def _read_text(unit: Unit) -> Iterator[tuple]:
-    data = b"".join(line for _, _, line in _lines(unit))
+    lines = list(_lines(unit))
+    data = b"".join(line for _, _, line in lines)
     try:
         yield unit.uid, data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise DistillError(f"text file '{unit.path}' is not UTF-8 (invalid byte at offset "
-                           f"{unit.start + exc.start})") from None
+                           f"{lines[0][0] + exc.start})") from None
 
 
 def _read_parquet(unit: Unit, field: str) -> Iterator[tuple]:
@@ -294,7 +299,7 @@ def _read_parquet(unit: Unit, field: str) -> Iterator[tuple]:
     for row, text in enumerate(column, unit.start):
         if not isinstance(text, str):
             raise DistillError(f"{unit.path} row {row}: column '{field}' is {type(text).__name__}, expected text")
-        yield f"{Path(unit.path).name}:{row}", text
+        yield f"{unit.file}:{row}", text
 
 
 def _read_dataset(spec: SourceSpec, unit: Unit) -> Iterator[tuple]:
@@ -354,11 +359,13 @@ def load_documents(name: str, kind: str, path, cache_dir: str, max_tokens: int, 
     """A sample of a source for benchmarks and tests: the documents of its first units (canonical
     order), read here, up to about `max_tokens` tokens of text."""
     spec = open_source(name, kind, path, cache_dir, text_field, split)
-    budget, out = max_tokens * BYTES_PER_TOKEN * 2, []
+    budget, taken, out = max_tokens * BYTES_PER_TOKEN * 2, 0, []
     for unit in spec.units:
-        if sum(len(d.text) for d in out) >= budget:
+        if taken >= budget:
             break
-        out.extend(read_unit(spec, unit))
+        docs = read_unit(spec, unit)
+        out.extend(docs)
+        taken += sum(len(d.text) for d in docs)
     if not out:
         raise DistillError(f"source '{name}' ({kind}) has no non-empty documents")
     return out
