@@ -144,7 +144,7 @@ def write_corpus(root: Path, docs: list, scale: int, kind: str) -> int:
 def _peaks(pid: int, stop: threading.Event, out: dict) -> None:
     """Every 0.2 s, the VmHWM of `pid` and of each Ray process by role: what a process peaked at is
     kept even after it exits."""
-    roles = {"ray::Mixture": "mixture", "ray::_cut": "readers", "ray::RayTrainWorker": "train worker"}
+    roles = {"ray::Mixture": "mixture", "ray::UnitReader": "readers", "ray::RayTrainWorker": "train worker"}
     seen: dict = {}
     while not stop.is_set():
         for entry in Path("/proc").iterdir():

@@ -161,7 +161,7 @@ def create_mixture(cfg: DictConfig, corpus: Corpus, name: str, resume_state: Opt
                             corpus.fingerprints(), cfg.data.shuffle_units).state()
     return Mixture.options(name=name).remote(state, corpus.specs, corpus.recipe,
                                              {n: (p.rows, p.lengths) for n, p in corpus.pool.items()},
-                                             cfg.data.reader_cpus)
+                                             cfg.data.readers, cfg.data.reader_cpus)
 
 
 def train(cfg: DictConfig, pre: Preflight, prep: Prepared):

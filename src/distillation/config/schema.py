@@ -100,7 +100,8 @@ class DataConfig:
     # Off by default: sources are read lazily, unit by unit, as the run consumes them.
     max_tokens_per_source: Optional[int] = None
     shuffle_units: int = positive(4)  # units whose rows are shuffled together (memory: this many per source)
-    reader_cpus: float = 0.0  # CPUs Ray books per unit-reading task (0: they share the run's cores)
+    readers: int = positive(2)  # actors that read, tokenize and cut units for the mixture
+    reader_cpus: float = 0.0  # CPUs Ray books per reader (0: they share the run's cores)
     heldout_fraction: float = 0.05  # share of each source's documents held out (chosen by name hash)
     heldout_sequences: int = 4  # held-out sequences per source used for the summary's loss
     probe_fraction: float = 0.05  # share of documents set aside for the influence probe (never trained on)

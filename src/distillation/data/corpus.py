@@ -48,14 +48,32 @@ class RowRecipe:
 
 
 @ray.remote
-def _cut(recipe: RowRecipe, spec: SourceSpec, unit: Unit) -> Dict[str, Packed]:
-    return recipe.cut(spec, unit)
+class UnitReader:
+    """Reads and cuts units on a Ray worker. An actor, not a task per unit: each task with no CPU
+    booked may start a worker process of its own (importing transformers, loading the tokenizer),
+    which on a small machine cost more than the reading."""
+
+    def cut(self, recipe: RowRecipe, spec: SourceSpec, unit: Unit) -> Dict[str, Packed]:
+        return recipe.cut(spec, unit)
 
 
-def cut_remote(recipe: RowRecipe, spec: SourceSpec, unit: Unit, num_cpus: float) -> "ray.ObjectRef":
-    """A Ray task that reads and cuts one unit on any worker; `spec` without its unit list (which can
-    be long) travels with it."""
-    return _cut.options(num_cpus=num_cpus).remote(recipe, replace(spec, units=()), unit)
+class Readers:
+    """`count` UnitReader actors that units are sent to in turn (owned by whoever creates them, so
+    they end with it)."""
+
+    def __init__(self, count: int, num_cpus: float):
+        self.actors = [UnitReader.options(num_cpus=num_cpus).remote() for _ in range(count)]
+        self.sent = 0
+
+    def cut(self, recipe: RowRecipe, spec: SourceSpec, unit: Unit) -> "ray.ObjectRef":
+        """The unit's rows, later; `spec` travels without its unit list (which can be long)."""
+        actor = self.actors[self.sent % len(self.actors)]
+        self.sent += 1
+        return actor.cut.remote(recipe, replace(spec, units=()), unit)
+
+    def close(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
 
 
 @dataclass
@@ -111,7 +129,7 @@ def row_recipe(cfg: DictConfig, tokenizer_dir: str) -> RowRecipe:
     return RowRecipe(tokenizer_dir, d.seq_len, d.heldout_fraction, d.probe_fraction)
 
 
-def _sample(spec: SourceSpec, recipe: RowRecipe, wanted: Dict[str, int], num_cpus: float) -> Dict[str, Packed]:
+def _sample(spec: SourceSpec, recipe: RowRecipe, wanted: Dict[str, int], readers: Readers) -> Dict[str, Packed]:
     """The rows of the source's first units (canonical order) until each split has `wanted` rows,
     read SCAN_WINDOW units at a time; which units are read does not depend on timing."""
     got: Dict[str, List[Packed]] = {name: [] for name in SPLITS}
@@ -121,7 +139,7 @@ def _sample(spec: SourceSpec, recipe: RowRecipe, wanted: Dict[str, int], num_cpu
         if enough or (not pending and next_unit == last):
             break
         while len(pending) < SCAN_WINDOW and next_unit < last:
-            pending.append(cut_remote(recipe, spec, spec.units[next_unit], num_cpus))
+            pending.append(readers.cut(recipe, spec, spec.units[next_unit]))
             next_unit += 1
         for name, packed in ray.get(pending.pop(0)).items():
             got[name].append(packed)
@@ -137,11 +155,16 @@ def prepare_corpus(cfg: DictConfig, tokenizer_dir: str, tokenizer,
     recipe = row_recipe(cfg, tokenizer_dir)
     probe_source = inf.probe_source or d.sources[0].name
     heldout, pool, probe, train_read = {}, {}, None, []
-    for name, spec in specs.items():
-        wanted = {"train": inf.pool_sequences if inf.enabled else 1,
-                  "heldout": 4 * d.heldout_sequences if d.heldout_fraction > 0 else 0,
-                  "probe": 2 * inf.probe_sequences if inf.enabled and name == probe_source else 0}
-        rows = _sample(spec, recipe, wanted, d.reader_cpus)
+    readers = Readers(d.readers, d.reader_cpus)
+    try:
+        sampled = {name: _sample(spec, recipe, {
+            "train": inf.pool_sequences if inf.enabled else 1,
+            "heldout": 4 * d.heldout_sequences if d.heldout_fraction > 0 else 0,
+            "probe": 2 * inf.probe_sequences if inf.enabled and name == probe_source else 0}, readers)
+            for name, spec in specs.items()}
+    finally:
+        readers.close()
+    for name, rows in sampled.items():
         if len(rows["train"].rows) == 0:
             raise DistillError(f"source '{name}' yields no training row in its first {SCAN_UNITS} units "
                                f"(documents need at least 2 tokens)")

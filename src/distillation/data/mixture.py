@@ -197,7 +197,7 @@ WINDOW_SAMPLES = 4096  # the actor keeps the plan's cursors every this many samp
 @ray.remote(num_cpus=0)
 class Mixture:
     """The one place the running pipeline reads weights and rows from. Holds the plan, the blocks in
-    use (read by Ray tasks, the next block of each source read ahead), and what a restarted worker
+    use (read by its reader actors, the next block of each source read ahead), and what a restarted worker
     may still ask for; `draw` awaits scheduled weight updates.
 
     Memory is bounded: at most `cached_blocks` blocks of rows, the row counts of the blocks visited
@@ -211,14 +211,15 @@ class Mixture:
     evicted reads it again (the same rows: reading is deterministic)."""
 
     def __init__(self, plan_state: dict, corpus_specs: dict, recipe, pool: Dict[str, tuple],
-                 reader_cpus: float = 0.0, cached_blocks: Optional[int] = None, window_samples: int = WINDOW_SAMPLES):
-        from distillation.data.corpus import cut_remote
+                 readers: int = 2, reader_cpus: float = 0.0, cached_blocks: Optional[int] = None,
+                 window_samples: int = WINDOW_SAMPLES):
+        from distillation.data.corpus import Readers
 
-        self.cut_remote = cut_remote
+        self.readers = Readers(readers, reader_cpus)  # owned by this actor: they end with it
         self.plan = MixturePlan.from_state(plan_state)
         self.template = {k: v for k, v in plan_state.items() if k != "history"}  # fixed fields, for replays
         self.specs = [corpus_specs[n] for n in self.plan.names]
-        self.recipe, self.reader_cpus = recipe, reader_cpus
+        self.recipe = recipe
         self.pool = [pool[n] for n in self.plan.names]
         self.origin = self.start = self.plan.count  # draws before `start` were consumed before a resume
         self.window_samples = window_samples
@@ -240,7 +241,7 @@ class Mixture:
         if key not in self.blocks and key not in self.reading:
             spec, units = self.specs[key[0]], self.plan.block_units(key)
             self.units_read += len(units)
-            self.reading[key] = [self.cut_remote(self.recipe, spec, spec.units[u], self.reader_cpus) for u in units]
+            self.reading[key] = [self.readers.cut(self.recipe, spec, spec.units[u]) for u in units]
 
     async def _block(self, key: BlockKey) -> tuple:
         if key in self.blocks:
