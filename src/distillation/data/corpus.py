@@ -143,8 +143,6 @@ def _sample(spec: SourceSpec, recipe: RowRecipe, wanted: Dict[str, int], readers
             next_unit += 1
         for name, packed in ray.get(pending.pop(0)).items():
             got[name].append(packed)
-    for ref in pending:
-        ray.cancel(ref)
     return {name: concat(parts, recipe.seq_len) for name, parts in got.items()}
 
 
