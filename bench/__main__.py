@@ -6,7 +6,7 @@
               synchronous teacher) against the student-only limit
     sweep     the defaults sweep: tau, teacher signal, lambda, gamma, layer pairing, lr (--budget N: N x steps)
     gpu       the GPU check: tests marked gpu, an experiment=gpu run, the pipeline table on the GPU
-    data      the data side at scale: teacher cache replay at 1x and 10x (replica RSS, tokens/s)
+    data      the data side at scale: streamed 1x/10x/100x JSONL and Parquet corpora, teacher cache replay
     cost      Table C: bytes/token and KL error per teacher-target form, and the loss's peak memory
               against the naive version (bench_targets.py and bench_losses.py, each in its own process)
 

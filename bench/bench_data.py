@@ -110,7 +110,7 @@ def _base_documents() -> list:
     docs = [d.text for s in cfg.data.sources
             for d in load_documents(s.name, s.kind, s.path, cfg.data.cache_dir, CORPUS_BASE_TOKENS)]
     out, size = [], 0
-    for text in docs:  # the first ~CORPUS_BASE_TOKENS tokens' worth, interleaving the sources' documents
+    for text in docs:  # the first ~CORPUS_BASE_TOKENS tokens of text, the sources in order
         if size >= CORPUS_BASE_TOKENS * BYTES_PER_TOKEN:
             break
         out.append(text)
