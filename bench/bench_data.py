@@ -54,6 +54,7 @@ def write_cache(root: Path, rows: int) -> float:
 
 def replay(root: str, rows: int, batches: int, memory_mb: float, seed: int) -> dict:
     """In this (fresh) process: open, index, then `batches` lookups of BATCH random rows."""
+    from distillation.cluster import peak_rss_mb
     from distillation.teachers.cache import TeacherCache
 
     started = time.time()
@@ -70,16 +71,7 @@ def replay(root: str, rows: int, batches: int, memory_mb: float, seed: int) -> d
         assert not missing and found.hidden.shape == (BATCH, SEQ_LEN, HIDDEN)
     replay_s = time.time() - started
     return {"index_s": index_s, "tokens_per_s": batches * BATCH * SEQ_LEN / replay_s,
-            "peak_rss_mb": _peak_rss_mb()}
-
-
-def _peak_rss_mb() -> float:
-    """This process's own high-water mark (VmHWM). Not getrusage's ru_maxrss: Linux carries that over
-    fork and exec, so a fresh child would report its parent's peak."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+            "peak_rss_mb": peak_rss_mb()}
 
 
 def _replay_in_fresh_process(root: Path, rows: int, batches: int, memory_mb: float, seed: int) -> dict:

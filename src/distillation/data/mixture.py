@@ -173,8 +173,7 @@ class MixturePlan:
     def state(self) -> dict:
         return {"names": self.names, "units": self.units, "seed": self.seed, "window": self.window,
                 "fingerprints": dict(self.fingerprints), "samples_per_step": self.samples_per_step,
-                "delay": self.delay, "update_steps": self.update_steps, "count": self.count,
-                "epochs": list(self.epochs), "blocks": list(self.blocks), "offsets": list(self.offsets),
+                "delay": self.delay, "update_steps": self.update_steps, **self.cursors(),
                 "history": copy.deepcopy(self.history)}
 
     @classmethod

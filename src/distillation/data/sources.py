@@ -218,9 +218,6 @@ def _fingerprint(kind: str, units: List[Unit]) -> str:
     return digest.hexdigest()
 
 
-KINDS = ("shakespeare", "python_stdlib", "python_docs", "text", "jsonl", "parquet", "hf_disk", "hf_hub")
-
-
 def open_source(name: str, kind: str, path: Optional[str], cache_dir: str, text_field: str = "text",
                 split: str = "train", max_tokens: Optional[int] = None) -> SourceSpec:
     """List and check a source's units; `max_tokens` keeps the first units (canonical order) up to
@@ -233,7 +230,7 @@ def open_source(name: str, kind: str, path: Optional[str], cache_dir: str, text_
                "hf_disk": lambda: _dataset_units(path, text_field, split, on_disk=True),
                "hf_hub": lambda: _dataset_units(path, text_field, split, on_disk=False)}
     if kind not in listers:
-        raise DistillError(f"unknown source kind '{kind}' for source '{name}'; expected one of {', '.join(KINDS)}")
+        raise DistillError(f"unknown source kind '{kind}' for source '{name}'; expected one of {', '.join(listers)}")
     units = sorted(listers[kind](), key=lambda u: _hash(u.uid))
     if max_tokens is not None:
         budget, taken, kept = max_tokens * BYTES_PER_TOKEN, 0, []
