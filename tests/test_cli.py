@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from distillation import cli
+from distillation.config.loader import config_dir
 from distillation.models import load_causal_lm, load_tokenizer
 from distillation.student import convert_to_bitnet, load_student, save_student
 from distillation.training.evaluate import score_text
@@ -134,3 +135,12 @@ def test_usage_errors_are_one_line_too(capsys):
     assert out == "" and len(err.splitlines()) == 1 and "--text" in err
     assert cli.main(["eval", "--help"]) == 0
     assert capsys.readouterr().out.startswith("usage: distill eval STUDENT")
+
+
+def test_help_lists_every_config_group_and_option_from_the_config_folders(capsys):
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    groups = [p for p in config_dir().iterdir() if p.is_dir()]
+    assert {"placement", "experiment", "teacher", "distillation"} <= {g.name for g in groups}
+    for group in groups:
+        assert f"{group.name}={{{','.join(sorted(o.stem for o in group.glob('*.yaml')))}}}" in out

@@ -6,6 +6,7 @@ Tiny random-init Llama models that share SmolLM2's real tokenizer keep it fast; 
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -105,6 +106,51 @@ def test_precomputed_cache_replays_the_whole_run_without_a_teacher_model(tiny_te
         np.testing.assert_array_equal(cached.sampled_ids, live.score(row[None]).sampled_ids)
 
 
+def test_packed_rows_are_precomputed_replayed_and_trained_with_their_documents_kept_apart(tiny_teacher, ray_cluster,
+                                                                                         tmp_path):
+    """data.pack_documents=true end to end: the precompute job scores packed rows, the run draws the
+    same rows (every one found in the cache, whose keys include the positions), fuller than one
+    document per row, and the ledger's rows are packed training rows of their units."""
+    from distillation.data.corpus import fill_ratio, open_sources, row_recipe
+    from distillation.precompute import precompute
+    from distillation.run import run
+    from distillation.teachers.cache import TeacherCache, signal_settings, teacher_signature
+    from distillation.teachers.hf import HFTeacher
+    from distillation.training.metrics import read_jsonl
+
+    corpus = jsonl_corpus(tmp_path / "corpus", files=2, docs_per_file=300)  # documents of 10-100 tokens
+    overrides = [o for o in tiny_overrides(tiny_teacher, tmp_path) if not o.startswith(("run.name", "data.seq_len"))] + [
+        "data.seq_len=128", "data.pack_documents=true", "teacher=cached", f"teacher.cache_dir={tmp_path / 'cache'}",
+        f"data.sources=[{{name: short, kind: jsonl, path: {corpus}}}]"]
+    assert precompute(load_config(overrides))["scored"] > 0
+    summary = run(load_config(overrides + ["run.name=packed"]))
+    assert summary["steps"] == 4 and summary["teacher"]["misses"] == 0 and summary["teacher"]["hits"] == 16
+    assert summary["last"]["attention"] > 0 and summary["last"]["logits_kl"] != 0
+
+    cfg = load_config(overrides)
+    specs, packed_recipe = open_sources(cfg), row_recipe(cfg, str(tiny_teacher))
+    trained_documents, units = 0, set()
+    for entry in read_jsonl(Path(summary["ledger"])):
+        for _, source, unit, row in entry["samples"]:
+            spec = specs[cfg.data.sources[source].name]
+            trained_documents += int((packed_recipe.cut(spec, spec.units[unit])["train"].positions[row] == 0).sum())
+            units.add((spec.name, unit))
+    assert trained_documents > 16  # rows held several documents
+    one_per_row = replace(packed_recipe, pack_documents=False)
+    unpacked_fill = fill_ratio([one_per_row.cut(specs[n], specs[n].units[u])["train"] for n, u in units])
+    assert summary["data"]["fill_ratio"] > max(0.9, unpacked_fill + 0.3), unpacked_fill
+
+    cache = TeacherCache(cfg.teacher.cache_dir, teacher_signature(tiny_teacher, signal_settings(cfg, -1, 49152)),
+                         create=False)
+    live = HFTeacher(tiny_teacher, top_k=cfg.teacher.top_k, temperature=cfg.distillation.temperature, qkv_layer=-1,
+                     dtype=cfg.teacher.dtype, signal=cfg.teacher.signal, draws=cfg.teacher.draws)
+    spec = next(iter(specs.values()))
+    train = packed_recipe.cut(spec, spec.units[0])["train"]
+    cached, missing = cache.lookup(train.rows[:1], train.positions[:1])
+    assert not missing and cache.lookup(train.rows[:1])[1] == [0]  # the key is the row and its positions
+    np.testing.assert_array_equal(cached.sampled_ids, live.score(train.rows[:1], train.positions[:1]).sampled_ids)
+
+
 def test_a_corpus_of_300k_documents_streams_lazily_and_held_out_text_never_reaches_training(tiny_teacher, ray_cluster,
                                                                                              tmp_path):
     """Far more documents than the old in-memory path took (it capped a source at 400k tokens): the
@@ -154,6 +200,7 @@ def _cli(*args, cwd):
     (lambda d, out: ["data.sources=[{name: a, kind: python_docs, weight: -1}, {name: b, kind: python_docs}]"],
      "source weights must be finite, non-negative"),
     (lambda d, out: [f"data.sources=[{{name: latin1, kind: text, path: {d['latin1']}}}]"], "is not UTF-8"),
+    (lambda d, out: [f"data.sources=[{{name: none, kind: jsonl, path: {d['empty']}}}]"], "holds no .jsonl files"),
 ])
 def test_bad_input_exits_nonzero_with_one_line_and_writes_nothing(tiny_teacher, smollm2_dir, tmp_path, make_args,
                                                                  message):
@@ -161,10 +208,11 @@ def test_bad_input_exits_nonzero_with_one_line_and_writes_nothing(tiny_teacher, 
     latin1.mkdir()
     (latin1 / "café.txt").write_bytes("café crème".encode("latin-1"))
     dirs = {"teacher": tiny_teacher, "small_vocab": tiny_model_dir(tmp_path, 128, seed=2, smollm2=smollm2_dir),
-            "latin1": latin1}
+            "latin1": latin1, "empty": tmp_path / "empty_folder"}
+    dirs["empty"].mkdir()
     out = tmp_path / "outputs"
     result = _cli(*make_args(dirs, out), f"run.output_dir={out}", cwd=tmp_path)
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and message in lines[0], result.stderr[-2000:]
-    assert not out.exists()
+    assert "Traceback" not in result.stderr and not out.exists()

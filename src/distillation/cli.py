@@ -137,7 +137,7 @@ def _one_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
-def evaluate_files(student: str, texts: List[str], teacher: Optional[str] = None, seq_len: int = 256,
+def evaluate_files(student: str, texts: List[str], teacher: Optional[str], seq_len: int,
                    emit=print) -> List[dict]:
     """Score `student` (then `teacher`) on every file; `emit` gets each output line as it is ready.
     Every input is checked (files read, folders resolved, tokenizers loaded) before any model is."""

@@ -1,4 +1,5 @@
-"""Locating and loading causal LMs (safetensors only, no remote code by default), and Q/K/V capture."""
+"""Locating and loading causal LMs (safetensors only, no remote code by default), Q/K/V capture, and
+the forward pass on (possibly packed) rows."""
 
 import contextlib
 from pathlib import Path
@@ -160,3 +161,10 @@ def capture_qkv(model: nn.Module, layer: int) -> Iterator[Dict[str, torch.Tensor
     finally:
         for handle in handles:
             handle.remove()
+
+
+def forward_rows(model: nn.Module, input_ids: torch.Tensor, positions: Optional[torch.Tensor] = None):
+    """`model` on training rows; `positions` (packed rows, data/packing.py) keep attention inside each
+    document. No KV cache: transformers only reads packed positions when there is none, and scoring
+    never needs one."""
+    return model(input_ids=input_ids, position_ids=positions, use_cache=False)

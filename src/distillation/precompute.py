@@ -29,12 +29,14 @@ class ScoreAndStore:
         self.cache = TeacherCache(cache_dir, signature, create=True, flush_rows=1)
 
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-        from distillation.teachers.cache import sequence_key
+        from distillation.teachers.cache import row_keys
 
         ids = np.stack(batch["input_ids"])
-        todo = [i for i, row in enumerate(ids) if not self.cache.has(sequence_key(row))]
+        positions = np.stack(batch["positions"]) if "positions" in batch else None  # packed rows
+        todo = [i for i, key in enumerate(row_keys(ids, positions)) if not self.cache.has(key)]
         if todo:  # flush_rows=1: one shard per batch, written at once
-            self.cache.add(ids[todo], self.teacher.score(ids[todo]))
+            todo_positions = None if positions is None else positions[todo]
+            self.cache.add(ids[todo], self.teacher.score(ids[todo], todo_positions), todo_positions)
         return {"rows": np.array([len(ids)]), "scored": np.array([len(todo)])}
 
 
@@ -47,6 +49,8 @@ class UnitRows:
     def __call__(self, item: dict) -> list:
         spec = self.specs[item["source"]]
         train = self.recipe.cut(spec, spec.units[int(item["unit"])])["train"]
+        if train.positions is not None:
+            return [{"input_ids": row, "positions": pos} for row, pos in zip(train.rows, train.positions)]
         return [{"input_ids": row} for row in train.rows]
 
 

@@ -17,6 +17,7 @@ from distillation.config import to_yaml
 from distillation.data.corpus import open_sources
 from distillation.data.sources import SourceSpec
 from distillation.errors import DistillError
+from distillation.losses import QKV
 from distillation.storage import exists, join, read_text, run_storage, train_location
 from distillation.teachers.resolve import ResolvedTeacher, check_cache, resolve_teacher, student_source_dir
 from distillation.training.plan import needs_teacher
@@ -41,6 +42,8 @@ class Preflight:
 
 
 def preflight(cfg: DictConfig) -> Preflight:
+    """Every input check, before Ray starts or a run folder exists: the teacher, shapes, sources,
+    storage and, on resume, what may change. Raises a one-line DistillError."""
     teacher = resolve_teacher(cfg)
     uses_teacher = needs_teacher(cfg.distillation)
     if uses_teacher:
@@ -99,7 +102,7 @@ def _widths(config) -> dict:
     """q, k, v widths (heads x head_dim; GQA keys and values have their own)."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    return {"q": config.num_attention_heads * head_dim, "k": kv_heads * head_dim, "v": kv_heads * head_dim}
+    return dict(zip(QKV, (config.num_attention_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim)))
 
 
 def check_shapes(cfg: DictConfig, teacher: ResolvedTeacher) -> None:

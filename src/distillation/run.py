@@ -27,6 +27,7 @@ from distillation.config import to_yaml
 from distillation.console import RayLinesToFile, say, session_log_dir
 from distillation.data.corpus import Corpus, prepare_corpus
 from distillation.errors import DistillError
+from distillation.losses import LOSS_COMPONENTS
 from distillation.models import TOKENIZER_FILES, check_output_head, load_causal_lm
 from distillation.preflight import Preflight, preflight
 from distillation.storage import join, read_text, run_storage, train_location, train_storage, upload, write_text
@@ -35,6 +36,7 @@ from distillation.teachers.deployment import deploy_teacher
 from distillation.training.evaluate import heldout_loss
 from distillation.training.loop import train_loop_per_worker
 from distillation.training.metrics import (
+    WEIGHTED_TERMS,
     MetricsBoard,
     append_jsonl,
     dominance_warning,
@@ -80,6 +82,7 @@ def run(cfg: DictConfig, ray_lines: Optional[RayLinesToFile] = None) -> dict:
 
 # -- prepare ---------------------------------------------------------------------------------------
 def prepare(cfg: DictConfig, pre: Preflight) -> Prepared:
+    """Ray, the corpus's small sets, the starting student and teacher scored on held-out rows."""
     init_ray(cfg)
     if cfg.run.check_placement:
         check_placement(cfg, pre.uses_teacher)
@@ -160,7 +163,7 @@ def create_mixture(cfg: DictConfig, corpus: Corpus, name: str, resume_state: Opt
                             t.batch_size * t.grad_accum * t.num_workers, updates, cfg.influence.delay_steps,
                             corpus.fingerprints(), cfg.data.shuffle_units).state()
     return Mixture.options(name=name).remote(state, corpus.specs, corpus.recipe,
-                                             {n: (p.rows, p.lengths) for n, p in corpus.pool.items()},
+                                             {n: (p.rows, p.lengths, p.positions) for n, p in corpus.pool.items()},
                                              cfg.data.readers, cfg.data.reader_cpus)
 
 
@@ -316,8 +319,8 @@ def _follow(board, thread, start_step: int, max_steps: int, run_dir: Path, progr
                 append_jsonl(run_dir / "metrics.jsonl", new)
                 last = new[-1]
                 bar.update(last["step"] - bar.n)
-                bar.set_postfix(loss=f"{last['loss']:.3f}", ce=f"{last['ce']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}",
-                                wait_s=f"{last['data_wait_s']:.1f}")
+                bar.set_postfix(**{k: f"{last[k]:.3g}" for k in LOSS_COMPONENTS if last.get(k)},
+                                tok_s=f"{last['tokens_per_s']:.0f}", wait_s=f"{last['data_wait_s']:.1f}")
                 warning = dominance_warning(last)
                 if warning and not warned:
                     warned = True
@@ -334,6 +337,7 @@ def _follow(board, thread, start_step: int, max_steps: int, run_dir: Path, progr
 # -- finish ----------------------------------------------------------------------------------------
 def finish(cfg: DictConfig, pre: Preflight, prep: Prepared, result, mixture_history, teacher_stats,
            started: float) -> dict:
+    """Export the trained student, score it on the held-out rows, and write the summary and plots."""
     run_dir = pre.run_dir
     if result.checkpoint is None:
         raise DistillError("training ended without a checkpoint")
@@ -395,7 +399,7 @@ def print_summary(s: dict) -> None:
         + (f" (resumed from step {s['resumed_from_step']})" if s["resumed_from_step"] else ""),
         "loss components (first -> last logged step):",
         *(f"  {k:<20} {first.get(k, 0):10.4f} -> {last.get(k, 0):10.4f}"
-          for k in ("loss", "ce_weighted", "logits_kl_weighted", "attention_weighted")),
+          for k in ("loss", *(key for key, _ in WEIGHTED_TERMS))),
         "held-out next-token loss (nats/token, bits/byte):",
         f"  student before  {h['student_before']['loss']:.3f}  {h['student_before']['bits_per_byte']:.3f}",
         f"  student after   {h['student_after']['loss']:.3f}  {h['student_after']['bits_per_byte']:.3f}",

@@ -1,10 +1,11 @@
-"""Packing documents into rows of one document each, and the next-token labels and mask."""
+"""Cutting documents into rows (one per row, or packed end to end with per-document positions), and
+the next-token labels and mask."""
 
 
 import numpy as np
 import torch
 
-from distillation.data.packing import next_token_labels, pack, token_mask
+from distillation.data.packing import document_spans, next_token_labels, pack, pack_documents, segment_ids, token_mask
 from distillation.losses import IGNORE_INDEX
 
 
@@ -31,3 +32,28 @@ def test_the_fill_ratio_counts_real_tokens_over_every_training_row_position():
     full = pack([np.arange(2, 18)], pad_id=0, seq_len=8, max_tokens=100)  # 8 | 8
     empty = pack([], pad_id=0, seq_len=8, max_tokens=100)
     assert fill_ratio([short, full, empty]) == (3 + 8 + 2 + 8 + 8) / (5 * 8)
+
+
+def test_pack_documents_fills_rows_end_to_end_and_restarts_positions_where_a_document_starts():
+    docs = [np.arange(1, 6), np.arange(10, 13), np.arange(20, 30), np.array([40]), np.arange(50, 52)]
+    packed = pack_documents(docs, pad_id=0, seq_len=8)
+    assert packed.rows.tolist() == [[1, 2, 3, 4, 5, 10, 11, 12], [20, 21, 22, 23, 24, 25, 26, 27],
+                                    [28, 29, 50, 51, 0, 0, 0, 0]]  # the 10-token document continues
+    assert packed.positions.tolist() == [[0, 1, 2, 3, 4, 0, 1, 2], [0, 1, 2, 3, 4, 5, 6, 7],
+                                         [0, 1, 0, 1, 2, 3, 4, 5]]  # padding continues the last document
+    assert packed.lengths.tolist() == [8, 8, 4] and packed.dropped_tokens == 1  # the one-token document
+    assert document_spans(packed.rows.shape, packed.positions) == [(0, 0, 5), (0, 5, 8), (1, 0, 8), (2, 0, 2),
+                                                                   (2, 2, 8)]
+    assert document_spans((2, 8), None) == [(0, 0, 8), (1, 0, 8)]
+    assert segment_ids(torch.as_tensor(packed.positions))[0].tolist() == [0, 0, 0, 0, 0, 1, 1, 1]
+    no_room = pack_documents([np.arange(1, 8), np.arange(10, 13)], pad_id=0, seq_len=8)  # one free position
+    assert no_room.rows.tolist() == [[1, 2, 3, 4, 5, 6, 7, 0], [10, 11, 12, 0, 0, 0, 0, 0]]
+    assert no_room.lengths.tolist() == [7, 3] and no_room.dropped_tokens == 0
+
+
+def test_packed_labels_never_cross_a_document_boundary():
+    packed = pack_documents([np.arange(1, 6), np.arange(10, 13), np.arange(20, 24)], pad_id=0, seq_len=8)
+    labels = next_token_labels(torch.as_tensor(packed.rows).long(), torch.as_tensor(packed.lengths),
+                               torch.as_tensor(packed.positions))
+    assert labels.tolist() == [[2, 3, 4, 5, IGNORE_INDEX, 11, 12, IGNORE_INDEX],
+                               [21, 22, 23, IGNORE_INDEX] + [IGNORE_INDEX] * 4]

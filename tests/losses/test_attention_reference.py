@@ -243,3 +243,44 @@ def test_official_clamp_is_inert_at_temperature_one_so_ours_needs_none():
     unclamped = official_vv_distill_loss([teacher], [student], split_heads, eps=0.0)
     torch.testing.assert_close(clamped, unclamped, rtol=1e-12, atol=0.0)
     torch.testing.assert_close(_ours(teacher, student, split_heads).double(), clamped, rtol=RTOL, atol=0.0)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_packed_row_gives_the_official_value_of_its_documents_weighted_by_their_tokens(seed):
+    """Row 0 packs documents of 5 and 3 tokens, row 1 holds one document of 4 tokens and 4 padding
+    positions: the loss equals the official formula on each document as a sequence of its own, each
+    weighted by its share of the 12 real tokens (the official mean is over rows; ours over all rows)."""
+    gen = torch.Generator().manual_seed(seed)
+    split_heads, length = 8, 8
+    docs = [(0, 0, 5), (0, 5, 8), (1, 0, 4)]
+    layers = {who: [_as_float32_values(_random_layer(gen, 1, z - a, heads=h, kv_heads=kv, head_dim=8))
+                    for _, a, z in docs] for who, h, kv in (("teacher", 12, 6), ("student", 8, 4))}
+
+    def packed(who):  # the documents laid into rows [2, heads, 8, head_dim], zeros where there is padding
+        out = {key: torch.zeros(2, value.shape[1], length, 8, dtype=torch.float64)
+               for key, value in layers[who][0].items()}
+        for (b, a, z), layer in zip(docs, layers[who]):
+            for key, value in layer.items():
+                out[key][b, :, a:z] = value[0]
+        return out
+
+    positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2], [0, 1, 2, 3, 4, 5, 6, 7]])
+    segments = (positions == 0).long().cumsum(-1) - 1
+    mask = torch.tensor([[True] * 8, [True] * 4 + [False] * 4])
+    s32 = {key: value.float().requires_grad_(True) for key, value in packed("student").items()}
+    ours = attention_relation_loss(_ours_layout(packed("teacher")), {short: _concat_heads(s32[key])
+                                                                     for key, short in OFFICIAL_KEYS},
+                                   split_heads, temperature=1.0, mask=mask, chunk_sequences=1,
+                                   normalization="reference", segments=segments)
+    s64 = [{key: value.clone().requires_grad_(True) for key, value in layer.items()} for layer in layers["student"]]
+    official = sum((z - a) / 12 * official_vv_distill_loss([t], [s], split_heads)
+                   for (_, a, z), t, s in zip(docs, layers["teacher"], s64))
+    torch.testing.assert_close(ours.double(), official, rtol=RTOL, atol=0.0)
+
+    ours_grads = torch.autograd.grad(ours, [s32[key] for key, _ in OFFICIAL_KEYS])
+    for (key, _), g in zip(OFFICIAL_KEYS, ours_grads):
+        ref = torch.autograd.grad(official, [s[key] for s in s64], retain_graph=True)
+        for (b, a, z), rg in zip(docs, ref):
+            err = ((g[b, :, a:z].double() - rg[0]).norm() / rg.norm()).item()
+            assert err < GRAD_RTOL, f"{key} {b, a, z}: gradient relative error {err:.2e}"
+        assert g[1, :, 4:].abs().max() == 0  # padding gets no gradient

@@ -99,3 +99,26 @@ def test_a_teacher_that_answers_nan_is_a_one_line_error_naming_the_model(tied, t
     with pytest.raises(DistillError, match=f"teacher {broken} gave unusable answers: .*NaN") as caught:
         teacher.score(_ids(3))
     assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("signal", ["topk", "hidden"])
+def test_a_packed_row_is_answered_as_its_documents_would_be_alone(tied, signal):
+    from distillation.data.packing import document_spans, pack_documents
+
+    docs = [np.random.default_rng(seed).integers(0, 200, n) for seed, n in ((1, 7), (2, 4), (3, 9))]
+    packed = pack_documents(docs, pad_id=0, seq_len=12)  # [7 | 4 + 1 padding] [9 + 3 padding]
+    teacher = HFTeacher(tied, top_k=8, temperature=2.0, dtype="float32", signal=signal, qkv_layer=1)
+    together = teacher.score(packed.rows, packed.positions)
+    spans = document_spans(packed.rows.shape, packed.positions)
+    assert len(spans) == 3
+    for (b, a, z), doc in zip(spans, docs):
+        alone = teacher.score(doc[None])
+        n = len(doc)
+        for field in ("topk_logprobs", "hidden", "q", "k", "v"):
+            if getattr(alone, field) is not None:
+                np.testing.assert_allclose(getattr(together, field)[b, a:a + n].astype(np.float32),
+                                           getattr(alone, field)[0].astype(np.float32), atol=2e-3, err_msg=field)
+    unpacked = teacher.score(packed.rows)  # the same rows read as one document each differ
+    for field in ("q", "topk_logprobs" if signal == "topk" else "hidden"):
+        assert not np.allclose(getattr(unpacked, field)[0, 7:11].astype(np.float32),
+                               getattr(together, field)[0, 7:11].astype(np.float32), atol=1e-2)

@@ -23,6 +23,7 @@ def test_settings_vllm_cannot_honour_are_refused():
 
 
 def test_vllm_top_k_agrees_with_the_transformers_teacher_on_smollm2(smollm2_dir):
+    from distillation.data.packing import pack_documents
     from distillation.models import load_tokenizer
     from distillation.teachers.hf import HFTeacher
     from distillation.teachers.vllm import VLLMTeacher
@@ -32,12 +33,19 @@ def test_vllm_top_k_agrees_with_the_transformers_teacher_on_smollm2(smollm2_dir)
              "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n"]
     rows = [tokenizer(t, add_special_tokens=False)["input_ids"][:20] for t in texts]
     ids = np.array(rows)
-    reference = HFTeacher(smollm2_dir, top_k=8, temperature=1.0, dtype="float32", signal="topk").score(ids)
+    hf = HFTeacher(smollm2_dir, top_k=8, temperature=1.0, dtype="float32", signal="topk")
+    reference = hf.score(ids)
+    packed = pack_documents([ids[0, :12], ids[1, :15]], tokenizer.eos_token_id, 32)  # one row: 12 | 15 + 5 padding
     engine = VLLMTeacher(smollm2_dir, top_k=8, temperature=1.0, dtype="float32", max_model_len=256)
     try:
         answer = engine.score(ids)
+        packed_answer = engine.score(packed.rows, packed.positions)  # each document its own prompt
     finally:
         engine.close()
+    packed_reference = hf.score(packed.rows, packed.positions)  # per-document attention in one pass
+    np.testing.assert_array_equal(packed_answer.topk_ids[0, :27, 0], packed_reference.topk_ids[0, :27, 0])
+    np.testing.assert_allclose(packed_answer.topk_logprobs[0, :27, 0].astype(np.float32),
+                               packed_reference.topk_logprobs[0, :27, 0].astype(np.float32), atol=2e-2)
     assert answer.topk_ids.shape == (2, 20, 8) and answer.topk_ids.dtype == np.int32
     # The best id agrees everywhere, including the last position (the one-position shift).
     np.testing.assert_array_equal(answer.topk_ids[..., 0], reference.topk_ids[..., 0])

@@ -2,7 +2,7 @@
 an option changes; unknown keys, wrong types, values outside `one_of(...)` and non-positive
 `positive(...)` values fail with one line (config/loader.py)."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Dict, List, Optional
 
 from omegaconf import MISSING
@@ -11,6 +11,11 @@ from omegaconf import MISSING
 def one_of(default: str, *others: str):
     """A string field that takes only these values (the first is the default)."""
     return field(default=default, metadata={"choices": (default, *others)})
+
+
+def choices(config_class, name: str) -> tuple:
+    """The values `one_of` allows for a field, for code that checks them outside the config loader."""
+    return next(f.metadata["choices"] for f in fields(config_class) if f.name == name)
 
 
 def positive(default):
@@ -96,6 +101,10 @@ class SourceConfig:
 class DataConfig:
     sources: List[SourceConfig] = field(default_factory=list)
     seq_len: int = positive(256)
+    # Training rows: false, one document per row (padded); true, documents end to end filling every
+    # row, with attention, positions, labels and attention relations kept inside each document
+    # (data/packing.py). Held-out and probe rows stay one document per row either way.
+    pack_documents: bool = False
     # Optional: read only each source's first units (canonical order) up to about this many tokens.
     # Off by default: sources are read lazily, unit by unit, as the run consumes them.
     max_tokens_per_source: Optional[int] = None

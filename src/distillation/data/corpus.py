@@ -14,7 +14,7 @@ import numpy as np
 import ray
 from omegaconf import DictConfig
 
-from distillation.data.packing import Packed, pack, predicted_bytes
+from distillation.data.packing import Packed, pack, pack_documents, predicted_bytes
 from distillation.data.sources import SourceSpec, Unit, open_source, read_unit, split_of
 from distillation.errors import DistillError
 
@@ -26,11 +26,14 @@ _TOKENIZERS: dict = {}  # per worker process: a tokenizer is loaded once and kep
 
 @dataclass(frozen=True)
 class RowRecipe:
-    """How a unit becomes rows: tokenized, each document assigned its split, cut into rows."""
+    """How a unit becomes rows: tokenized, each document assigned its split, cut into rows. Training
+    rows are packed (several documents per row) when `pack_documents`; held-out and probe rows are
+    always one document per row, so bits/byte is comparable between packed and unpacked runs."""
     tokenizer_dir: str
     seq_len: int
     heldout_fraction: float
     probe_fraction: float
+    pack_documents: bool = False
 
     def cut(self, spec: SourceSpec, unit: Unit) -> Dict[str, Packed]:
         from distillation.models import load_tokenizer
@@ -44,7 +47,11 @@ class RowRecipe:
         for doc, ids in zip(docs, encoded):
             split = split_of(f"{spec.name}/{doc.doc_id}", self.heldout_fraction, self.probe_fraction)
             parts[split].append(np.asarray(ids, dtype=np.int32))
-        return {name: pack(tokens, tokenizer.eos_token_id, self.seq_len) for name, tokens in parts.items()}
+        rows = {name: pack(tokens, tokenizer.eos_token_id, self.seq_len) for name, tokens in parts.items()
+                if name != "train" or not self.pack_documents}
+        if self.pack_documents:
+            rows["train"] = pack_documents(parts["train"], tokenizer.eos_token_id, self.seq_len)
+        return rows
 
 
 @ray.remote
@@ -97,7 +104,8 @@ def spread(packed: Packed, count: int) -> Packed:
     if len(packed.rows) <= count:
         return packed
     index = np.linspace(0, len(packed.rows) - 1, count).round().astype(int)
-    return Packed(packed.rows[index], packed.lengths[index], packed.dropped_tokens)
+    return Packed(packed.rows[index], packed.lengths[index], packed.dropped_tokens,
+                  None if packed.positions is None else packed.positions[index])
 
 
 def concat(parts: List[Packed], seq_len: int) -> Packed:
@@ -105,7 +113,8 @@ def concat(parts: List[Packed], seq_len: int) -> Packed:
     if not parts:
         return Packed(np.zeros((0, seq_len), np.int32), np.zeros(0, np.int32), 0)
     return Packed(np.concatenate([p.rows for p in parts]), np.concatenate([p.lengths for p in parts]),
-                  sum(p.dropped_tokens for p in parts))
+                  sum(p.dropped_tokens for p in parts),
+                  None if parts[0].positions is None else np.concatenate([p.positions for p in parts]))
 
 
 def fill_ratio(parts: List[Packed]) -> float:
@@ -126,7 +135,7 @@ def open_sources(cfg: DictConfig) -> Dict[str, SourceSpec]:
 
 def row_recipe(cfg: DictConfig, tokenizer_dir: str) -> RowRecipe:
     d = cfg.data
-    return RowRecipe(tokenizer_dir, d.seq_len, d.heldout_fraction, d.probe_fraction)
+    return RowRecipe(tokenizer_dir, d.seq_len, d.heldout_fraction, d.probe_fraction, d.pack_documents)
 
 
 def _result(ref: "ray.ObjectRef") -> Dict[str, Packed]:

@@ -13,7 +13,7 @@ so influence needs no teacher answers. Cost per update: (sources + 1) forward + 
 `batch_size` sequences on one worker, and two parameter-sized fp32 vectors.
 """
 
-from typing import Mapping, Sequence
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -22,22 +22,26 @@ from torch import nn
 
 from distillation.data.packing import next_token_labels
 from distillation.losses import IGNORE_INDEX
+from distillation.models import forward_rows
 
 
-def flat_gradient(model: nn.Module, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """The gradient of the mean next-token CE over all trainable parameters, as one fp32 vector.
+def flat_gradient(model: nn.Module, input_ids: torch.Tensor, lengths: torch.Tensor,
+                  positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The gradient of the mean next-token CE over all trainable parameters, as one fp32 vector;
+    `positions` for packed rows (data/packing.py).
 
     `torch.autograd.grad` leaves `.grad` (and so DDP's gradient hooks) untouched."""
     params = [p for p in model.parameters() if p.requires_grad]
-    logits = model(input_ids=input_ids).logits  # right padding: causal attention never sees it
-    labels = next_token_labels(input_ids, lengths)
+    logits = forward_rows(model, input_ids, positions).logits  # right padding: causal attention never sees it
+    labels = next_token_labels(input_ids, lengths, positions)
     loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten().float() for g, p in zip(grads, params)])
 
 
 def alignment_scores(model: nn.Module, probe: tuple, batches: Mapping[str, tuple]) -> dict:
-    """Cosine of each source batch's gradient with the probe gradient; batches are (ids, lengths)."""
+    """Cosine of each source batch's gradient with the probe gradient; batches are (ids, lengths) or
+    (ids, lengths, positions)."""
     probe_grad = flat_gradient(model, *probe)
     scores = {}
     for name, batch in batches.items():

@@ -259,8 +259,10 @@ class Mixture:
         columns = (np.concatenate([p.rows for p in parts]), np.concatenate([p.lengths for p in parts]),
                    np.concatenate([np.full(len(p.rows), u, np.int64) for u, p in zip(units, parts)]),
                    np.concatenate([np.arange(len(p.rows), dtype=np.int64) for p in parts]))
+        if self.recipe.pack_documents:
+            columns += (np.concatenate([p.positions for p in parts]),)
         order = self.plan.block_order(key, len(columns[0]))
-        self.blocks[key] = tuple(c[order] for c in columns)  # rows, lengths, unit, row in unit
+        self.blocks[key] = tuple(c[order] for c in columns)  # rows, lengths, unit, row in unit[, positions]
         self.block_rows[key] = len(order)
         while len(self.blocks) > self.cached_blocks:
             self.blocks.popitem(last=False)
@@ -333,17 +335,20 @@ class Mixture:
         blocks = {}
         for key in dict.fromkeys(p[:3] for p in picked):  # each block this call needs, once
             blocks[key] = await self._block(key)
-        columns = [[], [], [], []]  # rows, lengths, unit, row in unit
+        columns = [[], [], [], [], []]  # rows, lengths, unit, row in unit, positions (packed rows only)
         for source, epoch, block, index in picked:
             for column, values in zip(columns, blocks[(source, epoch, block)]):
                 column.append(values[index])
         lengths = np.array(columns[1], dtype=np.int32)
         self.served[0] += int(lengths.sum())
         self.served[1] += len(lengths) * self.recipe.seq_len
-        return {"sample_id": ids, "source": np.array([p[0] for p in picked], dtype=np.int32),
+        empty = np.zeros((0, self.recipe.seq_len), np.int32)
+        rows = {"sample_id": ids, "source": np.array([p[0] for p in picked], dtype=np.int32),
                 "unit": np.array(columns[2], dtype=np.int64), "row": np.array(columns[3], dtype=np.int64),
-                "input_ids": np.stack(columns[0]) if picked else np.zeros((0, self.recipe.seq_len), np.int32),
-                "length": lengths}
+                "input_ids": np.stack(columns[0]) if picked else empty, "length": lengths}
+        if self.recipe.pack_documents:
+            rows["positions"] = np.stack(columns[4]) if picked else empty
+        return rows
 
     async def set_weights(self, computed_at: int, weights: List[float], scores: List[float] = ()) -> bool:
         async with self.updated:
@@ -403,7 +408,7 @@ class Mixture:
         trainer sees)."""
         rng = np.random.default_rng([self.plan.seed, step, 1])
         out = {}
-        for name, (rows, lengths) in zip(self.plan.names, self.pool):
-            pick = rng.choice(len(rows), size=min(batch_size, len(rows)), replace=False)
-            out[name] = (rows[pick], lengths[pick])
+        for name, columns in zip(self.plan.names, self.pool):  # rows, lengths, positions (None: unpacked)
+            pick = rng.choice(len(columns[0]), size=min(batch_size, len(columns[0])), replace=False)
+            out[name] = tuple(None if c is None else c[pick] for c in columns)
         return out

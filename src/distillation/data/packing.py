@@ -1,11 +1,22 @@
-"""Cutting tokenized documents into fixed-length training rows, one document per row.
+"""Cutting tokenized documents into fixed-length training rows.
 
-A row never holds two documents, so no token attends across a document boundary and positions
-start at 0 with every row (the teacher sees exactly the same rows, so both sides agree). A document
-longer than a row is cut into consecutive rows; the last piece, and any document shorter than a
-row, is padded on the right and its padding carries no label (causal attention means real tokens
-never see the padding either). A piece of one token has no next token to predict: it is dropped
-and counted, never silently.
+`pack`: one document per row. A row never holds two documents, so positions start at 0 with every
+row. A document longer than a row is cut into consecutive rows; the last piece, and any document
+shorter than a row, is padded on the right and its padding carries no label (causal attention means
+real tokens never see the padding either).
+
+`pack_documents` (data.pack_documents): documents laid end to end, filling each row; one that does
+not fit is continued in the next row. Each row carries `positions`, which restart at 0 where a
+document (or its continuation) starts. Position ids are how transformers marks packed sequences
+(`masking_utils.find_packed_sequence_indices`, used when no attention mask is given): attention
+stays inside each document, and RoPE counts from each document's start. The labels and the
+attention-relation loss use the same boundaries (`next_token_labels`, `segment_ids`), and the
+teachers score each document on its own (`document_spans`), so the teacher sees exactly the rows
+the student does. Padding continues the last document's positions: causal attention keeps it
+invisible to real tokens, as in one-document rows.
+
+Either way a piece of one token has no next token to predict: it is dropped and counted, never
+silently.
 """
 
 from typing import List, NamedTuple, Optional
@@ -20,6 +31,7 @@ class Packed(NamedTuple):
     rows: np.ndarray  # [N, seq_len] int32, right-padded with `pad_id`
     lengths: np.ndarray  # [N] int32, real tokens per row (>= 2)
     dropped_tokens: int  # in one-token pieces, or beyond the token budget
+    positions: Optional[np.ndarray] = None  # [N, seq_len] int32 for packed rows; None: one document per row
 
 
 def pack(token_lists: List[np.ndarray], pad_id: int, seq_len: int, max_tokens: Optional[int] = None) -> Packed:
@@ -43,6 +55,61 @@ def pack(token_lists: List[np.ndarray], pad_id: int, seq_len: int, max_tokens: O
     return Packed(np.stack(rows), np.asarray(lengths, dtype=np.int32), dropped)
 
 
+def pack_documents(token_lists: List[np.ndarray], pad_id: int, seq_len: int) -> Packed:
+    """Rows filled with the documents in order, each row with its per-document `positions`."""
+    rows, lengths, positions, dropped = [], [], [], 0
+    row_ids, row_pos, used = [], [], 0
+
+    def close_row():
+        nonlocal row_ids, row_pos, used
+        ids = np.full(seq_len, pad_id, dtype=np.int32)
+        ids[:used] = np.concatenate(row_ids)
+        pos = np.empty(seq_len, dtype=np.int32)
+        pos[:used] = np.concatenate(row_pos)
+        pos[used:] = pos[used - 1] + 1 + np.arange(seq_len - used)  # padding continues the last document
+        rows.append(ids), lengths.append(used), positions.append(pos)
+        row_ids, row_pos, used = [], [], 0
+
+    for tokens in token_lists:
+        tokens = np.asarray(tokens, dtype=np.int32)
+        start = 0
+        while start < len(tokens):
+            if used and seq_len - used < 2:  # no room for a piece that predicts anything
+                close_row()
+            piece = tokens[start:start + seq_len - used]
+            start += len(piece)
+            if len(piece) < 2:
+                dropped += len(piece)
+                continue
+            row_ids.append(piece)
+            row_pos.append(np.arange(len(piece), dtype=np.int32))
+            used += len(piece)
+    if used:
+        close_row()
+    if not rows:
+        empty = np.zeros((0, seq_len), np.int32)
+        return Packed(empty, np.zeros(0, np.int32), dropped, empty.copy())
+    return Packed(np.stack(rows), np.asarray(lengths, dtype=np.int32), dropped, np.stack(positions))
+
+
+def document_spans(shape: tuple, positions: Optional[np.ndarray]) -> List[tuple]:
+    """(row, start, stop) of every document in rows of `shape` [N, seq_len]; the whole row when
+    `positions` is None. The last span of a row includes its padding."""
+    count, seq_len = shape
+    if positions is None:
+        return [(b, 0, seq_len) for b in range(count)]
+    spans = []
+    for b in range(count):
+        starts = np.flatnonzero(np.asarray(positions[b]) == 0).tolist() + [seq_len]
+        spans += [(b, a, z) for a, z in zip(starts[:-1], starts[1:])]
+    return spans
+
+
+def segment_ids(positions: torch.Tensor) -> torch.Tensor:
+    """[B, T] long: the index of the document each token belongs to within its row."""
+    return (positions == 0).long().cumsum(-1) - 1
+
+
 def full_rows(token_lists: List[np.ndarray], seq_len: int, count: Optional[int] = None) -> np.ndarray:
     """The first `count` (default: all) rows with no padding, for benchmarks that compare like with like."""
     packed = pack(token_lists, 0, seq_len)
@@ -52,13 +119,17 @@ def full_rows(token_lists: List[np.ndarray], seq_len: int, count: Optional[int] 
     return rows
 
 
-def next_token_labels(input_ids: torch.Tensor, lengths: torch.Tensor = None) -> torch.Tensor:
-    """labels[t] = input_ids[t + 1] where token t + 1 is real; the rest is IGNORE_INDEX."""
+def next_token_labels(input_ids: torch.Tensor, lengths: torch.Tensor = None,
+                      positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """labels[t] = input_ids[t + 1] where token t + 1 is real and of the same document; the rest is
+    IGNORE_INDEX."""
     labels = torch.full_like(input_ids, IGNORE_INDEX)
     labels[:, :-1] = input_ids[:, 1:]
     if lengths is not None:
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        labels[positions[None, :] >= lengths.to(input_ids.device)[:, None] - 1] = IGNORE_INDEX
+        index = torch.arange(input_ids.shape[1], device=input_ids.device)
+        labels[index[None, :] >= lengths.to(input_ids.device)[:, None] - 1] = IGNORE_INDEX
+    if positions is not None:  # the last token of a document does not predict the next one's first
+        labels[:, :-1][positions[:, 1:].to(input_ids.device) == 0] = IGNORE_INDEX
     return labels
 
 

@@ -46,9 +46,10 @@ class DrawAndAnnotate:
         if self.handle is None:
             return rows
         ids = np.ascontiguousarray(rows["input_ids"])
+        positions = rows.get("positions")  # packed rows: the teacher scores each document on its own
         for attempt in range(1, self.max_attempts + 1):
             try:
-                answer = await self.handle.remote(ids)
+                answer = await self.handle.remote(ids, positions)
                 return {**rows, **answer}
             except self.retryable as exc:
                 if attempt == self.max_attempts:

@@ -14,7 +14,9 @@ the official code); the three are summed. Then:
   one layer here). gamma = 1e5 is calibrated against this.
 - `paper`: no division (the paper's Eq. 11). The same training signal needs gamma / split_heads
   (1e5 reference == 3125 paper at split_heads = 32).
-Padding positions contribute neither rows nor columns.
+Padding positions contribute neither rows nor columns. In packed rows (`segments`, the document of
+each token) a token's relations are over the tokens of its own document only, so a packed row gives
+the loss its documents would give as rows of their own.
 """
 
 from typing import Mapping, Optional
@@ -29,7 +31,8 @@ NORMALIZATIONS = ("reference", "paper")
 
 
 def _relation_logprobs(states: torch.Tensor, split_heads: int, temperature: float,
-                       key_mask: Optional[torch.Tensor], name: str) -> torch.Tensor:
+                       allowed: Optional[torch.Tensor], name: str) -> torch.Tensor:
+    """`allowed` [B, 1 or T, T]: which keys each query row may relate to."""
     batch, length, width = states.shape
     if width % split_heads:
         raise ValueError(f"{name} width {width} is not divisible by split_heads={split_heads}; "
@@ -37,16 +40,18 @@ def _relation_logprobs(states: torch.Tensor, split_heads: int, temperature: floa
     x = states.float().view(batch, length, split_heads, width // split_heads).transpose(1, 2)
     x = F.normalize(x, dim=-1)
     scores = x @ x.transpose(-1, -2) / temperature
-    if key_mask is not None:
-        scores = scores.masked_fill(~key_mask[:, None, None, :], torch.finfo(scores.dtype).min)
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed[:, None], torch.finfo(scores.dtype).min)
     return F.log_softmax(scores, dim=-1)
 
 
 def attention_relation_loss(teacher: Mapping[str, torch.Tensor], student: Mapping[str, torch.Tensor],
                             split_heads: int, temperature: float = 1.0, mask: Optional[torch.Tensor] = None,
-                            chunk_sequences: int = 2, normalization: str = "reference") -> torch.Tensor:
+                            chunk_sequences: int = 2, normalization: str = "reference",
+                            segments: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Sum over q, k, v of the mean row KL(R_teacher || R_student), divided by `split_heads` under the
-    `reference` normalisation (module docstring); `mask` [B, T] marks real tokens.
+    `reference` normalisation (module docstring); `mask` [B, T] marks real tokens, `segments` [B, T]
+    the document of each token in packed rows.
 
     Computed `chunk_sequences` sequences at a time (see chunking.py), so the [B, heads, T, T]
     relations exist for one chunk only.
@@ -62,10 +67,14 @@ def attention_relation_loss(teacher: Mapping[str, torch.Tensor], student: Mappin
     def chunk(rows: slice):
         def fn(*student_states):
             chunk_mask = mask[rows] if mask is not None else None
+            allowed = chunk_mask[:, None, :] if chunk_mask is not None else None
+            if segments is not None:
+                same = segments[rows][:, :, None] == segments[rows][:, None, :]
+                allowed = same if allowed is None else same & allowed
             total = student_states[0].new_zeros(())
             for key, s_states in zip(QKV, student_states):
-                t_lp = _relation_logprobs(teacher[key][rows], split_heads, temperature, chunk_mask, f"teacher {key}")
-                s_lp = _relation_logprobs(s_states, split_heads, temperature, chunk_mask, f"student {key}")
+                t_lp = _relation_logprobs(teacher[key][rows], split_heads, temperature, allowed, f"teacher {key}")
+                s_lp = _relation_logprobs(s_states, split_heads, temperature, allowed, f"student {key}")
                 row_kl = (t_lp.exp() * (t_lp - s_lp)).sum(-1)  # [b, H, T]
                 if chunk_mask is not None:
                     row_kl = row_kl * chunk_mask[:, None, :].to(row_kl.dtype)

@@ -49,8 +49,9 @@ def bitdistill_loss(student_logits: torch.Tensor, labels: torch.Tensor, weights:
                     targets: Optional[Targets] = None,
                     teacher_qkv: Optional[Mapping[str, torch.Tensor]] = None,
                     student_qkv: Optional[Mapping[str, torch.Tensor]] = None,
-                    mask: Optional[torch.Tensor] = None) -> LossOutput:
-    """`mask` [B, T] marks real (non-padding) tokens for the attention relations."""
+                    mask: Optional[torch.Tensor] = None, segments: Optional[torch.Tensor] = None) -> LossOutput:
+    """`mask` [B, T] marks real (non-padding) tokens for the attention relations, `segments` [B, T]
+    the document of each token in packed rows (labels already end at document boundaries)."""
     total, ce, kl = logit_losses(student_logits, labels, targets if weights.logits_weight > 0 else None,
                                  weights.temperature, weights.temperature_squared, weights.ce_weight,
                                  weights.logits_weight, weights.chunk_tokens)
@@ -60,6 +61,6 @@ def bitdistill_loss(student_logits: torch.Tensor, labels: torch.Tensor, weights:
             raise ValueError("attention_weight > 0 needs teacher and student Q/K/V states")
         attn = attention_relation_loss(teacher_qkv, student_qkv, weights.split_heads,
                                        weights.attention_temperature, mask,
-                                       normalization=weights.attention_normalization)
+                                       normalization=weights.attention_normalization, segments=segments)
         total = total + weights.attention_weight * attn
     return LossOutput(total=total, ce=ce, logits_kl=kl, attention=attn.detach())

@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from transformers.integrations.bitnet import AutoBitLinear, WeightQuant
 
+from distillation.config.schema import StudentConfig, choices
+
 BITNET_CONFIG_KEY = "bitnet"
 SUBLN_MODULES = ("o_proj", "down_proj")
 NOT_CONVERTED = ("lm_head",)
@@ -39,8 +41,8 @@ def _bitlinear_from(linear: nn.Linear, use_norm: bool, eps: float) -> AutoBitLin
 
 def convert_to_bitnet(model: nn.Module, subln: str = "paper", num_layers: Optional[int] = None) -> nn.Module:
     """Convert a transformers causal LM in place into a BitNet student and record the settings."""
-    if subln not in ("paper", "allnorm", "none"):
-        raise ValueError(f"subln must be paper, allnorm or none, not {subln!r}")
+    if subln not in choices(StudentConfig, "subln"):
+        raise ValueError(f"subln must be one of {choices(StudentConfig, 'subln')}, not {subln!r}")
     if num_layers is not None:
         _truncate_layers(model, num_layers)
     eps = getattr(model.config, "rms_norm_eps", 1e-6)

@@ -27,8 +27,17 @@ ROW_FIELDS = tuple(name for name in DTYPES if name != "temperature")  # temperat
 ROW_GROUP_BYTES = 1 << 20  # a lookup reads whole row groups: about 1 MiB, at least one row
 
 
-def sequence_key(input_ids: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(input_ids, dtype=np.int32).tobytes()).hexdigest()
+def sequence_key(input_ids: np.ndarray, positions: Optional[np.ndarray] = None) -> str:
+    """One row's key: its token ids, and for a packed row also its positions (where documents start)."""
+    digest = hashlib.sha256(np.ascontiguousarray(input_ids, dtype=np.int32).tobytes())
+    if positions is not None:
+        digest.update(b"positions")
+        digest.update(np.ascontiguousarray(positions, dtype=np.int32).tobytes())
+    return digest.hexdigest()
+
+
+def row_keys(input_ids: np.ndarray, positions: Optional[np.ndarray] = None) -> List[str]:
+    return [sequence_key(row, None if positions is None else positions[i]) for i, row in enumerate(input_ids)]
 
 
 def file_sha256(path: Path, memo_dir: Optional[str] = None) -> str:
@@ -225,10 +234,10 @@ class TeacherCache:
         self._ensure_indexed()
         return len(self.index) + len(self.pending_rows)
 
-    def lookup(self, input_ids: np.ndarray) -> tuple:
+    def lookup(self, input_ids: np.ndarray, positions: Optional[np.ndarray] = None) -> tuple:
         """(TeacherOutput of the found rows or None, indices of the missing rows)."""
         self._ensure_indexed()
-        keys = [sequence_key(row) for row in input_ids]
+        keys = row_keys(input_ids, positions)
         found = [self._row(key) for key in keys]
         missing = [i for i, row in enumerate(found) if row is None]
         if missing:
@@ -242,10 +251,10 @@ class TeacherCache:
         temperature = None if tau is None else np.full(batch, tau, dtype=np.float32)
         return TeacherOutput(temperature=temperature, **arrays), []
 
-    def add(self, input_ids: np.ndarray, output: TeacherOutput) -> None:
+    def add(self, input_ids: np.ndarray, output: TeacherOutput, positions: Optional[np.ndarray] = None) -> None:
         """Remember new answers now; write them as one shard per `flush_rows` rows (and on flush)."""
         self._ensure_indexed()
-        keys = [sequence_key(row) for row in input_ids]
+        keys = row_keys(input_ids, positions)
         batch = to_record_batch(keys, output)
         self.pending.append(batch)
         self.pending_rows.update(_rows_by_key(batch))

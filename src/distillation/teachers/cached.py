@@ -30,12 +30,12 @@ class CachedTeacher(TeacherBase):
                 **{k: self.cache.signature[k] for k in ("signal", "top_k", "draws", "temperature", "qkv_layer",
                                                         "vocab_size")}}
 
-    def score(self, input_ids: np.ndarray) -> TeacherOutput:
+    def score(self, input_ids: np.ndarray, positions: Optional[np.ndarray] = None) -> TeacherOutput:
         input_ids = np.asarray(input_ids)
-        found, missing = self.cache.lookup(input_ids)
+        found, missing = self.cache.lookup(input_ids, positions)
         if missing:  # another replica (or the precompute job) may have written them since
             self.cache.reload()
-            found, missing = self.cache.lookup(input_ids)
+            found, missing = self.cache.lookup(input_ids, positions)
         if not missing:
             self.hits += len(input_ids)
             return found
@@ -44,8 +44,9 @@ class CachedTeacher(TeacherBase):
                                f"{self.cache.directory}; precompute them or set teacher.write_through=true")
         self.misses += len(missing)
         self.hits += len(input_ids) - len(missing)
-        self.cache.add(input_ids[missing], self.live.score(input_ids[missing]))
-        found, still = self.cache.lookup(input_ids)
+        missing_positions = None if positions is None else positions[missing]
+        self.cache.add(input_ids[missing], self.live.score(input_ids[missing], missing_positions), missing_positions)
+        found, still = self.cache.lookup(input_ids, positions)
         assert not still, "a write-through answer was not stored"
         return found
 

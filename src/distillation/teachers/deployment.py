@@ -77,26 +77,27 @@ class TeacherDeployment:
             self.flush()
             self.teacher.close()  # a vLLM engine's process goes with the replica
 
-    async def __call__(self, input_ids: np.ndarray) -> dict:
+    async def __call__(self, input_ids: np.ndarray, positions: Optional[np.ndarray] = None) -> dict:
         self.ongoing += 1
         self.in_flight.set(self.ongoing)
         try:
-            return await self.score_batch(input_ids)
+            return await self.score_batch(input_ids, positions)
         finally:
             self.ongoing -= 1
             self.in_flight.set(self.ongoing)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
-    async def score_batch(self, requests: List[np.ndarray]) -> List[dict]:
+    async def score_batch(self, requests: List[np.ndarray], positions: List[Optional[np.ndarray]]) -> List[dict]:
         start = time.perf_counter()
         self.largest_batch = max(self.largest_batch, len(requests))
-        # Requests of one length are scored in one call; the scorer itself keeps to the token budget.
-        lengths = {r.shape[1] for r in requests}
-        if len(lengths) == 1:
-            joined = await asyncio.to_thread(self.teacher.score, np.concatenate(requests))
+        # Requests of one length (and one row layout: packed or not) are scored in one call; the scorer
+        # itself keeps to the token budget.
+        if len({(r.shape[1], p is None) for r, p in zip(requests, positions)}) == 1:
+            joined_positions = None if positions[0] is None else np.concatenate(positions)
+            joined = await asyncio.to_thread(self.teacher.score, np.concatenate(requests), joined_positions)
             parts = joined.split([r.shape[0] for r in requests])
         else:
-            parts = [await asyncio.to_thread(self.teacher.score, r) for r in requests]
+            parts = [await asyncio.to_thread(self.teacher.score, r, p) for r, p in zip(requests, positions)]
         self.latency.observe(time.perf_counter() - start)
         self.tokens.inc(sum(r.size for r in requests))
         return [part.to_columns() for part in parts]

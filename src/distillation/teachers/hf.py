@@ -7,19 +7,19 @@ from typing import Optional
 import numpy as np
 import torch
 
+from distillation.config.schema import TeacherConfig, choices
 from distillation.errors import DistillError
 from distillation.losses.targets import sampled_targets, sparse_targets
-from distillation.models import capture_qkv, load_causal_lm
+from distillation.models import capture_qkv, forward_rows, load_causal_lm
 from distillation.teachers.cache import sequence_key
 from distillation.teachers.protocol import TeacherBase
 from distillation.teachers.schema import TeacherOutput
 
 
-def row_generator(row: torch.Tensor) -> torch.Generator:
-    """A generator seeded by one row's tokens alone (as int32, like the cache key), so a row gets the
-    same draws whether it is scored alone, in a Serve batch, split across forward passes, by the
-    precompute job or live."""
-    digest = bytes.fromhex(sequence_key(row.cpu().numpy()))  # the cache's key: one hash of a row's ids
+def row_generator(row: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Generator:
+    """A generator seeded by one row alone (its cache key), so a row gets the same draws whether it
+    is scored alone, in a Serve batch, split across forward passes, by the precompute job or live."""
+    digest = bytes.fromhex(sequence_key(row.cpu().numpy(), None if positions is None else positions.cpu().numpy()))
     return torch.Generator(device=row.device).manual_seed(int.from_bytes(digest[:8], "little"))
 
 
@@ -38,8 +38,8 @@ class HFTeacher(TeacherBase):
         self.vocab_size = vocab_size or self.model.config.vocab_size
         if not 0 < top_k <= self.vocab_size:
             raise DistillError(f"teacher.top_k={top_k} must be between 1 and the vocabulary size {self.vocab_size}")
-        if signal not in ("hidden", "sampled", "topk"):
-            raise DistillError(f"teacher.signal must be hidden, sampled or topk, not {signal!r}")
+        if signal not in choices(TeacherConfig, "signal"):
+            raise DistillError(f"teacher.signal must be one of {choices(TeacherConfig, 'signal')}, not {signal!r}")
         self.top_k, self.temperature, self.qkv_layer = top_k, float(temperature), qkv_layer
         self.signal, self.draws = signal, draws
         self.max_tokens_per_batch, self.device = max_tokens_per_batch, device
@@ -50,12 +50,12 @@ class HFTeacher(TeacherBase):
                 "qkv_layer": self.qkv_layer, "num_layers": self.model.config.num_hidden_layers}
 
     @torch.inference_mode()
-    def _score_rows(self, ids: torch.Tensor) -> TeacherOutput:
+    def _score_rows(self, ids: torch.Tensor, positions: Optional[torch.Tensor]) -> TeacherOutput:
         with (capture_qkv(self.model, self.qkv_layer) if self.qkv_layer is not None else nullcontext({})) as states:
             if self.signal == "hidden":  # the decoder alone: its output is what the head reads
-                hidden = self.model.get_decoder()(input_ids=ids).last_hidden_state
+                hidden = forward_rows(self.model.get_decoder(), ids, positions).last_hidden_state
             else:
-                logits = self.model(input_ids=ids).logits
+                logits = forward_rows(self.model, ids, positions).logits
         qkv = {key: value.float().cpu().numpy() for key, value in states.items()}
         if self.signal == "hidden":
             return TeacherOutput(hidden=hidden.float().cpu().numpy(), **qkv)
@@ -63,7 +63,8 @@ class HFTeacher(TeacherBase):
         logits = logits[..., :self.vocab_size]
         temperature = np.full(ids.shape[0], self.temperature)
         if self.signal == "sampled":
-            drawn = [sampled_targets(logits[i:i + 1], self.draws, self.temperature, row_generator(row))
+            drawn = [sampled_targets(logits[i:i + 1], self.draws, self.temperature,
+                                     row_generator(row, None if positions is None else positions[i]))
                      for i, row in enumerate(ids)]
             return TeacherOutput(sampled_ids=torch.cat([d.ids for d in drawn]).cpu().numpy(),
                                  sampled_weights=torch.cat([d.weights for d in drawn]).cpu().numpy(),
@@ -73,7 +74,9 @@ class HFTeacher(TeacherBase):
         return TeacherOutput(topk_ids=sparse.ids.cpu().numpy(), topk_logprobs=sparse.logprobs.cpu().numpy(),
                              tail_mass=sparse.tail_mass.cpu().numpy(), temperature=temperature, **qkv)
 
-    def score(self, input_ids: np.ndarray) -> TeacherOutput:
+    def score(self, input_ids: np.ndarray, positions: Optional[np.ndarray] = None) -> TeacherOutput:
+        """Packed rows go through the model with their `positions`: transformers then keeps attention
+        inside each document (data/packing.py), in one forward pass."""
         input_ids = np.ascontiguousarray(input_ids)
         if input_ids.ndim != 2:
             raise DistillError(f"teacher expects token ids of shape [batch, length], got {input_ids.shape}")
@@ -86,7 +89,9 @@ class HFTeacher(TeacherBase):
                                f"got [{input_ids.min()}, {input_ids.max()}]")
         rows = max(1, self.max_tokens_per_batch // length)
         ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device)
-        parts = [self._score_rows(ids[i:i + rows]) for i in range(0, ids.shape[0], rows)]
+        pos = None if positions is None else torch.as_tensor(positions, dtype=torch.long, device=self.device)
+        parts = [self._score_rows(ids[i:i + rows], None if pos is None else pos[i:i + rows])
+                 for i in range(0, ids.shape[0], rows)]
         try:
             return TeacherOutput.concat(parts).validate(input_ids, self.vocab_size)
         except ValueError as exc:  # NaN weights, say: name the model, not the array

@@ -1,6 +1,6 @@
 """What every teacher kind offers the Serve deployment (and the precompute job)."""
 
-from typing import Protocol, runtime_checkable
+from typing import Optional, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -11,8 +11,9 @@ from distillation.teachers.schema import TeacherOutput
 class Teacher(Protocol):
     vocab_size: int
 
-    def score(self, input_ids: np.ndarray) -> TeacherOutput:
-        """Answers for token ids [batch, length] (position t: the distribution over token t + 1)."""
+    def score(self, input_ids: np.ndarray, positions: Optional[np.ndarray] = None) -> TeacherOutput:
+        """Answers for token ids [batch, length] (position t: the distribution over token t + 1);
+        `positions` for packed rows, whose documents are scored each on its own (data/packing.py)."""
 
     def describe(self) -> dict:
         """Kind, signal settings and counters, for the run summary and the dashboard."""

@@ -21,7 +21,7 @@ PREFIX = "teacher_"
 
 DTYPES = {"topk_ids": np.int32, "topk_logprobs": np.float16, "tail_mass": np.float32, "temperature": np.float32,
           "sampled_ids": np.int32, "sampled_weights": np.float16, "sampled_logprobs": np.float16,
-          "hidden": np.float16, "q": np.float16, "k": np.float16, "v": np.float16}
+          "hidden": np.float16, **{key: np.float16 for key in QKV}}
 
 
 @dataclass

@@ -14,15 +14,29 @@ return Q/K/V either: attention distillation needs the transformers teacher.
 
 import os
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import numpy as np
 import torch
 
+from distillation.data.packing import document_spans
 from distillation.errors import DistillError
 from distillation.losses.targets import tail_mass
 from distillation.teachers.protocol import TeacherBase
 from distillation.teachers.schema import TeacherOutput
+
+
+def _groups(spans: List[tuple], max_tokens: int) -> List[List[tuple]]:
+    """Consecutive spans (row, start, stop) in groups of at most `max_tokens` tokens (one span at least)."""
+    groups, tokens = [[]], 0
+    for span in spans:
+        size = span[2] - span[1]
+        if groups[-1] and tokens + size > max_tokens:
+            groups.append([])
+            tokens = 0
+        groups[-1].append(span)
+        tokens += size
+    return groups
 
 
 def _topk_output(ids: np.ndarray, logprobs: np.ndarray, input_ids: np.ndarray, vocab_size: int) -> TeacherOutput:
@@ -88,7 +102,8 @@ class VLLMTeacher(TeacherBase):
             raise DistillError(f"vLLM returned {len(ranked)} log-probabilities where {self.top_k} were asked")
         return [token for token, _ in ranked], [lp.logprob for _, lp in ranked]
 
-    def score(self, input_ids: np.ndarray) -> TeacherOutput:
+    def score(self, input_ids: np.ndarray, positions: Optional[np.ndarray] = None) -> TeacherOutput:
+        """Every row, or every document of a packed row, is its own prompt (vLLM takes no position ids)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -99,17 +114,17 @@ class VLLMTeacher(TeacherBase):
         if length >= self.max_model_len:
             raise DistillError(f"sequence of {length} tokens does not fit teacher.max_model_len={self.max_model_len}")
         params = SamplingParams(max_tokens=1, prompt_logprobs=self.top_k, logprobs=self.top_k, detokenize=False)
-        rows_per_call = max(1, self.max_tokens_per_batch // length)
+        spans = document_spans(input_ids.shape, positions)
         outputs = []
-        for start in range(0, batch, rows_per_call):
-            outputs += self.engine.generate([TokensPrompt(prompt_token_ids=row.tolist())
-                                             for row in input_ids[start:start + rows_per_call]], params, use_tqdm=False)
+        for group in _groups(spans, self.max_tokens_per_batch):
+            outputs += self.engine.generate([TokensPrompt(prompt_token_ids=input_ids[b, a:z].tolist())
+                                             for b, a, z in group], params, use_tqdm=False)
         ids = np.empty((batch, length, self.top_k), dtype=np.int32)
         logprobs = np.empty((batch, length, self.top_k), dtype=np.float32)
-        for b, out in enumerate(outputs):
-            positions = list(out.prompt_logprobs[1:]) + [out.outputs[0].logprobs[0]]  # one-position shift
-            for t, entries in enumerate(positions):
-                ids[b, t], logprobs[b, t] = self._top(entries)
+        for (b, a, _), out in zip(spans, outputs):
+            answers = list(out.prompt_logprobs[1:]) + [out.outputs[0].logprobs[0]]  # one-position shift
+            for t, entries in enumerate(answers):
+                ids[b, a + t], logprobs[b, a + t] = self._top(entries)
         return _topk_output(ids, logprobs, input_ids, self.vocab_size)
 
 
@@ -165,20 +180,23 @@ class VLLMServerTeacher(TeacherBase):
             raise DistillError(f"vLLM server returned {len(scored)} log-probabilities where {self.top_k} were asked")
         return [token for token, _ in scored], [value for _, value in scored]
 
-    def score(self, input_ids: np.ndarray) -> TeacherOutput:
+    def score(self, input_ids: np.ndarray, positions: Optional[np.ndarray] = None) -> TeacherOutput:
+        """Every row, or every document of a packed row, is its own prompt."""
         input_ids = np.asarray(input_ids)
         batch, length = input_ids.shape
+        spans = document_spans(input_ids.shape, positions)
         answer = self._request("/v1/completions", {
-            "model": self.model, "prompt": input_ids.tolist(), "max_tokens": 1, "temperature": 0.0,
-            "prompt_logprobs": self.top_k, "logprobs": self.top_k, "return_tokens_as_token_ids": True})
+            "model": self.model, "prompt": [input_ids[b, a:z].tolist() for b, a, z in spans], "max_tokens": 1,
+            "temperature": 0.0, "prompt_logprobs": self.top_k, "logprobs": self.top_k,
+            "return_tokens_as_token_ids": True})
         ids = np.empty((batch, length, self.top_k), dtype=np.int32)
         logprobs = np.empty((batch, length, self.top_k), dtype=np.float32)
         for choice in sorted(answer["choices"], key=lambda c: c["index"]):
-            b = choice["index"]
-            positions = [[(int(token), entry["logprob"]) for token, entry in p.items()]
-                         for p in choice["prompt_logprobs"][1:]]  # one-position shift
-            positions.append([(int(token.split(":", 1)[1]), value)
-                              for token, value in choice["logprobs"]["top_logprobs"][0].items()])
-            for t, scored in enumerate(positions):
-                ids[b, t], logprobs[b, t] = self._top(scored)
+            b, a, _ = spans[choice["index"]]
+            answers = [[(int(token), entry["logprob"]) for token, entry in p.items()]
+                       for p in choice["prompt_logprobs"][1:]]  # one-position shift
+            answers.append([(int(token.split(":", 1)[1]), value)
+                            for token, value in choice["logprobs"]["top_logprobs"][0].items()])
+            for t, scored in enumerate(answers):
+                ids[b, a + t], logprobs[b, a + t] = self._top(scored)
         return _topk_output(ids, logprobs, input_ids, self.vocab_size or int(ids.max()) + 1)

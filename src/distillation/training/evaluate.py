@@ -34,7 +34,7 @@ def heldout_loss(model: nn.Module, packed: Packed, num_bytes: int, batch_size: i
             "bits_per_byte": total_nats / math.log(2) / max(num_bytes, 1)}
 
 
-def text_rows(tokenizer, text: str, seq_len: int = 256) -> Packed:
+def text_rows(tokenizer, text: str, seq_len: int) -> Packed:
     """`text` as ONE document, tokenized as the training data is (no special tokens) and cut into
     consecutive rows of `seq_len` by the training packer: no overlap, padding carries no label."""
     ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int32)
@@ -42,7 +42,7 @@ def text_rows(tokenizer, text: str, seq_len: int = 256) -> Packed:
     return pack([ids], pad_id, seq_len)
 
 
-def score_text(model: nn.Module, tokenizer, text: str, seq_len: int = 256, batch_size: int = 4) -> dict:
+def score_text(model: nn.Module, tokenizer, text: str, seq_len: int, batch_size: int = 4) -> dict:
     """{"loss" (nats/token), "bits_per_byte", "tokens" (predicted), "bytes" (UTF-8 bytes of those
     tokens)} of `model` on `text`, through `heldout_loss`."""
     if seq_len < 2:

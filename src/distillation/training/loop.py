@@ -70,6 +70,8 @@ class Worker:
 
 
 def setup(plan: WorkerPlan) -> Worker:
+    """This worker's student (resumed from the latest checkpoint if there is one), optimizer, schedule,
+    device and counters: everything the steps that follow need."""
     cfg = OmegaConf.create(plan.cfg)
     t = cfg.training
     context = ray.train.get_context()
@@ -109,8 +111,8 @@ def influence_update(w: Worker) -> None:
     names = [s.name for s in w.cfg.data.sources]
     batches = ray.get(w.mixture.influence_batches.remote(w.step, icfg.batch_size))
 
-    def as_tensors(rows_and_lengths):
-        return tuple(torch.as_tensor(x).long().to(w.device) for x in rows_and_lengths)
+    def as_tensors(columns):  # rows, lengths (and positions, or None, for training rows)
+        return tuple(None if x is None else torch.as_tensor(x).long().to(w.device) for x in columns)
 
     scores = alignment_scores(w.core, as_tensors(w.plan.probe), {n: as_tensors(batches[n]) for n in names})
     latest = max(ray.get(w.mixture.history.remote()), key=lambda e: e["computed_at"] or -1)
@@ -190,6 +192,8 @@ def stop_requested(w: Worker) -> bool:
 
 
 def train_loop_per_worker(config: dict) -> None:
+    """Ray Train's entry point on every worker: set up, then for each optimizer step its micro-steps,
+    the optimizer step, the logging window and, on schedule, a checkpoint."""
     w = setup(config["plan"])
     t = w.cfg.training
     stream = worker_stream(rank_sample_ids(w.rank, w.world, t.batch_size, t.grad_accum, w.step, t.max_steps),

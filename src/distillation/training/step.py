@@ -7,7 +7,7 @@ from typing import Callable, Mapping, Optional
 
 import torch
 
-from distillation.data.packing import next_token_labels, token_mask
+from distillation.data.packing import next_token_labels, segment_ids, token_mask
 from distillation.errors import DistillError
 from distillation.losses import (
     QKV,
@@ -20,6 +20,7 @@ from distillation.losses import (
     Targets,
     bitdistill_loss,
 )
+from distillation.models import forward_rows
 from distillation.teachers.schema import PREFIX
 
 
@@ -46,13 +47,15 @@ def micro_step(model, batch: Mapping, weights: LossWeights, vocab_size: int, hea
     """Forward, loss and backward of one micro-batch; gradients accumulate (scaled by `grad_scale`,
     1 / grad_accum). `student_qkv` is the dict `models.capture_qkv` fills during the forward pass."""
     input_ids, lengths = batch["input_ids"].long(), batch["length"].long()
-    labels = next_token_labels(input_ids, lengths)
+    positions = batch["positions"].long() if "positions" in batch else None  # packed rows (data.pack_documents)
+    labels = next_token_labels(input_ids, lengths, positions)
     teacher_qkv = {key: batch[PREFIX + key] for key in QKV} if weights.uses_attention else None
     with autocast():
-        logits = model(input_ids=input_ids).logits[..., :vocab_size]  # the shared real range (vocab.py)
+        logits = forward_rows(model, input_ids, positions).logits[..., :vocab_size]  # the shared real range (vocab.py)
     targets = targets_from_columns(batch, head) if weights.logits_weight > 0 else None
     out = bitdistill_loss(logits, labels, weights, targets, teacher_qkv, student_qkv,
-                          mask=token_mask(lengths, input_ids.shape[1]))
+                          mask=token_mask(lengths, input_ids.shape[1]),
+                          segments=None if positions is None else segment_ids(positions))
     del logits  # the chunked loss keeps only its gradient buffer
     (out.total * grad_scale).backward()
     return out
