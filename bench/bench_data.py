@@ -1,4 +1,4 @@
-"""The data side at scale, in two parts.
+"""The data side at scale, in three parts.
 
 `corpus`: a corpus of real text (the built-in sources' documents, repeated) at 1x, 10x and 100x
 CORPUS_BASE_TOKENS, as JSONL and as Parquet shards; for each, the CPU default student trains CE-only
@@ -7,12 +7,16 @@ seconds to the first optimizer step, training tokens/s, and the peak RSS (VmHWM)
 Mixture actor and every unit-reading worker. Goal: at 100x, time to first step and memory within
 1.2x of 1x, tokens/s unchanged within noise.
 
+`rows`: one document per training row against packed rows (data.pack_documents), on the default
+job (its sources, loss and live teacher) for a few steps: fill ratio, real tokens/s, held-out
+bits/byte after.
+
 `cache`: a teacher cache of hidden-state answers (SmolLM2's width, the default row length) at 1x and
 10x BASE_ROWS, written by the same code as write-through; a replica's replay measured in a fresh
 process each (its peak RSS must follow `teacher.cache_memory_mb`, not the cache's size), with random
 lookups of training-sized batches.
 
-    python -m bench data [--parts corpus cache] [--scales 1 10 100] [--repeats 2] [--steps 12]
+    python -m bench data [--parts corpus rows cache] [--scales 1 10 100] [--repeats 2] [--steps 12]
 """
 
 import argparse
@@ -159,9 +163,14 @@ def _peaks(pid: int, stop: threading.Event, out: dict) -> None:
 
 def train_on(corpus: Path, kind: str, steps: int, out: Path) -> dict:
     """One CE-only `distill` run on the corpus: seconds to the first step, tokens/s, peak RSS by role."""
-    args = ["distillation=ce_only", f"data.sources=[{{name: corpus, kind: {kind}, path: '{corpus}'}}]",
-            f"training.max_steps={steps}", "training.eval_every=0", f"run.output_dir={out}", "run.name=data",
-            "run.progress=false"]
+    return _distill(["distillation=ce_only", f"data.sources=[{{name: corpus, kind: {kind}, path: '{corpus}'}}]",
+                     f"training.max_steps={steps}"], out)
+
+
+def _distill(overrides: list, out: Path) -> dict:
+    """One `distill` run in a subprocess, watched: seconds to the first step, real tokens/s (median
+    after the first two steps), peak RSS by role, and the summary's fill ratio and held-out score."""
+    args = [*overrides, "training.eval_every=0", f"run.output_dir={out}", "run.name=data", "run.progress=false"]
     started = time.time()
     process = subprocess.Popen([sys.executable, "-m", "distillation.cli", *args], stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, cwd=Path(__file__).resolve().parents[1])
@@ -179,8 +188,11 @@ def train_on(corpus: Path, kind: str, steps: int, out: Path) -> dict:
     if process.returncode:
         raise RuntimeError(f"distill failed ({process.returncode}): {log[-3000:]}")
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    summary = json.loads((out / "data" / "summary.json").read_text())
     return {"first_step_s": first[0], "wall_s": time.time() - started,
             "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rows[2:]),
+            "fill_ratio": summary["data"]["fill_ratio"], "tokens_seen": summary["tokens_seen"],
+            "heldout_bits_per_byte": summary["heldout"]["student_after"]["bits_per_byte"],
             "peak_rss_mb": {role: max(v) for role, v in peaks.items()}, "processes": {r: len(v) for r, v in peaks.items()}}
 
 
@@ -223,6 +235,35 @@ def corpus_part(args) -> dict:
     return {"table": "\n".join(lines), "measured": measured}
 
 
+def rows_part(args) -> dict:
+    """One document per row against packed rows (data.pack_documents) on the default job's sources
+    and loss, live teacher included: the same rows and steps, so the same positions; packing turns
+    padding into real tokens."""
+    lines = ["| training rows | fill ratio | real tokens/s | real tokens trained | held-out bits/byte after | wall s |",
+             "|---|---:|---:|---:|---:|---:|"]
+    measured = []
+    for pack in (False, True):
+        with tempfile.TemporaryDirectory(dir=Path.home() / ".cache") as root:
+            runs = [_distill([f"data.pack_documents={str(pack).lower()}", f"training.max_steps={args.steps}"],
+                             Path(root) / f"run{r}") for r in range(args.repeats)]
+        row = {"pack_documents": pack, "runs": runs}
+        measured.append(row)
+        print(json.dumps(row), flush=True)
+        lines.append(f"| {'packed' if pack else 'one document each'} | "
+                     f"{_median_range([r['fill_ratio'] for r in runs], 3)} | "
+                     f"{_median_range([r['tokens_per_s'] for r in runs])} | "
+                     f"{_median_range([r['tokens_seen'] for r in runs])} | "
+                     f"{_median_range([r['heldout_bits_per_byte'] for r in runs], 3)} | "
+                     f"{_median_range([r['wall_s'] for r in runs])} |")
+    lines.append("")
+    lines.append(f"packed against one document per row: real tokens/s "
+                 f"{_ratio(measured[1], measured[0], lambda r: r['tokens_per_s']):.2f}x, fill ratio "
+                 f"{_ratio(measured[1], measured[0], lambda r: r['fill_ratio']):.2f}x. {args.repeats} runs each of "
+                 f"{args.steps} steps of the default job (BitDistill loss, live transformers teacher, the built-in "
+                 f"sources, seq_len 256); held-out rows are one document each in both.")
+    return {"table": "\n".join(lines), "measured": measured}
+
+
 def cache_part(args) -> dict:
     row_mb = SEQ_LEN * HIDDEN * 2 / 2**20
     lines = ["| scale | rows | cache on disk | write s | index s | replay tokens/s | replica peak RSS (MB) |",
@@ -255,7 +296,7 @@ def cache_part(args) -> dict:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m bench data")
-    parser.add_argument("--parts", nargs="+", choices=["corpus", "cache"], default=["corpus", "cache"])
+    parser.add_argument("--parts", nargs="+", choices=["corpus", "rows", "cache"], default=["corpus", "rows", "cache"])
     parser.add_argument("--scales", type=int, nargs="+", default=None, help="corpus: 1 10 100; cache: 1 10")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--batches", type=int, default=300)
@@ -263,7 +304,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args(argv)
     tables, measured = [], {}
-    for part, scales, run in (("corpus", [1, 10, 100], corpus_part), ("cache", [1, 10], cache_part)):
+    for part, scales, run in (("corpus", [1, 10, 100], corpus_part), ("rows", [], rows_part),
+                              ("cache", [1, 10], cache_part)):
         if part in args.parts:
             got = run(argparse.Namespace(**{**vars(args), "scales": args.scales or scales}))
             tables.append(f"**{part}**\n\n" + got["table"])
