@@ -235,32 +235,56 @@ def corpus_part(args) -> dict:
     return {"table": "\n".join(lines), "measured": measured}
 
 
+def write_short_documents(path: Path, docs: list, seed: int = 0) -> int:
+    """The base documents' words cut into snippets of 8-80 words (chat-sized documents), as JSONL."""
+    words = " ".join(docs).split()
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    count, start = 0, 0
+    with open(path, "w") as out:
+        while start < len(words):
+            size = int(rng.integers(8, 80))
+            out.write(json.dumps({"text": " ".join(words[start:start + size])}) + "\n")
+            start, count = start + size, count + 1
+    return count
+
+
 def rows_part(args) -> dict:
-    """One document per row against packed rows (data.pack_documents) on the default job's sources
-    and loss, live teacher included: the same rows and steps, so the same positions; packing turns
-    padding into real tokens."""
-    lines = ["| training rows | fill ratio | real tokens/s | real tokens trained | held-out bits/byte after | wall s |",
-             "|---|---:|---:|---:|---:|---:|"]
-    measured = []
-    for pack in (False, True):
-        with tempfile.TemporaryDirectory(dir=Path.home() / ".cache") as root:
-            runs = [_distill([f"data.pack_documents={str(pack).lower()}", f"training.max_steps={args.steps}"],
-                             Path(root) / f"run{r}") for r in range(args.repeats)]
-        row = {"pack_documents": pack, "runs": runs}
-        measured.append(row)
-        print(json.dumps(row), flush=True)
-        lines.append(f"| {'packed' if pack else 'one document each'} | "
-                     f"{_median_range([r['fill_ratio'] for r in runs], 3)} | "
-                     f"{_median_range([r['tokens_per_s'] for r in runs])} | "
-                     f"{_median_range([r['tokens_seen'] for r in runs])} | "
-                     f"{_median_range([r['heldout_bits_per_byte'] for r in runs], 3)} | "
-                     f"{_median_range([r['wall_s'] for r in runs])} |")
-    lines.append("")
-    lines.append(f"packed against one document per row: real tokens/s "
-                 f"{_ratio(measured[1], measured[0], lambda r: r['tokens_per_s']):.2f}x, fill ratio "
-                 f"{_ratio(measured[1], measured[0], lambda r: r['fill_ratio']):.2f}x. {args.repeats} runs each of "
-                 f"{args.steps} steps of the default job (BitDistill loss, live transformers teacher, the built-in "
-                 f"sources, seq_len 256); held-out rows are one document each in both.")
+    """One document per row against packed rows (data.pack_documents) on the default job's loss and
+    live teacher, over the built-in sources (long documents) and over the same text cut into short
+    documents: the same rows and steps, so the same positions; packing turns padding into real tokens."""
+    lines = ["| corpus | training rows | fill ratio | real tokens/s | real tokens trained | held-out bits/byte after "
+             "| wall s |", "|---|---|---:|---:|---:|---:|---:|"]
+    measured, notes = [], []
+    for corpus in args.rows_corpora:
+        pair = []
+        for pack in (False, True):
+            with tempfile.TemporaryDirectory(dir=Path.home() / ".cache") as root:
+                sources = []
+                if corpus == "short":
+                    path = Path(root) / "short" / "docs.jsonl"
+                    write_short_documents(path, _base_documents())
+                    sources = [f"data.sources=[{{name: short, kind: jsonl, path: '{path.parent}'}}]"]
+                runs = [_distill([*sources, f"data.pack_documents={str(pack).lower()}",
+                                  f"training.max_steps={args.steps}"], Path(root) / f"run{r}")
+                        for r in range(args.repeats)]
+            row = {"corpus": corpus, "pack_documents": pack, "runs": runs}
+            pair.append(row)
+            print(json.dumps(row), flush=True)
+            lines.append(f"| {corpus} | {'packed' if pack else 'one document each'} | "
+                         f"{_median_range([r['fill_ratio'] for r in runs], 3)} | "
+                         f"{_median_range([r['tokens_per_s'] for r in runs])} | "
+                         f"{_median_range([r['tokens_seen'] for r in runs])} | "
+                         f"{_median_range([r['heldout_bits_per_byte'] for r in runs], 3)} | "
+                         f"{_median_range([r['wall_s'] for r in runs])} |")
+        measured += pair
+        notes.append(f"{corpus}: packed against one document per row, real tokens/s "
+                     f"{_ratio(pair[1], pair[0], lambda r: r['tokens_per_s']):.2f}x, fill ratio "
+                     f"{_ratio(pair[1], pair[0], lambda r: r['fill_ratio']):.2f}x.")
+    lines += ["", " ".join(notes), f"{args.repeats} runs each of {args.steps} steps of the default job (BitDistill "
+              f"loss, live transformers teacher, seq_len 256); `builtin`: the three built-in sources; `short`: their "
+              f"first ~{CORPUS_BASE_TOKENS:,} tokens of text cut into documents of 8-80 words, one JSONL source. "
+              f"Held-out rows are one document each in both arms (each corpus has its own held-out set)."]
     return {"table": "\n".join(lines), "measured": measured}
 
 
@@ -302,6 +326,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--batches", type=int, default=300)
     parser.add_argument("--memory-mb", type=float, default=512)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--rows-corpora", nargs="+", choices=["builtin", "short"], default=["builtin", "short"])
     args = parser.parse_args(argv)
     tables, measured = [], {}
     for part, scales, run in (("corpus", [1, 10, 100], corpus_part), ("rows", [], rows_part),

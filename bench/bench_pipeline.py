@@ -37,8 +37,11 @@ BASE = ["distillation=logits_only", "distillation.temperature=1", "teacher.signa
         "data.max_tokens_per_source=20000", "run.progress=false"]
 
 
-def _student_steps(cfg, batches, targets_for, threads: int) -> list:
-    """Plain-torch training steps; `targets_for(ids)` gives the teacher columns (timed with the step)."""
+def _student_steps(cfg, batches, targets_for, threads: int, device: str) -> list:
+    """Plain-torch training steps on `device` (bf16 autocast where the config asks for it);
+    `targets_for(ids)` gives the teacher columns (timed with the step)."""
+    from contextlib import nullcontext
+
     from distillation.data.packing import next_token_labels
     from distillation.losses import bitdistill_loss
     from distillation.student import build_student, set_compile
@@ -48,19 +51,24 @@ def _student_steps(cfg, batches, targets_for, threads: int) -> list:
     torch.set_num_threads(threads)
     set_compile(False)
     torch.manual_seed(0)
-    student = build_student(cfg)
+    student = build_student(cfg).to(device)
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.training.lr, betas=(0.9, 0.95))
     weights = loss_weights(cfg.distillation)
+    autocast = (lambda: torch.autocast(device, dtype=torch.bfloat16)) if cfg.training.autocast == "bf16" else nullcontext
     rates = []
     for ids in batches:
         start = time.perf_counter()
-        columns = {k: torch.as_tensor(v) for k, v in targets_for(ids).items()}
-        x = torch.as_tensor(ids).long()
-        out = bitdistill_loss(student(input_ids=x).logits, next_token_labels(x), weights, targets_from_columns(columns))
+        columns = {k: torch.as_tensor(v).to(device) for k, v in targets_for(ids).items()}
+        x = torch.as_tensor(ids).long().to(device)
+        with autocast():
+            logits = student(input_ids=x).logits
+        out = bitdistill_loss(logits, next_token_labels(x), weights, targets_from_columns(columns))
         out.total.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad()
+        if device == "cuda":
+            torch.cuda.synchronize()
         rates.append(ids.size / (time.perf_counter() - start))  # full rows: every position is real
     return rates
 
@@ -79,11 +87,12 @@ def _in_process(steps: int, threads: int) -> dict:
     rows = full_rows([np.array(tokenizer(d.text, add_special_tokens=False)["input_ids"]) for d in docs], 256, 4 * steps)
     batches = [rows[i * 4:(i + 1) * 4] for i in range(steps)]
     torch.set_num_threads(threads)
-    teacher = HFTeacher(model_dir, 32, 1.0, None, dtype="bfloat16", signal="topk")
+    device = "cuda" if torch.cuda.is_available() and cfg.teacher.num_gpus > 0 else "cpu"  # as the Ray arms place them
+    teacher = HFTeacher(model_dir, 32, 1.0, None, dtype="bfloat16", signal="topk", device=device)
     answers = {i: teacher.score(b).to_columns() for i, b in enumerate(batches)}  # for the limit arm
     index = {id(b): i for i, b in enumerate(batches)}
-    limit = _student_steps(cfg, batches, lambda ids: answers[index[id(ids)]], threads)
-    sync = _student_steps(cfg, batches, lambda ids: teacher.score(ids).to_columns(), threads)
+    limit = _student_steps(cfg, batches, lambda ids: answers[index[id(ids)]], threads, device)
+    sync = _student_steps(cfg, batches, lambda ids: teacher.score(ids).to_columns(), threads, device)
     return {"limit": limit, "sync": sync}
 
 

@@ -1,4 +1,4 @@
-"""Checks before a run starts: the run folder."""
+"""Checks before a run starts: the run folder, teacher settings."""
 
 import pytest
 
@@ -13,3 +13,16 @@ def test_an_output_folder_that_cannot_be_created_is_a_clear_error():
         run_folder(load_config(["run.output_dir=/proc/distill-out", "run.name=x"]))
     with pytest.raises(DistillError, match="holds no run"):
         run_folder(load_config(["run.output_dir=/proc/distill-out", "run.name=x", "run.resume=true"]))
+
+
+def test_a_vllm_engine_sharded_over_more_gpus_than_its_replica_books_is_refused():
+    from distillation.preflight import check_teacher_kind
+    from distillation.teachers.resolve import ResolvedTeacher
+
+    cfg = load_config(["teacher=vllm", "distillation=logits_only", "teacher.tensor_parallel_size=2",
+                       "teacher.num_gpus=1"])
+    teacher = ResolvedTeacher(model_dir=None, tokenizer=None, vocab_size=None, qkv_layer=None)
+    with pytest.raises(DistillError, match="tensor_parallel_size=2 .* teacher.num_gpus=1; set them equal"):
+        check_teacher_kind(cfg, teacher)
+    check_teacher_kind(load_config(["teacher=vllm", "distillation=logits_only", "teacher.tensor_parallel_size=2",
+                                    "teacher.num_gpus=2"]), teacher)

@@ -111,10 +111,10 @@ def load_output_head(model_dir: Path, vocab_size: Optional[int] = None, trust_re
 def check_output_head(model: nn.Module, model_dir: Path, input_ids, vocab_size: int) -> None:
     """The hidden-state signal rebuilds logits with `load_output_head`; a head that does more than it
     knows (a model-specific scaling, say) would silently give another distribution: compare once."""
-    ids = torch.as_tensor(input_ids, dtype=torch.long)
+    ids = torch.as_tensor(input_ids, dtype=torch.long, device=next(model.parameters()).device)
     with torch.no_grad(), capture_head_input(model) as captured:
-        expected = model(input_ids=ids).logits[..., :vocab_size].float()
-    rebuilt = load_output_head(model_dir, vocab_size)(captured["hidden"].float())
+        expected = model(input_ids=ids).logits[..., :vocab_size].float().cpu()
+    rebuilt = load_output_head(model_dir, vocab_size)(captured["hidden"].float().cpu())
     gap = (rebuilt - expected).abs().max().item()
     if not gap <= 1e-3 * max(1.0, expected.abs().max().item()):
         raise DistillError(f"teacher.signal=hidden cannot rebuild {model_dir}'s logits from its output head "

@@ -94,6 +94,10 @@ def check_teacher_kind(cfg: DictConfig, teacher: ResolvedTeacher) -> None:
     if cfg.data.seq_len >= cfg.teacher.max_model_len:
         raise DistillError(f"data.seq_len={cfg.data.seq_len} does not fit teacher.max_model_len="
                            f"{cfg.teacher.max_model_len}; raise max_model_len or shorten the rows")
+    t = cfg.teacher
+    if not t.vllm_url and t.tensor_parallel_size > 1 and t.num_gpus != t.tensor_parallel_size:
+        raise DistillError(f"teacher.tensor_parallel_size={t.tensor_parallel_size} shards the engine over that many "
+                           f"GPUs, but a replica books teacher.num_gpus={t.num_gpus:g}; set them equal")
     if cfg.teacher.vllm_url:  # reachable and serving a model, before anything starts
         VLLMServerTeacher(cfg.teacher.vllm_url, cfg.teacher.top_k, 1.0)
 

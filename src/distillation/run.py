@@ -16,6 +16,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -33,7 +34,7 @@ from distillation.preflight import Preflight, preflight
 from distillation.storage import join, read_text, run_storage, train_location, train_storage, upload, write_text
 from distillation.student import build_student, load_student, set_compile
 from distillation.teachers.deployment import deploy_teacher
-from distillation.training.evaluate import heldout_loss
+from distillation.training.heldout import score_on_worker
 from distillation.training.loop import train_loop_per_worker
 from distillation.training.metrics import (
     WEIGHTED_TERMS,
@@ -91,34 +92,35 @@ def prepare(cfg: DictConfig, pre: Preflight) -> Prepared:
                              for n, s in corpus.specs.items())
         + f"; held-out {len(corpus.heldout.rows)} rows; probe {len(corpus.probe.rows)} rows; "
         f"rows {corpus.fill:.0%} real tokens (the units read so far)")
-    student = _starting_student(cfg, pre)
+    jobs = [(partial(_starting_student, cfg, pre.resumed_checkpoint), None)]
+    if cfg.teacher.kind != "cached":  # a cached teacher's point is not loading the model, so it is not scored here
+        check = (partial(check_output_head, model_dir=pre.teacher.model_dir, input_ids=corpus.heldout.rows[:1],
+                         vocab_size=pre.teacher.vocab_size) if pre.uses_teacher and cfg.teacher.signal == "hidden"
+                 else None)
+        jobs.append((partial(load_causal_lm, pre.teacher.model_dir, "float32", cfg.teacher.trust_remote_code), check))
+    student_before, *teacher = score_on_worker(cfg.training, jobs, corpus.heldout, corpus.heldout_bytes)
+    teacher_eval = teacher[0] if teacher else None
     say(f"teacher {cfg.teacher.model} ({cfg.teacher.kind}{'' if pre.uses_teacher else ', not needed by this loss'}); "
-        f"student: BitNet, subln={cfg.student.subln}, {sum(p.numel() for p in student.parameters()) / 1e6:.1f}M "
+        f"student: BitNet, subln={cfg.student.subln}, {student_before['parameters'] / 1e6:.1f}M "
         f"parameters" + (f", resumed at step {pre.resumed['step']}" if pre.resumed else ""))
-    heldout = (corpus.heldout, corpus.heldout_bytes)
-    student_before = heldout_loss(student, *heldout)
-    del student
-    teacher_eval = None  # a cached teacher's point is not loading the model, so it is not scored here
-    if cfg.teacher.kind != "cached":
-        teacher_model = load_causal_lm(pre.teacher.model_dir, "float32", cfg.teacher.trust_remote_code)
-        teacher_eval = heldout_loss(teacher_model, *heldout)
-        if not math.isfinite(teacher_eval["loss"]):
-            raise DistillError(f"teacher {cfg.teacher.model} scores a non-finite held-out loss "
-                               f"({teacher_eval['loss']}): its weights or outputs hold NaN/inf; nothing was trained")
-        if pre.uses_teacher and cfg.teacher.signal == "hidden":
-            check_output_head(teacher_model, pre.teacher.model_dir, corpus.heldout.rows[:1], pre.teacher.vocab_size)
-        del teacher_model
+    if teacher_eval and not math.isfinite(teacher_eval["loss"]):
+        raise DistillError(f"teacher {cfg.teacher.model} scores a non-finite held-out loss "
+                           f"({teacher_eval['loss']}): its weights or outputs hold NaN/inf; nothing was trained")
     say(f"held-out loss before training: student {student_before['loss']:.3f}"
         + (f", teacher {teacher_eval['loss']:.3f}" if teacher_eval else ""))
     _make_run_folder(cfg, pre.run_dir)
     return Prepared(corpus, student_before, teacher_eval)
 
 
-def _starting_student(cfg: DictConfig, pre: Preflight):
+def _starting_student(cfg: DictConfig, resumed_checkpoint):
     """The student training starts from: the checkpoint a resumed run continues, else stage 1's."""
-    if pre.resumed_checkpoint is None:
+    if resumed_checkpoint is None:
         return build_student(cfg)
-    with pre.resumed_checkpoint.as_directory() as folder:
+    return _checkpoint_student(resumed_checkpoint)
+
+
+def _checkpoint_student(checkpoint):
+    with checkpoint.as_directory() as folder:
         return load_student(Path(folder) / "student")
 
 
@@ -343,7 +345,8 @@ def finish(cfg: DictConfig, pre: Preflight, prep: Prepared, result, mixture_hist
         raise DistillError("training ended without a checkpoint")
     with result.checkpoint.as_directory() as folder:
         final_dir = _export_student(Path(folder), run_dir / "student", pre.teacher.model_dir)
-    student_after = heldout_loss(load_student(final_dir), prep.corpus.heldout, prep.corpus.heldout_bytes)
+    student_after, = score_on_worker(cfg.training, [(partial(_checkpoint_student, result.checkpoint), None)],
+                                     prep.corpus.heldout, prep.corpus.heldout_bytes)
     all_rows = read_jsonl(run_dir / "metrics.jsonl")
     if all_rows:
         plot_losses(all_rows, run_dir / "loss.png")

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from distillation.data.packing import Packed, pack, pack_documents, predicted_bytes
 from distillation.data.sources import SourceSpec, Unit, open_source, read_unit, split_of
-from distillation.errors import DistillError
+from distillation.errors import DistillError, get_or_raise
 
 SPLITS = ("train", "heldout", "probe")
 SCAN_WINDOW = 4  # units read at once while sampling the small sets
@@ -138,16 +138,6 @@ def row_recipe(cfg: DictConfig, tokenizer_dir: str) -> RowRecipe:
     return RowRecipe(tokenizer_dir, d.seq_len, d.heldout_fraction, d.probe_fraction, d.pack_documents)
 
 
-def _result(ref: "ray.ObjectRef") -> Dict[str, Packed]:
-    """A reader's answer; its DistillError (a bad record, say) as the one line it is, not Ray's trace."""
-    try:
-        return ray.get(ref)
-    except ray.exceptions.RayTaskError as exc:
-        if isinstance(exc.cause, DistillError):
-            raise DistillError(str(exc.cause)) from None
-        raise
-
-
 def _sample(spec: SourceSpec, recipe: RowRecipe, wanted: Dict[str, int], readers: Readers) -> Dict[str, Packed]:
     """The rows of the source's first units (canonical order) until each split has `wanted` rows,
     read SCAN_WINDOW units at a time; which units are read does not depend on timing."""
@@ -160,7 +150,7 @@ def _sample(spec: SourceSpec, recipe: RowRecipe, wanted: Dict[str, int], readers
         while len(pending) < SCAN_WINDOW and next_unit < last:
             pending.append(readers.cut(recipe, spec, spec.units[next_unit]))
             next_unit += 1
-        for name, packed in _result(pending.pop(0)).items():
+        for name, packed in get_or_raise(pending.pop(0)).items():
             got[name].append(packed)
     return {name: concat(parts, recipe.seq_len) for name, parts in got.items()}
 
