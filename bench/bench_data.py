@@ -140,7 +140,8 @@ def write_corpus(root: Path, docs: list, scale: int, kind: str) -> int:
 def _peaks(pid: int, stop: threading.Event, out: dict) -> None:
     """Every 0.2 s, the VmHWM of `pid` and of each Ray process by role: what a process peaked at is
     kept even after it exits."""
-    roles = {"ray::Mixture": "mixture", "ray::UnitReader": "readers", "ray::RayTrainWorker": "train worker"}
+    roles = {"ray::Mixture": "mixture", "ray::UnitReader": "readers", "ray::RayTrainWorker": "train worker",
+             "ray::_score": "held-out task"}
     seen: dict = {}
     while not stop.is_set():
         for entry in Path("/proc").iterdir():
@@ -319,6 +320,7 @@ def cache_part(args) -> dict:
 
 
 def main(argv=None) -> dict:
+    (Path.home() / ".cache").mkdir(exist_ok=True)  # the scratch corpora go there (a disk, not a tmpfs)
     parser = argparse.ArgumentParser(prog="python -m bench data")
     parser.add_argument("--parts", nargs="+", choices=["corpus", "rows", "cache"], default=["corpus", "rows", "cache"])
     parser.add_argument("--scales", type=int, nargs="+", default=None, help="corpus: 1 10 100; cache: 1 10")

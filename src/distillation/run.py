@@ -1,9 +1,11 @@
 """The driver: one distillation run on a Ray cluster, from config to summary, in four phases.
 
     preflight  every input check, before Ray starts or a run folder exists (preflight.py)
-    prepare    the Ray cluster, the corpus (Ray Data), held-out losses before training, the run folder
+    prepare    the Ray cluster, the corpus's small sets, held-out losses before training (scored on a
+               training worker's resources, training/heldout.py), the run folder
     train      Mixture actor + teacher pool (Ray Serve) + TorchTrainer; Ctrl-C stops after the step
-    finish     strict reload of the final student, held-out loss after, plots and the summary
+    finish     export, held-out loss after (a strict reload of the final checkpoint's student, on a
+               worker's resources), plots and the summary
 
 `run.resume=true` continues a run from its latest checkpoint (and may train it longer).
 """
@@ -32,9 +34,9 @@ from distillation.losses import LOSS_COMPONENTS
 from distillation.models import TOKENIZER_FILES, check_output_head, load_causal_lm
 from distillation.preflight import Preflight, preflight
 from distillation.storage import join, read_text, run_storage, train_location, train_storage, upload, write_text
-from distillation.student import build_student, load_student, set_compile
+from distillation.student import set_compile
 from distillation.teachers.deployment import deploy_teacher
-from distillation.training.heldout import score_on_worker
+from distillation.training.heldout import checkpoint_student, score_on_worker, starting_student
 from distillation.training.loop import train_loop_per_worker
 from distillation.training.metrics import (
     WEIGHTED_TERMS,
@@ -92,13 +94,14 @@ def prepare(cfg: DictConfig, pre: Preflight) -> Prepared:
                              for n, s in corpus.specs.items())
         + f"; held-out {len(corpus.heldout.rows)} rows; probe {len(corpus.probe.rows)} rows; "
         f"rows {corpus.fill:.0%} real tokens (the units read so far)")
-    jobs = [(partial(_starting_student, cfg, pre.resumed_checkpoint), None)]
+    jobs = [(partial(starting_student, cfg, pre.resumed_checkpoint), None)]
     if cfg.teacher.kind != "cached":  # a cached teacher's point is not loading the model, so it is not scored here
         check = (partial(check_output_head, model_dir=pre.teacher.model_dir, input_ids=corpus.heldout.rows[:1],
                          vocab_size=pre.teacher.vocab_size) if pre.uses_teacher and cfg.teacher.signal == "hidden"
                  else None)
         jobs.append((partial(load_causal_lm, pre.teacher.model_dir, "float32", cfg.teacher.trust_remote_code), check))
-    student_before, *teacher = score_on_worker(cfg.training, jobs, corpus.heldout, corpus.heldout_bytes)
+    student_before, *teacher = score_on_worker(cfg.training, jobs, corpus.heldout, corpus.heldout_bytes,
+                                               cfg.run.stall_timeout_s)
     teacher_eval = teacher[0] if teacher else None
     say(f"teacher {cfg.teacher.model} ({cfg.teacher.kind}{'' if pre.uses_teacher else ', not needed by this loss'}); "
         f"student: BitNet, subln={cfg.student.subln}, {student_before['parameters'] / 1e6:.1f}M "
@@ -110,18 +113,6 @@ def prepare(cfg: DictConfig, pre: Preflight) -> Prepared:
         + (f", teacher {teacher_eval['loss']:.3f}" if teacher_eval else ""))
     _make_run_folder(cfg, pre.run_dir)
     return Prepared(corpus, student_before, teacher_eval)
-
-
-def _starting_student(cfg: DictConfig, resumed_checkpoint):
-    """The student training starts from: the checkpoint a resumed run continues, else stage 1's."""
-    if resumed_checkpoint is None:
-        return build_student(cfg)
-    return _checkpoint_student(resumed_checkpoint)
-
-
-def _checkpoint_student(checkpoint):
-    with checkpoint.as_directory() as folder:
-        return load_student(Path(folder) / "student")
 
 
 def _make_run_folder(cfg: DictConfig, run_dir: Path) -> None:
@@ -345,8 +336,8 @@ def finish(cfg: DictConfig, pre: Preflight, prep: Prepared, result, mixture_hist
         raise DistillError("training ended without a checkpoint")
     with result.checkpoint.as_directory() as folder:
         final_dir = _export_student(Path(folder), run_dir / "student", pre.teacher.model_dir)
-    student_after, = score_on_worker(cfg.training, [(partial(_checkpoint_student, result.checkpoint), None)],
-                                     prep.corpus.heldout, prep.corpus.heldout_bytes)
+    student_after, = score_on_worker(cfg.training, [(partial(checkpoint_student, result.checkpoint), None)],
+                                     prep.corpus.heldout, prep.corpus.heldout_bytes, cfg.run.stall_timeout_s)
     all_rows = read_jsonl(run_dir / "metrics.jsonl")
     if all_rows:
         plot_losses(all_rows, run_dir / "loss.png")

@@ -24,6 +24,7 @@ from typing import List, NamedTuple, Optional
 import numpy as np
 import torch
 
+from distillation.errors import DistillError
 from distillation.losses import IGNORE_INDEX
 
 
@@ -98,11 +99,18 @@ def document_spans(shape: tuple, positions: Optional[np.ndarray]) -> List[tuple]
     count, seq_len = shape
     if positions is None:
         return [(b, 0, seq_len) for b in range(count)]
+    check_positions(shape, positions)
     spans = []
     for b in range(count):
         starts = np.flatnonzero(np.asarray(positions[b]) == 0).tolist() + [seq_len]
         spans += [(b, a, z) for a, z in zip(starts[:-1], starts[1:])]
     return spans
+
+
+def check_positions(shape: tuple, positions: np.ndarray) -> None:
+    if tuple(np.shape(positions)) != tuple(shape):
+        raise DistillError(f"positions of shape {tuple(np.shape(positions))} do not match token ids of shape "
+                           f"{tuple(shape)}")
 
 
 def segment_ids(positions: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Where the student's starting weights come from, identical in the driver and in every worker."""
+"""Where the student's starting weights come from, identical in every worker and in the held-out
+scoring task (training/heldout.py)."""
 
 from omegaconf import DictConfig
 from torch import nn

@@ -41,7 +41,8 @@ class CachedTeacher(TeacherBase):
             return found
         if self.live is None:
             raise DistillError(f"{len(missing)} of {len(input_ids)} sequences are not in the teacher cache "
-                               f"{self.cache.directory}; precompute them or set teacher.write_through=true")
+                               f"{self.cache.directory}; precompute them (with this run's data settings: sources, "
+                               f"data.seq_len, data.pack_documents) or set teacher.write_through=true")
         self.misses += len(missing)
         self.hits += len(input_ids) - len(missing)
         missing_positions = None if positions is None else positions[missing]

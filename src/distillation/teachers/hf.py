@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from distillation.config.schema import TeacherConfig, choices
+from distillation.data.packing import check_positions
 from distillation.errors import DistillError
 from distillation.losses.targets import sampled_targets, sparse_targets
 from distillation.models import capture_qkv, forward_rows, load_causal_lm
@@ -88,6 +89,8 @@ class HFTeacher(TeacherBase):
             raise DistillError(f"token ids must lie in [0, {self.vocab_size}), "
                                f"got [{input_ids.min()}, {input_ids.max()}]")
         rows = max(1, self.max_tokens_per_batch // length)
+        if positions is not None:
+            check_positions(input_ids.shape, positions)
         ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device)
         pos = None if positions is None else torch.as_tensor(positions, dtype=torch.long, device=self.device)
         parts = [self._score_rows(ids[i:i + rows], None if pos is None else pos[i:i + rows])
