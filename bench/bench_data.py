@@ -162,10 +162,10 @@ def _peaks(pid: int, stop: threading.Event, out: dict) -> None:
         out.setdefault(role, []).append(hwm)
 
 
-def train_on(corpus: Path, kind: str, steps: int, out: Path) -> dict:
+def train_on(corpus: Path, kind: str, steps: int, out: Path, extra: tuple = ()) -> dict:
     """One CE-only `distill` run on the corpus: seconds to the first step, tokens/s, peak RSS by role."""
     return _distill(["distillation=ce_only", f"data.sources=[{{name: corpus, kind: {kind}, path: '{corpus}'}}]",
-                     f"training.max_steps={steps}"], out)
+                     f"training.max_steps={steps}", *extra], out)
 
 
 def _distill(overrides: list, out: Path) -> dict:
@@ -207,12 +207,13 @@ def corpus_part(args) -> dict:
     lines = ["| format | scale | on disk | first step s | tokens/s | driver MB | mixture MB | readers MB (max) |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     measured = []
-    for kind in ("jsonl", "parquet"):
+    for kind in args.kinds:
         for scale in args.scales:
             with tempfile.TemporaryDirectory(dir=Path.home() / ".cache") as root:
                 corpus = Path(root) / "corpus"
                 size = write_corpus(corpus, docs, scale, kind)
-                runs = [train_on(corpus, kind, args.steps, Path(root) / f"run{r}") for r in range(args.repeats)]
+                runs = [train_on(corpus, kind, args.steps, Path(root) / f"run{r}", args.extra)
+                        for r in range(args.repeats)]
             row = {"kind": kind, "scale": scale, "bytes": size, "runs": runs}
             measured.append(row)
             print(json.dumps(row), flush=True)
@@ -222,7 +223,7 @@ def corpus_part(args) -> dict:
                          f"{_median_range([r['tokens_per_s'] for r in runs])} | {_median_range(peak('driver'))} | "
                          f"{_median_range(peak('mixture'))} | {_median_range(peak('readers'))} |")
     lines.append("")
-    for kind in ("jsonl", "parquet"):
+    for kind in args.kinds:
         rows = [m for m in measured if m["kind"] == kind]
         first, last = rows[0], rows[-1]
         parts = [f"{name} {_ratio(last, first, pick):.2f}x" for name, pick in (
@@ -329,6 +330,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--memory-mb", type=float, default=512)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--rows-corpora", nargs="+", choices=["builtin", "short"], default=["builtin", "short"])
+    parser.add_argument("--kinds", nargs="+", choices=["jsonl", "parquet"], default=["jsonl", "parquet"])
+    parser.add_argument("--extra", nargs="*", default=[], help="corpus: overrides added to every run")
     args = parser.parse_args(argv)
     tables, measured = [], {}
     for part, scales, run in (("corpus", [1, 10, 100], corpus_part), ("rows", [], rows_part),

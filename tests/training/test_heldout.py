@@ -40,8 +40,9 @@ def test_a_task_is_placed_as_a_training_worker_is():
 def test_models_are_scored_in_a_task_as_the_driver_would_score_them(ray_cluster):
     import sys
 
-    import conftest
     from ray import cloudpickle
+
+    import conftest
 
     for module in (sys.modules[__name__], conftest):  # the loaders below travel by value (tests/ is not a package)
         cloudpickle.register_pickle_by_value(module)
