@@ -200,7 +200,7 @@ def _cli(*args, cwd):
     (lambda d, out: ["data.sources=[{name: a, kind: python_docs, weight: -1}, {name: b, kind: python_docs}]"],
      "source weights must be finite, non-negative"),
     (lambda d, out: [f"data.sources=[{{name: latin1, kind: text, path: {d['latin1']}}}]"], "is not UTF-8"),
-    (lambda d, out: [f"data.sources=[{{name: none, kind: jsonl, path: {d['empty']}}}]"], "holds no .jsonl files"),
+    (lambda d, out: [f"data.sources=[{{name: none, kind: jsonl, path: {d['empty']}}}]"], "holds no .jsonl/.json files"),
 ])
 def test_bad_input_exits_nonzero_with_one_line_and_writes_nothing(tiny_teacher, smollm2_dir, tmp_path, make_args,
                                                                  message):

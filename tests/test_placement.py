@@ -66,8 +66,9 @@ def test_placement_fits_replicas_and_workers_together_in_either_order(nodes, rep
 @pytest.mark.slow
 def test_a_run_whose_workers_never_start_stops_after_the_stall_timeout(tiny_teacher, ray_cluster, tmp_path):
     """Labelled placement with the up-front check off, as on an autoscaling cluster, but the student
-    nodes never come: Ray Train would wait forever; the driver stops, says where it stood, exits 2.
-    A separate driver process, so that ending it also ends the Ray Train run it leaves waiting."""
+    nodes never come: the held-out scoring before training (placed as a worker is) would wait forever;
+    the driver stops, says what it waited for, exits 2, and has written no run folder. A separate
+    driver process, so that ending it also ends what it leaves waiting."""
     import ray
 
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
@@ -75,4 +76,5 @@ def test_a_run_whose_workers_never_start_stops_after_the_stall_timeout(tiny_teac
                              "distillation=ce_only", "placement=labelled", "run.check_placement=false",
                              "run.stall_timeout_s=20"], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 2, result.stderr[-3000:]
-    assert "error: no optimizer step finished in 20 s (last finished: step 0)" in result.stderr
+    assert "error: held-out scoring waited 20 s for a training worker's resources" in result.stderr
+    assert "'student': 1" in result.stderr and not (tmp_path / "e2e").exists()
