@@ -1,11 +1,24 @@
 """Finding models: built-in names, local folders, and hub names (downloaded once, or offline from
-an earlier download), with a one-line error saying what was tried."""
+an earlier download), with a one-line error saying what was tried; a model pinned on the driver
+resolves on another node to the same revision."""
+
+import dataclasses
 
 import pytest
 
 from conftest import save_tiny_llama
 from distillation.errors import DistillError
-from distillation.models import resolve_model
+from distillation.models import ModelRef, local_dir, pin_model, resolve_model
+
+OLD, NEW = "a" * 40, "b" * 40  # commit hashes
+
+
+def _hub_cache(root, main: str, snapshots=(OLD,)):
+    """huggingface_hub's cache layout under `root`: refs/main names the snapshot the hub served last."""
+    repo = root / "hub" / "models--Org--Tiny"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(main)
+    return {rev: save_tiny_llama(repo / "snapshots" / rev, seed=i, vocab_size=64) for i, rev in enumerate(snapshots)}
 
 
 def test_a_hub_name_that_cannot_be_fetched_says_what_was_tried(tmp_path, monkeypatch):
@@ -17,11 +30,7 @@ def test_a_hub_name_that_cannot_be_fetched_says_what_was_tried(tmp_path, monkeyp
 
 
 def test_a_hub_model_downloaded_earlier_is_used_offline(tmp_path, monkeypatch):
-    # The layout huggingface_hub's cache keeps: refs/main names the snapshot holding the files.
-    repo = tmp_path / "hub" / "models--Org--Tiny"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text("abc123")
-    snapshot = save_tiny_llama(repo / "snapshots" / "abc123", vocab_size=64)
+    snapshot = _hub_cache(tmp_path, main=OLD)[OLD]
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert resolve_model("Org/Tiny", str(tmp_path)) == snapshot
 
@@ -29,3 +38,23 @@ def test_a_hub_model_downloaded_earlier_is_used_offline(tmp_path, monkeypatch):
 def test_a_missing_local_folder_is_not_mistaken_for_a_hub_name(tmp_path):
     with pytest.raises(DistillError, match="model path '/no/such/dir' does not exist"):
         resolve_model("/no/such/dir", str(tmp_path))
+
+
+def test_a_hub_model_pinned_on_the_driver_resolves_to_the_same_revision_on_another_node(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    driver = _hub_cache(tmp_path / "driver", main=OLD)
+    ref, folder = pin_model("Org/Tiny", str(tmp_path / "driver"))
+    assert folder == driver[OLD] and ref == ModelRef("Org/Tiny", str(tmp_path / "driver"), OLD)
+    # Another node's cache, where the hub has since moved main to a newer commit: the pinned one is loaded.
+    node = _hub_cache(tmp_path / "node", main=NEW, snapshots=(OLD, NEW))
+    assert local_dir(dataclasses.replace(ref, cache_dir=str(tmp_path / "node"))) == node[OLD]
+    # A node that has only the newer commit and no hub says which revision it needed.
+    _hub_cache(tmp_path / "bare", main=NEW, snapshots=(NEW,))
+    with pytest.raises(DistillError, match=f"model 'Org/Tiny' at revision {OLD} is not built in"):
+        local_dir(dataclasses.replace(ref, cache_dir=str(tmp_path / "bare")))
+
+
+def test_local_folders_are_not_pinned_and_resolve_as_they_are(tmp_path):
+    folder = save_tiny_llama(tmp_path / "tiny", vocab_size=64)
+    ref, resolved = pin_model(str(folder), str(tmp_path / "cache"))
+    assert ref.revision is None and resolved == folder and local_dir(ref) == folder == local_dir(str(folder))

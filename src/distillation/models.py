@@ -2,8 +2,9 @@
 the forward pass on (possibly packed) rows."""
 
 import contextlib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, Optional
+from typing import Dict, Iterator, Optional, Union
 
 import torch
 from torch import nn
@@ -19,16 +20,16 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.jinja", "*.txt"]  # never pickled weights
 
 
-def resolve_model(name_or_path: str, cache_dir: str) -> Path:
+def resolve_model(name_or_path: str, cache_dir: str, revision: Optional[str] = None) -> Path:
     """A built-in model name, a local directory holding config.json + *.safetensors, or a hub name
-    (`Qwen/Qwen3-1.7B`), downloaded once into `<cache_dir>/hub` (safetensors only) where a hub is
-    reachable; an already downloaded one is used offline."""
+    (`Qwen/Qwen3-1.7B`, at `revision` if given), downloaded once into `<cache_dir>/hub` (safetensors
+    only) where a hub is reachable; an already downloaded one is used offline."""
     if name_or_path in BUILTIN_MODELS:
         return builtin_model_dir(name_or_path, cache_dir)
     path = Path(name_or_path).expanduser()
     if not path.is_dir():
         if _looks_like_hub_name(name_or_path):
-            return _from_hub(name_or_path, cache_dir)
+            return _from_hub(name_or_path, cache_dir, revision)
         raise DistillError(f"model path '{name_or_path}' does not exist; expected a directory with config.json "
                            f"and *.safetensors, a hub name like Qwen/Qwen3-1.7B, or one of: {', '.join(BUILTIN_MODELS)}")
     if not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
@@ -36,34 +37,67 @@ def resolve_model(name_or_path: str, cache_dir: str) -> Path:
     return path
 
 
+@dataclass(frozen=True)
+class ModelRef:
+    """A model as any node finds it. What crosses to replicas, workers and readers is this, not the
+    driver's folder: each resolves it on its own node (`local_dir`), so a built-in or hub model lands
+    in that node's `data.cache_dir` (once per node; once per cluster where that is a shared mount).
+    A hub model is pinned to the revision the driver resolved, so every node loads the weights the
+    driver checked. A local folder must be at the same path on every node (a shared mount)."""
+    name: str
+    cache_dir: str
+    revision: Optional[str] = None
+
+    def local_dir(self) -> Path:
+        return resolve_model(self.name, self.cache_dir, self.revision)
+
+
+def pin_model(name_or_path: str, cache_dir: str) -> tuple:
+    """(ModelRef, the folder on this node): resolved here, a hub model's revision pinned."""
+    folder = resolve_model(name_or_path, cache_dir)
+    hub = name_or_path not in BUILTIN_MODELS and not Path(name_or_path).expanduser().is_dir()
+    revision = folder.name if hub and folder.parent.name == "snapshots" else None  # huggingface_hub's layout
+    return ModelRef(name_or_path, cache_dir, revision), folder
+
+
+ModelSource = Union[str, Path, ModelRef]
+
+
+def local_dir(model: ModelSource) -> Path:
+    """A model's folder on this node (ModelRef resolved here; a path as it is)."""
+    return model.local_dir() if isinstance(model, ModelRef) else Path(model)
+
+
 def _looks_like_hub_name(name: str) -> bool:
     parts = name.split("/")
     return len(parts) == 2 and all(parts) and not name.startswith((".", "~"))
 
 
-def _from_hub(name: str, cache_dir: str) -> Path:
+def _from_hub(name: str, cache_dir: str, revision: Optional[str] = None) -> Path:
     """Where the cluster shares `data.cache_dir` (a mount on every node), one download serves all."""
     from huggingface_hub import snapshot_download
 
     hub_cache = Path(cache_dir).expanduser() / "hub"
+    fetch = dict(cache_dir=hub_cache, allow_patterns=HUB_FILES, revision=revision)
     try:  # a copy downloaded earlier first: no hub round trip on every resolve (driver and each worker)
-        folder = Path(snapshot_download(name, cache_dir=hub_cache, allow_patterns=HUB_FILES, local_files_only=True))
+        folder = Path(snapshot_download(name, local_files_only=True, **fetch))
     except Exception:
         try:
-            folder = Path(snapshot_download(name, cache_dir=hub_cache, allow_patterns=HUB_FILES))
+            folder = Path(snapshot_download(name, **fetch))
         except Exception as exc:  # offline, unknown name, gated repository: one line saying what was tried
-            raise DistillError(f"model '{name}' is not built in, not a local folder, and could not be fetched from the "
+            at = f" at revision {revision}" if revision else ""
+            raise DistillError(f"model '{name}'{at} is not built in, not a local folder, and could not be fetched from the "
                                f"hub into {hub_cache} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
     if not (folder / "config.json").is_file() or not any(folder.glob("*.safetensors")):
         raise DistillError(f"hub model '{name}' has no config.json or no *.safetensors weights (only those are loaded)")
     return folder
 
 
-def load_causal_lm(path: Path, dtype: str = "float32", trust_remote_code: bool = False) -> nn.Module:
+def load_causal_lm(model: ModelSource, dtype: str = "float32", trust_remote_code: bool = False) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(
-        path, dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=trust_remote_code)
+        local_dir(model), dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=trust_remote_code)
 
 
 def load_tokenizer(path: Path, trust_remote_code: bool = False):
@@ -72,7 +106,7 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False):
     return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
-def load_output_head(model_dir: Path, vocab_size: Optional[int] = None, trust_remote_code: bool = False):
+def load_output_head(model: ModelSource, vocab_size: Optional[int] = None, trust_remote_code: bool = False):
     """A frozen fp32 copy of a causal LM's output head (`losses.OutputHead`), read from its
     safetensors files without loading the rest of the model.
 
@@ -84,7 +118,7 @@ def load_output_head(model_dir: Path, vocab_size: Optional[int] = None, trust_re
 
     from distillation.losses.targets import OutputHead
 
-    model_dir = Path(model_dir)
+    model_dir = local_dir(model)
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
@@ -108,7 +142,7 @@ def load_output_head(model_dir: Path, vocab_size: Optional[int] = None, trust_re
                       softcap=getattr(text_config, "final_logit_softcapping", None), vocab_size=vocab_size)
 
 
-def check_output_head(model: nn.Module, model_dir: Path, input_ids, vocab_size: int) -> None:
+def check_output_head(model: nn.Module, model_dir: ModelSource, input_ids, vocab_size: int) -> None:
     """The hidden-state signal rebuilds logits with `load_output_head`; a head that does more than it
     knows (a model-specific scaling, say) would silently give another distribution: compare once."""
     ids = torch.as_tensor(input_ids, dtype=torch.long, device=next(model.parameters()).device)

@@ -74,7 +74,7 @@ def precompute(cfg: DictConfig) -> dict:
         f"{len(units)} units")
     t = cfg.teacher
     ds = ray.data.from_items(units).flat_map(
-        UnitRows, fn_constructor_kwargs={"recipe": row_recipe(cfg, str(teacher.model_dir)), "specs": specs},
+        UnitRows, fn_constructor_kwargs={"recipe": row_recipe(cfg, teacher.ref), "specs": specs},
         num_cpus=cfg.data.reader_cpus, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=4),
     ).map_batches(
         ScoreAndStore, batch_size=cfg.data.teacher_batch_size, num_cpus=t.num_cpus, num_gpus=t.num_gpus,

@@ -23,12 +23,13 @@ from distillation.teachers.resolve import ResolvedTeacher, check_cache, resolve_
 from distillation.training.plan import needs_teacher
 
 # What may differ when a run resumes: the cluster it joins, how long it trains, how often it logs and
-# saves. Everything else (run.storage_path included: the checkpoints live there) decides which
+# saves, how the student is spread over the workers (the same updates; checkpoints are whole either
+# way). Everything else (run.storage_path included: the checkpoints live there) decides which
 # samples, targets and updates the steps see, or where the run is.
 RESUMABLE_CHANGES = ("run.name", "run.output_dir", "run.ray_address", "run.num_cpus", "run.check_placement",
                      "run.resume", "run.progress", "run.verbose", "run.stall_timeout_s", "training.max_steps",
                      "training.checkpoint_every", "training.keep_checkpoints", "training.log_every",
-                     "training.eval_every", "training.max_failures", "training.max_nan_steps")
+                     "training.eval_every", "training.max_failures", "training.max_nan_steps", "training.parallelism")
 
 
 @dataclass

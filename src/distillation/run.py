@@ -89,17 +89,17 @@ def prepare(cfg: DictConfig, pre: Preflight) -> Prepared:
     init_ray(cfg)
     if cfg.run.check_placement:
         check_placement(cfg, pre.uses_teacher)
-    corpus = prepare_corpus(cfg, str(pre.teacher.model_dir), pre.teacher.tokenizer, pre.sources)
+    corpus = prepare_corpus(cfg, pre.teacher.ref, pre.teacher.tokenizer, pre.sources)
     say("data: " + ", ".join(f"{n} {len(s.units)} units (fingerprint {s.fingerprint[:12]})"
                              for n, s in corpus.specs.items())
         + f"; held-out {len(corpus.heldout.rows)} rows; probe {len(corpus.probe.rows)} rows; "
         f"rows {corpus.fill:.0%} real tokens (the units read so far)")
     jobs = [(partial(starting_student, cfg, pre.resumed_checkpoint), None)]
     if cfg.teacher.kind != "cached":  # a cached teacher's point is not loading the model, so it is not scored here
-        check = (partial(check_output_head, model_dir=pre.teacher.model_dir, input_ids=corpus.heldout.rows[:1],
+        check = (partial(check_output_head, model_dir=pre.teacher.ref, input_ids=corpus.heldout.rows[:1],
                          vocab_size=pre.teacher.vocab_size) if pre.uses_teacher and cfg.teacher.signal == "hidden"
                  else None)
-        jobs.append((partial(load_causal_lm, pre.teacher.model_dir, "float32", cfg.teacher.trust_remote_code), check))
+        jobs.append((partial(load_causal_lm, pre.teacher.ref, "float32", cfg.teacher.trust_remote_code), check))
     student_before, *teacher = score_on_worker(cfg.training, jobs, corpus.heldout, corpus.heldout_bytes,
                                                cfg.run.stall_timeout_s)
     teacher_eval = teacher[0] if teacher else None
@@ -179,7 +179,7 @@ def train(cfg: DictConfig, pre: Preflight, prep: Prepared):
         corpus = prep.corpus
         plan = WorkerPlan(cfg=OmegaConf.to_container(cfg, resolve=True), mixture=mixture_name,
                           board=f"distill-metrics-{run_dir.name}", app_name=app_name,
-                          teacher_dir=str(pre.teacher.model_dir), vocab_size=pre.teacher.vocab_size,
+                          teacher_model=pre.teacher.ref, vocab_size=pre.teacher.vocab_size,
                           probe=(corpus.probe.rows, corpus.probe.lengths),
                           eval={n: (p.rows, p.lengths) for n, p in corpus.heldout_by_source.items() if len(p.rows)})
         result = _fit(cfg, run_dir, plan, pre.resumed["step"] if pre.resumed else 0, interrupts)

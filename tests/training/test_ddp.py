@@ -1,11 +1,14 @@
 """Two training workers (DDP over gloo, on this machine's two cores) against one: the same rows per
 step, students that agree across ranks at every checkpoint (the run fails otherwise), influence
-updates computed once for both, and exact resume after one of the two workers is killed."""
+updates computed once for both, and exact resume after one of the two workers is killed. Two FSDP
+workers against two DDP workers: the same training, evaluation, influence and checkpoint format."""
 
 import os
 import signal
+from pathlib import Path
 
 import pytest
+from safetensors import safe_open
 
 from conftest import in_background, pids_titled, tiny_overrides, wait_for
 from distillation.config import load_config
@@ -76,3 +79,48 @@ def test_a_killed_worker_of_two_resumes_with_the_same_rows_and_one_influence_upd
     assert killed and not killer.errors and summary["steps"] == STEPS
     assert _rows_per_step(run_dir) == _rows_per_step(tmp_path / "whole")
     assert [(e["step"], e["computed_at"]) for e in summary["mixture"]] == schedule
+
+
+def _checkpoint_layout(run_dir: Path) -> dict:
+    """{file: {tensor name: shape}} of the run's latest checkpoint, every safetensors file in it."""
+    latest = max((run_dir / "ray" / "train").glob("checkpoint_*"))
+    layout = {}
+    for path in sorted(latest.rglob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            layout[str(path.relative_to(latest))] = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    return layout
+
+
+def test_fsdp_workers_train_evaluate_and_score_influence_as_ddp_workers_and_save_the_same_checkpoint(
+        tiny_teacher, ray_cluster, tmp_path):
+    from distillation.run import run
+
+    both = ["training.eval_every=2"]
+    ddp = run(load_config(_overrides(tiny_teacher, tmp_path, "ddp", workers=2, influence=True) + both))
+    fsdp = run(load_config(_overrides(tiny_teacher, tmp_path, "fsdp", workers=2, influence=True) + both
+                           + ["training.parallelism=fsdp"]))
+    assert _rows_per_step(tmp_path / "fsdp") == _rows_per_step(tmp_path / "ddp")
+    # Sharded updates equal whole ones up to float rounding: held-out losses, in-loop evaluation (every
+    # rank takes part in the sharded forward) and the influence update (scores summed over the shards).
+    after = fsdp["heldout"]["student_after"]["loss"]
+    assert after == pytest.approx(ddp["heldout"]["student_after"]["loss"], rel=1e-3)
+    assert after < fsdp["heldout"]["student_before"]["loss"]
+    evals = [{k: v for k, v in row.items() if k.startswith("eval_")} for row in read_jsonl(tmp_path / "fsdp" / "metrics.jsonl")]
+    expected = [{k: v for k, v in row.items() if k.startswith("eval_")} for row in read_jsonl(tmp_path / "ddp" / "metrics.jsonl")]
+    assert sum(bool(e) for e in evals) == 2 and evals == [pytest.approx(e, rel=1e-3) for e in expected]
+    assert [(e["step"], e["computed_at"]) for e in fsdp["mixture"]] == [(0, None), (3, 2)]
+    assert fsdp["mixture"][1]["weights"] == pytest.approx(ddp["mixture"][1]["weights"], rel=1e-3)
+    assert fsdp["mixture"][1]["weights"] != pytest.approx(ddp["mixture"][0]["weights"], rel=1e-3)  # it moved
+    # The checkpoint is whole, in the format a DDP run writes.
+    assert _checkpoint_layout(tmp_path / "fsdp") == _checkpoint_layout(tmp_path / "ddp")
+
+
+def test_a_ddp_run_resumes_sharded_and_trains_on(tiny_teacher, ray_cluster, tmp_path):
+    from distillation.run import run
+
+    run(load_config(_overrides(tiny_teacher, tmp_path, "switch", workers=2)))
+    longer = run(load_config(_overrides(tiny_teacher, tmp_path, "switch", workers=2)
+                             + ["training.parallelism=fsdp", "run.resume=true", f"training.max_steps={2 * STEPS}"]))
+    assert longer["steps"] == 2 * STEPS and longer["resumed_from_step"] == STEPS
+    assert sorted(_rows_per_step(tmp_path / "switch")) == list(range(1, 2 * STEPS + 1))
+    assert longer["heldout"]["student_after"]["loss"] < longer["heldout"]["student_before"]["loss"]

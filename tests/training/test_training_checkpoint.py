@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from conftest import tiny_optimizer, tiny_student
 from distillation.errors import DistillError
-from distillation.training.checkpoint import load_training_checkpoint, restore_optimizer, save_training_checkpoint
+from distillation.training.checkpoint import load_training_checkpoint, save_training_checkpoint, saved_optimizer_state
 
 
 def _train_steps(model, optimizer, scheduler, n):
@@ -24,7 +24,7 @@ def test_checkpoint_round_trip_restores_model_optimizer_scheduler_and_rng_exactl
     model = tiny_student()
     optimizer, scheduler = tiny_optimizer(model)
     _train_steps(model, optimizer, scheduler, 3)
-    folder = save_training_checkpoint(model, optimizer, scheduler, OmegaConf.create({"a": 1}),
+    folder = save_training_checkpoint(model, optimizer.state_dict(), scheduler, OmegaConf.create({"a": 1}),
                                       {"step": 3, "data": {"count": 12}})
     expected_next = torch.rand(3)  # what the RNG gives right after the checkpoint
 
@@ -32,7 +32,8 @@ def test_checkpoint_round_trip_restores_model_optimizer_scheduler_and_rng_exactl
     restored, state, tensors = load_training_checkpoint(folder)
     assert torch.equal(torch.rand(3), expected_next)
     optimizer2, scheduler2 = tiny_optimizer(restored)
-    restore_optimizer(optimizer2, scheduler2, state, tensors)
+    optimizer2.load_state_dict(saved_optimizer_state(state, tensors))
+    scheduler2.load_state_dict(state["scheduler"])
     assert state["step"] == 3 and state["data"] == {"count": 12}
     assert scheduler2.last_epoch == scheduler.last_epoch and scheduler2.get_last_lr() == scheduler.get_last_lr()
     for p, q in zip(model.parameters(), restored.parameters()):
@@ -53,7 +54,7 @@ def test_corrupt_or_truncated_checkpoints_are_clear_errors():
     model = tiny_student()
     optimizer, scheduler = tiny_optimizer(model)
     _train_steps(model, optimizer, scheduler, 1)
-    folder = save_training_checkpoint(model, optimizer, scheduler, OmegaConf.create({}), {"step": 1})
+    folder = save_training_checkpoint(model, optimizer.state_dict(), scheduler, OmegaConf.create({}), {"step": 1})
     blob = (folder / "optimizer.safetensors").read_bytes()
     (folder / "optimizer.safetensors").write_bytes(blob[: len(blob) // 2])
     with pytest.raises(DistillError, match="incomplete or corrupt"):

@@ -151,6 +151,9 @@ class TrainingConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     num_workers: int = positive(1)
+    # ddp: every worker holds the whole student | fsdp: each holds 1/num_workers of its weights,
+    # gradients and AdamW moments (torch FSDP2), for a student too large for one device (training/parallel.py)
+    parallelism: str = one_of("ddp", "fsdp")
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     worker_resources: Dict[str, float] = field(default_factory=dict)  # custom resources, e.g. {student_node: 1}

@@ -8,7 +8,7 @@ do not grow with the corpus.
 """
 
 from dataclasses import dataclass, replace
-from typing import Dict, List, Optional
+from typing import TYPE_CHECKING, Dict, List, Optional
 
 import numpy as np
 import ray
@@ -17,6 +17,9 @@ from omegaconf import DictConfig
 from distillation.data.packing import Packed, pack, pack_documents, predicted_bytes
 from distillation.data.sources import SourceSpec, Unit, open_source, read_unit, split_of
 from distillation.errors import DistillError, get_or_raise
+
+if TYPE_CHECKING:  # models imports torch, which the driver's data planning does not need
+    from distillation.models import ModelSource
 
 SPLITS = ("train", "heldout", "probe")
 SCAN_WINDOW = 4  # units read at once while sampling the small sets
@@ -29,18 +32,18 @@ class RowRecipe:
     """How a unit becomes rows: tokenized, each document assigned its split, cut into rows. Training
     rows are packed (several documents per row) when `pack_documents`; held-out and probe rows are
     always one document per row, so bits/byte is comparable between packed and unpacked runs."""
-    tokenizer_dir: str
+    tokenizer: "ModelSource"  # resolved on the reader's node
     seq_len: int
     heldout_fraction: float
     probe_fraction: float
     pack_documents: bool = False
 
     def cut(self, spec: SourceSpec, unit: Unit) -> Dict[str, Packed]:
-        from distillation.models import load_tokenizer
+        from distillation.models import load_tokenizer, local_dir
 
-        if self.tokenizer_dir not in _TOKENIZERS:
-            _TOKENIZERS[self.tokenizer_dir] = load_tokenizer(self.tokenizer_dir)
-        tokenizer = _TOKENIZERS[self.tokenizer_dir]
+        if self.tokenizer not in _TOKENIZERS:
+            _TOKENIZERS[self.tokenizer] = load_tokenizer(local_dir(self.tokenizer))
+        tokenizer = _TOKENIZERS[self.tokenizer]
         docs = read_unit(spec, unit)
         encoded = tokenizer([d.text for d in docs], add_special_tokens=False)["input_ids"] if docs else []
         parts: Dict[str, List[np.ndarray]] = {name: [] for name in SPLITS}
@@ -133,9 +136,9 @@ def open_sources(cfg: DictConfig) -> Dict[str, SourceSpec]:
             for s in d.sources}
 
 
-def row_recipe(cfg: DictConfig, tokenizer_dir: str) -> RowRecipe:
+def row_recipe(cfg: DictConfig, tokenizer: "ModelSource") -> RowRecipe:
     d = cfg.data
-    return RowRecipe(tokenizer_dir, d.seq_len, d.heldout_fraction, d.probe_fraction, d.pack_documents)
+    return RowRecipe(tokenizer, d.seq_len, d.heldout_fraction, d.probe_fraction, d.pack_documents)
 
 
 def _sample(spec: SourceSpec, recipe: RowRecipe, wanted: Dict[str, int], readers: Readers) -> Dict[str, Packed]:
@@ -155,11 +158,11 @@ def _sample(spec: SourceSpec, recipe: RowRecipe, wanted: Dict[str, int], readers
     return {name: concat(parts, recipe.seq_len) for name, parts in got.items()}
 
 
-def prepare_corpus(cfg: DictConfig, tokenizer_dir: str, tokenizer,
+def prepare_corpus(cfg: DictConfig, tokenizer_model: "ModelSource", tokenizer,
                    specs: Optional[Dict[str, SourceSpec]] = None) -> Corpus:
     d, inf = cfg.data, cfg.influence
     specs = specs if specs is not None else open_sources(cfg)
-    recipe = row_recipe(cfg, tokenizer_dir)
+    recipe = row_recipe(cfg, tokenizer_model)
     probe_source = inf.probe_source or d.sources[0].name
     heldout, pool, probe, train_read = {}, {}, None, []
     readers = Readers(d.readers, d.reader_cpus)

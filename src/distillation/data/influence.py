@@ -13,12 +13,15 @@ so influence needs no teacher answers. Cost per update: (sources + 1) forward + 
 `batch_size` sequences on one worker, and two parameter-sized fp32 vectors.
 """
 
+import math
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from distillation.data.packing import next_token_labels
 from distillation.losses import IGNORE_INDEX
@@ -28,25 +31,40 @@ from distillation.models import forward_rows
 def flat_gradient(model: nn.Module, input_ids: torch.Tensor, lengths: torch.Tensor,
                   positions: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The gradient of the mean next-token CE over all trainable parameters, as one fp32 vector;
-    `positions` for packed rows (data/packing.py).
+    `positions` for packed rows (data/packing.py). For a sharded student (FSDP2), this rank's shard of
+    it, every rank passing the same rows.
 
-    `torch.autograd.grad` leaves `.grad` (and so DDP's gradient hooks) untouched."""
+    `torch.autograd.grad` leaves `.grad` (and so DDP's gradient hooks) untouched. A sharded student's
+    gradients exist only through FSDP's own backward (it reduce-scatters into `.grad`), which is why
+    that case runs `backward` and clears `.grad` after; the optimizer step has already used it."""
     params = [p for p in model.parameters() if p.requires_grad]
     logits = forward_rows(model, input_ids, positions).logits  # right padding: causal attention never sees it
     labels = next_token_labels(input_ids, lengths, positions)
     loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
-    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    if any(isinstance(p, DTensor) for p in params):
+        loss.backward()
+        grads = [None if p.grad is None else p.grad.to_local() for p in params]
+        model.zero_grad(set_to_none=True)
+        params = [p.to_local() for p in params]
+    else:
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
     return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten().float() for g, p in zip(grads, params)])
 
 
 def alignment_scores(model: nn.Module, probe: tuple, batches: Mapping[str, tuple]) -> dict:
     """Cosine of each source batch's gradient with the probe gradient; batches are (ids, lengths) or
-    (ids, lengths, positions)."""
+    (ids, lengths, positions). A sharded student's products are summed over its shards (all-reduce)."""
+    sharded = any(isinstance(p, DTensor) for p in model.parameters())
     probe_grad = flat_gradient(model, *probe)
     scores = {}
     for name, batch in batches.items():
         grad = flat_gradient(model, *batch)
-        scores[name] = float(F.cosine_similarity(grad, probe_grad, dim=0))
+        sums = torch.stack([grad.double() @ probe_grad.double(), grad.double().square().sum(),
+                            probe_grad.double().square().sum()])
+        if sharded:
+            dist.all_reduce(sums)
+        dot, norm2, probe_norm2 = sums.tolist()
+        scores[name] = dot / max(math.sqrt(norm2 * probe_norm2), 1e-12)
         del grad
     return scores
 

@@ -19,14 +19,16 @@ from distillation.errors import DistillError
 from distillation.student.bitnet import BITNET_CONFIG_KEY, convert_to_bitnet
 
 
-def save_student(model: nn.Module, out_dir: Path, tokenizer=None) -> Path:
+def save_student(model: nn.Module, out_dir: Path, tokenizer=None, state_dict: Optional[dict] = None) -> Path:
+    """`state_dict`: the weights to write, when `model`'s own are not whole (a sharded student's, from
+    training/parallel.py); transformers empties the dict as it writes."""
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise DistillError(f"refusing to overwrite existing checkpoint {out_dir}")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        model.save_pretrained(staging, safe_serialization=True)
+        model.save_pretrained(staging, safe_serialization=True, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         os.replace(staging, out_dir)

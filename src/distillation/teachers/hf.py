@@ -1,7 +1,6 @@
 """The transformers teacher: hidden states, sampled or top-k + tail targets, and Q/K/V of one layer."""
 
 from contextlib import nullcontext
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -11,7 +10,7 @@ from distillation.config.schema import TeacherConfig, choices
 from distillation.data.packing import check_positions
 from distillation.errors import DistillError
 from distillation.losses.targets import sampled_targets, sparse_targets
-from distillation.models import capture_qkv, forward_rows, load_causal_lm
+from distillation.models import ModelSource, capture_qkv, forward_rows, load_causal_lm, local_dir
 from distillation.teachers.cache import sequence_key
 from distillation.teachers.protocol import TeacherBase
 from distillation.teachers.schema import TeacherOutput
@@ -31,10 +30,10 @@ class HFTeacher(TeacherBase):
     forward passes (and the answers joined), so a long batch can never exhaust the replica.
     """
 
-    def __init__(self, model_dir: Path, top_k: int, temperature: float, qkv_layer: Optional[int] = None,
+    def __init__(self, model_dir: ModelSource, top_k: int, temperature: float, qkv_layer: Optional[int] = None,
                  dtype: str = "bfloat16", max_tokens_per_batch: int = 4096, trust_remote_code: bool = False,
                  device: str = "cpu", vocab_size: Optional[int] = None, signal: str = "topk", draws: int = 12):
-        self.model_dir = Path(model_dir)
+        self.model_dir = local_dir(model_dir)  # a ModelRef resolves on the replica's node
         self.model = load_causal_lm(self.model_dir, dtype, trust_remote_code).to(device).eval()
         self.vocab_size = vocab_size or self.model.config.vocab_size
         if not 0 < top_k <= self.vocab_size:

@@ -8,16 +8,17 @@ from typing import Any, Optional
 from omegaconf import DictConfig
 
 from distillation.errors import DistillError
-from distillation.models import load_tokenizer, resolve_model
+from distillation.models import ModelRef, load_tokenizer, pin_model, resolve_model
 from distillation.vocab import check_vocab
 
 
 @dataclass(frozen=True)
 class ResolvedTeacher:
-    model_dir: Path
+    model_dir: Path  # on the driver's node
     tokenizer: Any  # the one tokenizer teacher and student share (vocab.check_vocab)
     vocab_size: int  # the shared real vocabulary
     qkv_layer: Optional[int]  # the layer whose Q/K/V the teacher returns; None without attention distillation
+    ref: Optional[ModelRef] = None  # what replicas, workers and readers resolve on their own nodes
 
 
 def config_vocab(model_dir: Path) -> int:
@@ -35,14 +36,14 @@ def student_source_dir(cfg: DictConfig) -> Path:
 
 def resolve_teacher(cfg: DictConfig) -> ResolvedTeacher:
     """The teacher folder, the shared tokenizer and vocabulary, and the Q/K/V layer, checked against the student."""
-    teacher_dir = resolve_model(cfg.teacher.model, cfg.data.cache_dir)
+    ref, teacher_dir = pin_model(cfg.teacher.model, cfg.data.cache_dir)
     tokenizer = load_tokenizer(teacher_dir, cfg.teacher.trust_remote_code)
     student_dir = student_source_dir(cfg)
     student_tok_dir = student_dir if (student_dir / "tokenizer.json").is_file() else teacher_dir
     vocab_size = check_vocab(tokenizer, config_vocab(teacher_dir), load_tokenizer(student_tok_dir),
                              config_vocab(student_dir))
     qkv_layer = cfg.distillation.teacher_layer if cfg.distillation.attention_weight > 0 else None
-    return ResolvedTeacher(teacher_dir, tokenizer, vocab_size, qkv_layer)
+    return ResolvedTeacher(teacher_dir, tokenizer, vocab_size, qkv_layer, ref)
 
 
 def cache_signature(cfg: DictConfig, teacher: ResolvedTeacher) -> dict:

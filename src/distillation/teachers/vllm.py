@@ -13,7 +13,6 @@ return Q/K/V either: attention distillation needs the transformers teacher.
 """
 
 import os
-from pathlib import Path
 from typing import List, Optional
 
 import numpy as np
@@ -22,6 +21,7 @@ import torch
 from distillation.data.packing import document_spans
 from distillation.errors import DistillError
 from distillation.losses.targets import tail_mass
+from distillation.models import ModelSource, local_dir
 from distillation.teachers.protocol import TeacherBase
 from distillation.teachers.schema import TeacherOutput
 
@@ -57,7 +57,7 @@ def check_vllm_settings(temperature: float, qkv_layer: Optional[int], signal: st
 
 
 class VLLMTeacher(TeacherBase):
-    def __init__(self, model_dir: Path, top_k: int, temperature: float, vocab_size: Optional[int] = None,
+    def __init__(self, model_dir: ModelSource, top_k: int, temperature: float, vocab_size: Optional[int] = None,
                  dtype: str = "bfloat16", max_model_len: int = 2048, kv_cache_gib: int = 1,
                  trust_remote_code: bool = False, qkv_layer: Optional[int] = None, signal: str = "topk",
                  max_tokens_per_batch: int = 4096, gpu_memory_utilization: float = 0.8, tensor_parallel_size: int = 1,
@@ -71,7 +71,7 @@ class VLLMTeacher(TeacherBase):
                                f"{exc}") from None
         gpu = {"gpu_memory_utilization": gpu_memory_utilization, "tensor_parallel_size": tensor_parallel_size} \
             if device == "cuda" else {}
-        self.engine = LLM(model=str(model_dir), dtype=dtype, max_model_len=max_model_len, max_logprobs=top_k,
+        self.engine = LLM(model=str(local_dir(model_dir)), dtype=dtype, max_model_len=max_model_len, max_logprobs=top_k,
                           logprobs_mode="raw_logprobs", enable_prefix_caching=False,
                           trust_remote_code=trust_remote_code, **gpu)
         # vLLM's memory profile does not count prompt log-probabilities (full-vocabulary logits for every

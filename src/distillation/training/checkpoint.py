@@ -15,6 +15,7 @@ so a crash mid-write never replaces the last good checkpoint.
 import json
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 import torch
 from omegaconf import OmegaConf
@@ -26,8 +27,7 @@ from distillation.student import load_student, save_student
 STATE_FILE = "train_state.json"
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple:
-    state = optimizer.state_dict()
+def _optimizer_tensors(state: dict) -> tuple:
     tensors = {f"{index}.{key}": value.contiguous() for index, entry in state["state"].items()
                for key, value in entry.items() if torch.is_tensor(value)}
     scalars = {f"{index}.{key}": value for index, entry in state["state"].items()
@@ -35,11 +35,14 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple:
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
-def save_training_checkpoint(model, optimizer, scheduler, cfg, state: dict) -> Path:
-    """Write the checkpoint folder (staging, for ray.train.report) and return it."""
+def save_training_checkpoint(model, optimizer_state: dict, scheduler, cfg, state: dict,
+                             model_state: Optional[dict] = None) -> Path:
+    """Write the checkpoint folder (staging, for ray.train.report) and return it. `optimizer_state` is
+    in torch's format (parameters by index, as `optimizer.state_dict()`); `model_state` the whole
+    student's weights when `model` holds only a shard (training/parallel.py)."""
     folder = Path(tempfile.mkdtemp(prefix="distill-ckpt-"))
-    save_student(model, folder / "student")
-    tensors, meta = _optimizer_tensors(optimizer)
+    save_student(model, folder / "student", state_dict=model_state)
+    tensors, meta = _optimizer_tensors(optimizer_state)
     save_file(tensors, str(folder / "optimizer.safetensors"))
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -63,7 +66,7 @@ def load_training_checkpoint(folder: Path) -> tuple:
     """(student model, train state, optimizer tensors) from `folder`, and the torch RNG restored.
 
     The model is rebuilt rather than loaded into an existing one so that `load_student`'s strict key
-    check applies; the optimizer built on it is then restored with `restore_optimizer`."""
+    check applies; the optimizer built on it is then restored from `saved_optimizer_state(state, tensors)`."""
     folder = Path(folder)
     state = read_state(folder)
     model = load_student(folder / "student")
@@ -78,10 +81,10 @@ def load_training_checkpoint(folder: Path) -> tuple:
     return model, state, tensors
 
 
-def restore_optimizer(optimizer: torch.optim.Optimizer, scheduler, state: dict, tensors: dict) -> None:
+def saved_optimizer_state(state: dict, tensors: dict) -> dict:
+    """The saved optimizer state back in torch's format (parameters by index)."""
     entries: dict = {}
     for name, value in list(tensors.items()) + list(state["optimizer"]["scalars"].items()):
         index, key = name.split(".", 1)
         entries.setdefault(int(index), {})[key] = value
-    optimizer.load_state_dict({"state": entries, "param_groups": state["optimizer"]["param_groups"]})
-    scheduler.load_state_dict(state["scheduler"])
+    return {"state": entries, "param_groups": state["optimizer"]["param_groups"]}

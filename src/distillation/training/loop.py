@@ -34,9 +34,18 @@ from distillation.losses import LossWeights, OutputHead
 from distillation.models import capture_qkv, load_output_head
 from distillation.student import build_student, set_compile
 from distillation.teachers.deployment import DEPLOYMENT_NAME
-from distillation.training.checkpoint import load_training_checkpoint, restore_optimizer, save_training_checkpoint
+from distillation.training.checkpoint import load_training_checkpoint, save_training_checkpoint, saved_optimizer_state
 from distillation.training.evaluate import heldout_loss
 from distillation.training.metrics import LogWindow, TrainingGauges
+from distillation.training.parallel import (
+    distribute,
+    gradient_sync,
+    is_sharded,
+    load_optimizer_state,
+    optimizer_state,
+    unwrapped,
+    whole_student_state,
+)
 from distillation.training.plan import WorkerPlan, influence_steps, loss_weights
 from distillation.training.step import NanGuard, lr_lambda, micro_step
 
@@ -49,7 +58,7 @@ class Worker:
     cfg: DictConfig
     rank: int
     world: int
-    model: torch.nn.Module  # as prepared by Ray Train (DDP-wrapped when world > 1)
+    model: torch.nn.Module  # as trained: DDP-wrapped (world > 1), or sharded in place (training/parallel.py)
     core: torch.nn.Module  # the student itself
     device: torch.device
     optimizer: torch.optim.Optimizer
@@ -67,6 +76,10 @@ class Worker:
     @property
     def rows_per_step(self) -> int:  # on this rank
         return self.cfg.training.batch_size * self.cfg.training.grad_accum
+
+    @property
+    def sharded(self) -> bool:  # FSDP: every forward (evaluation, influence) needs every rank
+        return is_sharded(self.core)
 
 
 def setup(plan: WorkerPlan) -> Worker:
@@ -86,18 +99,19 @@ def setup(plan: WorkerPlan) -> Worker:
             student, state, optimizer_tensors = load_training_checkpoint(folder)
     else:
         student, state, optimizer_tensors = build_student(cfg), {"step": 0, "tokens": 0, "nan_skipped": 0}, None
-    model = ray.train.torch.prepare_model(student)
     device = ray.train.torch.get_device()
+    model = distribute(student, t.parallelism, device)
+    core = unwrapped(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t))
     if optimizer_tensors is not None:
-        restore_optimizer(optimizer, scheduler, state, optimizer_tensors)
+        load_optimizer_state(core, optimizer, saved_optimizer_state(state, optimizer_tensors))
+        scheduler.load_state_dict(state["scheduler"])
     weights = loss_weights(cfg.distillation)
     head = None
     if cfg.teacher.signal == "hidden" and weights.logits_weight > 0:
-        head = load_output_head(plan.teacher_dir, plan.vocab_size, cfg.teacher.trust_remote_code).to(device)
-    return Worker(plan=plan, cfg=cfg, rank=rank, world=world, model=model,
-                  core=model.module if hasattr(model, "module") else model, device=device, optimizer=optimizer,
+        head = load_output_head(plan.teacher_model, plan.vocab_size, cfg.teacher.trust_remote_code).to(device)
+    return Worker(plan=plan, cfg=cfg, rank=rank, world=world, model=model, core=core, device=device, optimizer=optimizer,
                   scheduler=scheduler, guard=NanGuard(t.max_nan_steps, state["nan_skipped"]), weights=weights,
                   head=head, step=state["step"], tokens=state["tokens"], mixture=ray.get_actor(plan.mixture),
                   board=ray.get_actor(plan.board) if plan.board else None,
@@ -106,7 +120,8 @@ def setup(plan: WorkerPlan) -> Worker:
 
 
 def influence_update(w: Worker) -> None:
-    """Score every source against the probe set and send the moved weights to the mixture."""
+    """Score every source against the probe set and (rank 0) send the moved weights to the mixture.
+    Rank 0 alone under DDP; every rank under FSDP, on the same rows (the batches are seeded by step)."""
     icfg = w.cfg.influence
     names = [s.name for s in w.cfg.data.sources]
     batches = ray.get(w.mixture.influence_batches.remote(w.step, icfg.batch_size))
@@ -115,6 +130,8 @@ def influence_update(w: Worker) -> None:
         return tuple(None if x is None else torch.as_tensor(x).long().to(w.device) for x in columns)
 
     scores = alignment_scores(w.core, as_tensors(w.plan.probe), {n: as_tensors(batches[n]) for n in names})
+    if w.rank != 0:
+        return
     latest = max(ray.get(w.mixture.history.remote()), key=lambda e: e["computed_at"] or -1)
     smoothed = smooth(latest["scores"], [scores[n] for n in names], icfg.smoothing)
     weights = move_weights(latest["weights"], smoothed, icfg.eta, icfg.floor)
@@ -122,10 +139,10 @@ def influence_update(w: Worker) -> None:
 
 
 def optimizer_step(w: Worker, ledger: list) -> float:
-    """Clip and step (NaN guard), then what follows a step: influence update (rank 0), ledger."""
+    """Clip and step (NaN guard), then what follows a step: influence update, ledger."""
     grad_norm = w.guard.step(w.model, w.optimizer, w.scheduler, w.cfg.training.grad_clip)
     w.step += 1
-    if w.rank == 0 and w.step in w.update_steps:
+    if w.step in w.update_steps and (w.rank == 0 or w.sharded):
         influence_update(w)
     if w.board is not None:
         w.board.push_ledger.remote(w.rank, w.step, ledger)
@@ -133,17 +150,21 @@ def optimizer_step(w: Worker, ledger: list) -> float:
 
 
 def log(w: Worker, window: LogWindow, grad_norm: float, final: bool) -> None:
-    """Rank 0: one metrics row (gauges, board) when this step is due; the window then starts afresh."""
+    """Rank 0: one metrics row (gauges, board) when this step is due; the window then starts afresh.
+    Held-out losses are computed on rank 0, or under FSDP on every rank (each forward is collective)."""
     t = w.cfg.training
     evaluate = bool(t.eval_every) and (w.step % t.eval_every == 0 or final)
-    if w.rank != 0 or not (w.step % t.log_every == 0 or final or evaluate):
-        return
-    row = window.row(w.cfg.distillation, step=w.step, tokens=w.tokens, lr=w.scheduler.get_last_lr()[0],
-                     grad_norm=grad_norm, nan_skipped=w.guard.skipped)  # timed before evaluation
-    if evaluate:
-        row.update({f"eval_{name}": heldout_loss(w.core, Packed(*rows, 0), 0)["loss"]
-                    for name, rows in w.plan.eval.items()})
+    logs = w.rank == 0 and (w.step % t.log_every == 0 or final or evaluate)
+    if logs:
+        row = window.row(w.cfg.distillation, step=w.step, tokens=w.tokens, lr=w.scheduler.get_last_lr()[0],
+                         grad_norm=grad_norm, nan_skipped=w.guard.skipped)  # timed before evaluation
+    if evaluate and (w.rank == 0 or w.sharded):
+        losses = {f"eval_{name}": heldout_loss(w.core, Packed(*rows, 0), 0)["loss"] for name, rows in w.plan.eval.items()}
         w.model.train()
+    if not logs:
+        return
+    if evaluate:
+        row.update(losses)
     row["mixture"] = ray.get(w.mixture.weights_at.remote(w.step - 1)).tolist()  # in force for this step
     w.gauges.set(row)
     if w.board is not None:
@@ -153,8 +174,9 @@ def log(w: Worker, window: LogWindow, grad_norm: float, final: bool) -> None:
 
 def check_replicas_agree(w: Worker) -> None:
     """Under DDP every rank must hold the same student (gradients all-reduced, same steps taken): a
-    checksum of the parameters, gathered from every rank, must agree before rank 0 saves its copy."""
-    if w.world == 1 or not dist.is_initialized():
+    checksum of the parameters, gathered from every rank, must agree before rank 0 saves its copy.
+    (Under FSDP each rank holds a different shard: nothing to compare.)"""
+    if w.world == 1 or not dist.is_initialized() or w.sharded:
         return
     with torch.no_grad():
         mine = torch.stack([p.double().sum() for p in w.core.parameters()]).sum().reshape(1).to(w.device)
@@ -169,11 +191,14 @@ def check_replicas_agree(w: Worker) -> None:
 def save_checkpoint(w: Worker) -> None:
     """Every rank reports; rank 0 writes the folder (Ray Train persists it, then registers it)."""
     check_replicas_agree(w)
+    model_state = whole_student_state(w.core)  # collective under FSDP: every rank takes part
+    optimizer_whole = optimizer_state(w.core, w.optimizer)
     saved, folder = None, None
     if w.rank == 0:
         data_state = ray.get(w.mixture.state_at.remote(w.step * w.rows_per_step * w.world))
-        folder = save_training_checkpoint(w.core, w.optimizer, w.scheduler, w.cfg, {
-            "step": w.step, "tokens": w.tokens, "nan_skipped": w.guard.skipped, "data": data_state})
+        folder = save_training_checkpoint(w.core, optimizer_whole, w.scheduler, w.cfg, {
+            "step": w.step, "tokens": w.tokens, "nan_skipped": w.guard.skipped, "data": data_state},
+            model_state=model_state)
         saved = ray.train.Checkpoint.from_directory(str(folder))
     ray.train.report({"step": w.step, "tokens": w.tokens}, checkpoint=saved)
     if folder is not None:  # persisted to the run's storage by now: the local staging copy can go
@@ -212,8 +237,7 @@ def train_loop_per_worker(config: dict) -> None:
             data_wait_s = time.perf_counter() - waited_since
             ledger.extend(zip(*(batch[c].tolist() for c in ("sample_id", "source", "unit", "row"))))
             sync = (micro + 1) % t.grad_accum == 0
-            # DDP all-reduces on every backward unless told not to: only the last micro-batch syncs.
-            with nullcontext() if sync or not hasattr(w.model, "no_sync") else w.model.no_sync():
+            with gradient_sync(w.model, sync):  # only the last micro-batch of a step reduces gradients
                 out = micro_step(w.model, batch, w.weights, w.plan.vocab_size, w.head, student_qkv, autocast,
                                  grad_scale=1.0 / t.grad_accum)
             micro += 1

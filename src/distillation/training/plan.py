@@ -8,6 +8,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 
 from distillation.losses import LossWeights
+from distillation.models import ModelSource
 
 
 @dataclass
@@ -18,7 +19,7 @@ class WorkerPlan:
     mixture: str  # the named Mixture actor the worker's pipeline draws from
     board: Optional[str]  # the named MetricsBoard actor (metrics, ledger, stop requests)
     app_name: Optional[str]  # the teacher's Serve application; None when the loss needs no teacher
-    teacher_dir: str  # for the frozen output head of the hidden-state signal
+    teacher_model: ModelSource  # for the frozen output head of the hidden-state signal (resolved on the worker's node)
     vocab_size: int  # the shared real vocabulary (vocab.check_vocab)
     probe: Tuple[np.ndarray, np.ndarray]  # influence probe rows and lengths
     eval: Dict[str, Tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # held-out rows per source
