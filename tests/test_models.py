@@ -58,3 +58,27 @@ def test_local_folders_are_not_pinned_and_resolve_as_they_are(tmp_path):
     folder = save_tiny_llama(tmp_path / "tiny", vocab_size=64)
     ref, resolved = pin_model(str(folder), str(tmp_path / "cache"))
     assert ref.revision is None and resolved == folder and local_dir(ref) == folder == local_dir(str(folder))
+
+
+def test_the_student_starts_from_the_revision_the_driver_pinned(tmp_path, monkeypatch):
+    """`student.init_from` defaults to the teacher's name: workers build it from the driver's pin, not
+    from whatever another node's cache now calls main."""
+    import torch
+
+    from distillation.config import load_config
+    from distillation.student import build_student
+    from distillation.teachers.resolve import student_source
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    driver = _hub_cache(tmp_path / "driver", main=OLD)
+    cfg = load_config(["student.init_from=Org/Tiny", "student.num_layers=2", f"data.cache_dir={tmp_path / 'driver'}"])
+    ref, folder = student_source(cfg)
+    assert folder == driver[OLD] and ref.revision == OLD
+    _hub_cache(tmp_path / "node", main=NEW, snapshots=(OLD, NEW))
+    node_cfg = load_config(["student.init_from=Org/Tiny", "student.num_layers=2", f"data.cache_dir={tmp_path / 'node'}"])
+    pinned = build_student(node_cfg, dataclasses.replace(ref, cache_dir=str(tmp_path / "node")))
+    unpinned = build_student(node_cfg)  # main on that node: the newer commit, other weights
+    expected = build_student(cfg)
+    weight = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(pinned.state_dict()[weight], expected.state_dict()[weight])
+    assert not torch.equal(unpinned.state_dict()[weight], expected.state_dict()[weight])

@@ -19,7 +19,7 @@ from distillation.data.sources import SourceSpec
 from distillation.errors import DistillError
 from distillation.losses import QKV
 from distillation.storage import exists, join, read_text, run_storage, train_location
-from distillation.teachers.resolve import ResolvedTeacher, check_cache, resolve_teacher, student_source_dir
+from distillation.teachers.resolve import ResolvedTeacher, check_cache, resolve_teacher
 from distillation.training.plan import needs_teacher
 
 # What may differ when a run resumes: the cluster it joins, how long it trains, how often it logs and
@@ -116,7 +116,7 @@ def check_shapes(cfg: DictConfig, teacher: ResolvedTeacher) -> None:
 
     remote = cfg.teacher.trust_remote_code
     configs = {"teacher": AutoConfig.from_pretrained(teacher.model_dir, trust_remote_code=remote),
-               "student": AutoConfig.from_pretrained(student_source_dir(cfg), trust_remote_code=remote)}
+               "student": AutoConfig.from_pretrained(teacher.student_dir, trust_remote_code=remote)}
     for who, config in configs.items():
         limit = getattr(config, "max_position_embeddings", None)
         if limit and cfg.data.seq_len > limit:

@@ -94,7 +94,7 @@ def prepare(cfg: DictConfig, pre: Preflight) -> Prepared:
                              for n, s in corpus.specs.items())
         + f"; held-out {len(corpus.heldout.rows)} rows; probe {len(corpus.probe.rows)} rows; "
         f"rows {corpus.fill:.0%} real tokens (the units read so far)")
-    jobs = [(partial(starting_student, cfg, pre.resumed_checkpoint), None)]
+    jobs = [(partial(starting_student, cfg, pre.resumed_checkpoint, pre.teacher.student_ref), None)]
     if cfg.teacher.kind != "cached":  # a cached teacher's point is not loading the model, so it is not scored here
         check = (partial(check_output_head, model_dir=pre.teacher.ref, input_ids=corpus.heldout.rows[:1],
                          vocab_size=pre.teacher.vocab_size) if pre.uses_teacher and cfg.teacher.signal == "hidden"
@@ -179,7 +179,8 @@ def train(cfg: DictConfig, pre: Preflight, prep: Prepared):
         corpus = prep.corpus
         plan = WorkerPlan(cfg=OmegaConf.to_container(cfg, resolve=True), mixture=mixture_name,
                           board=f"distill-metrics-{run_dir.name}", app_name=app_name,
-                          teacher_model=pre.teacher.ref, vocab_size=pre.teacher.vocab_size,
+                          teacher_model=pre.teacher.ref, student_model=pre.teacher.student_ref,
+                          vocab_size=pre.teacher.vocab_size,
                           probe=(corpus.probe.rows, corpus.probe.lengths),
                           eval={n: (p.rows, p.lengths) for n, p in corpus.heldout_by_source.items() if len(p.rows)})
         result = _fit(cfg, run_dir, plan, pre.resumed["step"] if pre.resumed else 0, interrupts)

@@ -8,7 +8,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig
 
 from distillation.errors import DistillError
-from distillation.models import ModelRef, load_tokenizer, pin_model, resolve_model
+from distillation.models import ModelRef, load_tokenizer, pin_model
 from distillation.vocab import check_vocab
 
 
@@ -19,31 +19,35 @@ class ResolvedTeacher:
     vocab_size: int  # the shared real vocabulary
     qkv_layer: Optional[int]  # the layer whose Q/K/V the teacher returns; None without attention distillation
     ref: Optional[ModelRef] = None  # what replicas, workers and readers resolve on their own nodes
+    student_dir: Optional[Path] = None  # the student's starting weights on the driver's node
+    student_ref: Optional[ModelRef] = None  # those weights as workers resolve them (None: a saved student's path)
 
 
 def config_vocab(model_dir: Path) -> int:
     return json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
 
 
-def student_source_dir(cfg: DictConfig) -> Path:
-    """Where the student's weights come from: a saved student, or the model stage 1 converts."""
-    path = (Path(cfg.student.checkpoint_path).expanduser() if cfg.student.checkpoint_path
-            else resolve_model(cfg.student.init_from, cfg.data.cache_dir))
+def student_source(cfg: DictConfig) -> tuple:
+    """(ModelRef or None, the folder here) of the student's starting weights: a saved student (its
+    path, None), or the model stage 1 converts, pinned as the teacher is."""
+    if not cfg.student.checkpoint_path:
+        return pin_model(cfg.student.init_from, cfg.data.cache_dir)
+    path = Path(cfg.student.checkpoint_path).expanduser()
     if not (path / "config.json").is_file():
         raise DistillError(f"student checkpoint '{path}' does not exist or has no config.json")
-    return path
+    return None, path
 
 
 def resolve_teacher(cfg: DictConfig) -> ResolvedTeacher:
     """The teacher folder, the shared tokenizer and vocabulary, and the Q/K/V layer, checked against the student."""
     ref, teacher_dir = pin_model(cfg.teacher.model, cfg.data.cache_dir)
     tokenizer = load_tokenizer(teacher_dir, cfg.teacher.trust_remote_code)
-    student_dir = student_source_dir(cfg)
+    student_ref, student_dir = student_source(cfg)
     student_tok_dir = student_dir if (student_dir / "tokenizer.json").is_file() else teacher_dir
     vocab_size = check_vocab(tokenizer, config_vocab(teacher_dir), load_tokenizer(student_tok_dir),
                              config_vocab(student_dir))
     qkv_layer = cfg.distillation.teacher_layer if cfg.distillation.attention_weight > 0 else None
-    return ResolvedTeacher(teacher_dir, tokenizer, vocab_size, qkv_layer, ref)
+    return ResolvedTeacher(teacher_dir, tokenizer, vocab_size, qkv_layer, ref, student_dir, student_ref)
 
 
 def cache_signature(cfg: DictConfig, teacher: ResolvedTeacher) -> dict:

@@ -20,11 +20,12 @@ from distillation.training.evaluate import heldout_loss
 Job = Tuple[Callable, Optional[Callable]]  # (load() -> model, check(model) or None)
 
 
-def starting_student(cfg, resumed_checkpoint):
-    """The student training starts from: the checkpoint a resumed run continues, else stage 1's."""
+def starting_student(cfg, resumed_checkpoint, init_from=None):
+    """The student training starts from: the checkpoint a resumed run continues, else stage 1's
+    (from `init_from`, the driver's pinned source, as the workers build it)."""
     from distillation.student import build_student
 
-    return build_student(cfg) if resumed_checkpoint is None else checkpoint_student(resumed_checkpoint)
+    return build_student(cfg, init_from) if resumed_checkpoint is None else checkpoint_student(resumed_checkpoint)
 
 
 def checkpoint_student(checkpoint):

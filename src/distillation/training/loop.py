@@ -98,7 +98,7 @@ def setup(plan: WorkerPlan) -> Worker:
         with checkpoint.as_directory() as folder:
             student, state, optimizer_tensors = load_training_checkpoint(folder)
     else:
-        student, state, optimizer_tensors = build_student(cfg), {"step": 0, "tokens": 0, "nan_skipped": 0}, None
+        student, state, optimizer_tensors = build_student(cfg, plan.student_model), {"step": 0, "tokens": 0, "nan_skipped": 0}, None
     device = ray.train.torch.get_device()
     model = distribute(student, t.parallelism, device)
     core = unwrapped(model)

@@ -20,6 +20,7 @@ class WorkerPlan:
     board: Optional[str]  # the named MetricsBoard actor (metrics, ledger, stop requests)
     app_name: Optional[str]  # the teacher's Serve application; None when the loss needs no teacher
     teacher_model: ModelSource  # for the frozen output head of the hidden-state signal (resolved on the worker's node)
+    student_model: Optional[ModelSource]  # the student's stage-1 weights, pinned (None: a saved student's path)
     vocab_size: int  # the shared real vocabulary (vocab.check_vocab)
     probe: Tuple[np.ndarray, np.ndarray]  # influence probe rows and lengths
     eval: Dict[str, Tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # held-out rows per source
