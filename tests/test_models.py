@@ -54,10 +54,16 @@ def test_a_hub_model_pinned_on_the_driver_resolves_to_the_same_revision_on_anoth
         local_dir(dataclasses.replace(ref, cache_dir=str(tmp_path / "bare")))
 
 
-def test_local_folders_are_not_pinned_and_resolve_as_they_are(tmp_path):
+def test_local_folders_are_not_pinned_and_travel_as_absolute_paths(tmp_path, monkeypatch):
     folder = save_tiny_llama(tmp_path / "tiny", vocab_size=64)
     ref, resolved = pin_model(str(folder), str(tmp_path / "cache"))
     assert ref.revision is None and resolved == folder and local_dir(ref) == folder == local_dir(str(folder))
+    # Given relative to the driver's directory, it still names that folder in a worker elsewhere
+    # (a Ray worker's cwd is not the driver's; `models/tiny` there would look like a hub name).
+    monkeypatch.chdir(tmp_path)
+    ref, _ = pin_model("tiny", str(tmp_path / "cache"))
+    monkeypatch.chdir("/")
+    assert ref.name == str(folder.resolve()) and local_dir(ref) == folder.resolve()
 
 
 def test_the_student_starts_from_the_revision_the_driver_pinned(tmp_path, monkeypatch):
@@ -82,3 +88,16 @@ def test_the_student_starts_from_the_revision_the_driver_pinned(tmp_path, monkey
     weight = "model.layers.0.self_attn.q_proj.weight"
     assert torch.equal(pinned.state_dict()[weight], expected.state_dict()[weight])
     assert not torch.equal(unpinned.state_dict()[weight], expected.state_dict()[weight])
+
+
+def test_a_data_reader_needs_only_the_tokenizer_and_a_worker_still_gets_the_weights(tmp_path, monkeypatch):
+    """A CPU reader node resolves the teacher without its weights (gigabytes it never loads); on a node
+    holding only that tokenizer copy, a worker that needs the weights does not take it for complete."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    snapshot = _hub_cache(tmp_path, main=OLD)[OLD]
+    for weights in snapshot.glob("*.safetensors"):
+        weights.unlink()  # as a tokenizer-only download leaves it
+    ref = ModelRef("Org/Tiny", str(tmp_path), OLD)
+    assert local_dir(ref, weights=False) == snapshot
+    with pytest.raises(DistillError, match=r"hub model 'Org/Tiny' has no config.json or no \*.safetensors weights"):
+        local_dir(ref)  # offline here; with a hub it downloads the weights into the same snapshot

@@ -21,7 +21,7 @@ def test_a_vllm_engine_sharded_over_more_gpus_than_its_replica_books_is_refused(
 
     cfg = load_config(["teacher=vllm", "distillation=logits_only", "teacher.tensor_parallel_size=2",
                        "teacher.num_gpus=1"])
-    teacher = ResolvedTeacher(model_dir=None, tokenizer=None, vocab_size=None, qkv_layer=None)
+    teacher = ResolvedTeacher(model_dir=None, ref=None, tokenizer=None, vocab_size=None, qkv_layer=None)
     with pytest.raises(DistillError, match="tensor_parallel_size=2 .* teacher.num_gpus=1; set them equal"):
         check_teacher_kind(cfg, teacher)
     check_teacher_kind(load_config(["teacher=vllm", "distillation=logits_only", "teacher.tensor_parallel_size=2",

@@ -17,19 +17,21 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.jinja", "*.txt"]  # never pickled weights
+TOKENIZER_FILES = ["*.json", "tokenizer*", "*.jinja", "*.txt"]  # config and tokenizer: what a data reader needs
+HUB_FILES = TOKENIZER_FILES + ["*.safetensors"]  # never pickled weights
 
 
-def resolve_model(name_or_path: str, cache_dir: str, revision: Optional[str] = None) -> Path:
+def resolve_model(name_or_path: str, cache_dir: str, revision: Optional[str] = None, weights: bool = True) -> Path:
     """A built-in model name, a local directory holding config.json + *.safetensors, or a hub name
     (`Qwen/Qwen3-1.7B`, at `revision` if given), downloaded once into `<cache_dir>/hub` (safetensors
-    only) where a hub is reachable; an already downloaded one is used offline."""
+    only; without them when not `weights`: a data reader needs the tokenizer, not gigabytes) where a
+    hub is reachable; an already downloaded one is used offline."""
     if name_or_path in BUILTIN_MODELS:
         return builtin_model_dir(name_or_path, cache_dir)
     path = Path(name_or_path).expanduser()
     if not path.is_dir():
         if _looks_like_hub_name(name_or_path):
-            return _from_hub(name_or_path, cache_dir, revision)
+            return _from_hub(name_or_path, cache_dir, revision, weights)
         raise DistillError(f"model path '{name_or_path}' does not exist; expected a directory with config.json "
                            f"and *.safetensors, a hub name like Qwen/Qwen3-1.7B, or one of: {', '.join(BUILTIN_MODELS)}")
     if not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
@@ -48,24 +50,26 @@ class ModelRef:
     cache_dir: str
     revision: Optional[str] = None
 
-    def local_dir(self) -> Path:
-        return resolve_model(self.name, self.cache_dir, self.revision)
+    def local_dir(self, weights: bool = True) -> Path:
+        return resolve_model(self.name, self.cache_dir, self.revision, weights)
 
 
 def pin_model(name_or_path: str, cache_dir: str) -> tuple:
     """(ModelRef, the folder on this node): resolved here, a hub model's revision pinned."""
     folder = resolve_model(name_or_path, cache_dir)
-    hub = name_or_path not in BUILTIN_MODELS and not Path(name_or_path).expanduser().is_dir()
-    revision = folder.name if hub and folder.parent.name == "snapshots" else None  # huggingface_hub's layout
+    if name_or_path not in BUILTIN_MODELS and Path(name_or_path).expanduser().is_dir():  # a local folder:
+        return ModelRef(str(folder.resolve()), cache_dir), folder  # absolute, not against each worker's cwd
+    revision = folder.name if folder.parent.name == "snapshots" else None  # a hub model: huggingface_hub's layout
     return ModelRef(name_or_path, cache_dir, revision), folder
 
 
 ModelSource = Union[str, Path, ModelRef]
 
 
-def local_dir(model: ModelSource) -> Path:
-    """A model's folder on this node (ModelRef resolved here; a path as it is)."""
-    return model.local_dir() if isinstance(model, ModelRef) else Path(model)
+def local_dir(model: ModelSource, weights: bool = True) -> Path:
+    """A model's folder on this node (ModelRef resolved here, with its weights unless not `weights`;
+    a path as it is)."""
+    return model.local_dir(weights) if isinstance(model, ModelRef) else Path(model)
 
 
 def _looks_like_hub_name(name: str) -> bool:
@@ -73,14 +77,20 @@ def _looks_like_hub_name(name: str) -> bool:
     return len(parts) == 2 and all(parts) and not name.startswith((".", "~"))
 
 
-def _from_hub(name: str, cache_dir: str, revision: Optional[str] = None) -> Path:
+def _from_hub(name: str, cache_dir: str, revision: Optional[str] = None, weights: bool = True) -> Path:
     """Where the cluster shares `data.cache_dir` (a mount on every node), one download serves all."""
     from huggingface_hub import snapshot_download
 
     hub_cache = Path(cache_dir).expanduser() / "hub"
-    fetch = dict(cache_dir=hub_cache, allow_patterns=HUB_FILES, revision=revision)
+    fetch = dict(cache_dir=hub_cache, allow_patterns=HUB_FILES if weights else TOKENIZER_FILES, revision=revision)
+
+    def complete(folder: Path) -> bool:
+        return (folder / "config.json").is_file() and (not weights or any(folder.glob("*.safetensors")))
+
     try:  # a copy downloaded earlier first: no hub round trip on every resolve (driver and each worker)
         folder = Path(snapshot_download(name, local_files_only=True, **fetch))
+        if not complete(folder):  # a reader's tokenizer-only copy, and the weights are needed now
+            raise FileNotFoundError(folder)
     except Exception:
         try:
             folder = Path(snapshot_download(name, **fetch))
@@ -88,7 +98,7 @@ def _from_hub(name: str, cache_dir: str, revision: Optional[str] = None) -> Path
             at = f" at revision {revision}" if revision else ""
             raise DistillError(f"model '{name}'{at} is not built in, not a local folder, and could not be fetched from the "
                                f"hub into {hub_cache} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
-    if not (folder / "config.json").is_file() or not any(folder.glob("*.safetensors")):
+    if not complete(folder):
         raise DistillError(f"hub model '{name}' has no config.json or no *.safetensors weights (only those are loaded)")
     return folder
 

@@ -1,5 +1,5 @@
 """FSDP2 sharding of the student (training/parallel.py) on two real gloo processes, against one
-unsharded copy trained on both ranks' rows: the same updates, the same whole weights and optimizer
+unsharded copy trained on both ranks' rows (two micro-batches per step): the same updates, the same whole weights and optimizer
 state in the checkpoint's index-keyed format, a restored optimizer that continues identically, and
 influence scores summed over the shards equal to the unsharded scores."""
 
@@ -65,6 +65,7 @@ def _worker(rank: int, port: int):
     torch.set_num_threads(1)
     try:
         from distillation.data.influence import alignment_scores
+        from distillation.errors import DistillError
         from distillation.training.parallel import (
             distribute,
             is_sharded,
@@ -110,6 +111,15 @@ def _worker(rank: int, port: int):
         if rank == 0:
             for name, value in reference.state_dict().items():
                 torch.testing.assert_close(whole[name], value, rtol=1e-4, atol=1e-6, msg=name)
+
+        # Ranks that built different students (say, a node whose hub copy moved on) are an error on
+        # every rank before sharding: fully_shard, unlike DDP, does not broadcast rank 0's weights.
+        different = tiny_student()
+        if rank == 1:
+            with torch.no_grad():
+                next(different.parameters()).add_(1e-3)
+        with pytest.raises(DistillError, match="training workers hold different students before sharding"):
+            distribute(different, "fsdp", torch.device("cpu"))
     finally:
         dist.destroy_process_group()
 

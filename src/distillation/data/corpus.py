@@ -42,7 +42,7 @@ class RowRecipe:
         from distillation.models import load_tokenizer, local_dir
 
         if self.tokenizer not in _TOKENIZERS:
-            _TOKENIZERS[self.tokenizer] = load_tokenizer(local_dir(self.tokenizer))
+            _TOKENIZERS[self.tokenizer] = load_tokenizer(local_dir(self.tokenizer, weights=False))
         tokenizer = _TOKENIZERS[self.tokenizer]
         docs = read_unit(spec, unit)
         encoded = tokenizer([d.text for d in docs], add_special_tokens=False)["input_ids"] if docs else []

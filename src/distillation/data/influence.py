@@ -10,7 +10,8 @@ moving average and the weights move multiplicatively (exponentiated gradient, as
 
 Gradients are of the next-token cross-entropy (the student's own objective without the teacher),
 so influence needs no teacher answers. Cost per update: (sources + 1) forward + backward passes of
-`batch_size` sequences on one worker, and two parameter-sized fp32 vectors.
+`batch_size` sequences on one worker, and two parameter-sized fp32 vectors (under FSDP on every
+worker, each holding its shard's vectors; the dot products and norms are summed across them).
 """
 
 import math

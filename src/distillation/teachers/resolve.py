@@ -15,10 +15,10 @@ from distillation.vocab import check_vocab
 @dataclass(frozen=True)
 class ResolvedTeacher:
     model_dir: Path  # on the driver's node
+    ref: ModelRef  # what replicas, workers and readers resolve on their own nodes
     tokenizer: Any  # the one tokenizer teacher and student share (vocab.check_vocab)
     vocab_size: int  # the shared real vocabulary
     qkv_layer: Optional[int]  # the layer whose Q/K/V the teacher returns; None without attention distillation
-    ref: Optional[ModelRef] = None  # what replicas, workers and readers resolve on their own nodes
     student_dir: Optional[Path] = None  # the student's starting weights on the driver's node
     student_ref: Optional[ModelRef] = None  # those weights as workers resolve them (None: a saved student's path)
 
@@ -47,7 +47,7 @@ def resolve_teacher(cfg: DictConfig) -> ResolvedTeacher:
     vocab_size = check_vocab(tokenizer, config_vocab(teacher_dir), load_tokenizer(student_tok_dir),
                              config_vocab(student_dir))
     qkv_layer = cfg.distillation.teacher_layer if cfg.distillation.attention_weight > 0 else None
-    return ResolvedTeacher(teacher_dir, tokenizer, vocab_size, qkv_layer, ref, student_dir, student_ref)
+    return ResolvedTeacher(teacher_dir, ref, tokenizer, vocab_size, qkv_layer, student_dir, student_ref)
 
 
 def cache_signature(cfg: DictConfig, teacher: ResolvedTeacher) -> dict:

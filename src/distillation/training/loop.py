@@ -29,7 +29,6 @@ from omegaconf import DictConfig, OmegaConf
 from distillation.data.influence import alignment_scores, move_weights, smooth
 from distillation.data.packing import Packed
 from distillation.data.pipeline import rank_sample_ids, read_batches, worker_stream
-from distillation.errors import DistillError
 from distillation.losses import LossWeights, OutputHead
 from distillation.models import capture_qkv, load_output_head
 from distillation.student import build_student, set_compile
@@ -38,6 +37,7 @@ from distillation.training.checkpoint import load_training_checkpoint, save_trai
 from distillation.training.evaluate import heldout_loss
 from distillation.training.metrics import LogWindow, TrainingGauges
 from distillation.training.parallel import (
+    check_same_weights,
     distribute,
     gradient_sync,
     is_sharded,
@@ -172,25 +172,10 @@ def log(w: Worker, window: LogWindow, grad_norm: float, final: bool) -> None:
     window.reset()  # evaluation is not training time
 
 
-def check_replicas_agree(w: Worker) -> None:
-    """Under DDP every rank must hold the same student (gradients all-reduced, same steps taken): a
-    checksum of the parameters, gathered from every rank, must agree before rank 0 saves its copy.
-    (Under FSDP each rank holds a different shard: nothing to compare.)"""
-    if w.world == 1 or not dist.is_initialized() or w.sharded:
-        return
-    with torch.no_grad():
-        mine = torch.stack([p.double().sum() for p in w.core.parameters()]).sum().reshape(1).to(w.device)
-    everyone = [torch.zeros_like(mine) for _ in range(w.world)]
-    dist.all_gather(everyone, mine)
-    values = [float(v) for v in everyone]
-    if max(values) - min(values) > 1e-9 * max(1.0, abs(values[0])):
-        raise DistillError(f"training workers hold different students at step {w.step} (parameter checksums "
-                           f"{values}); their gradients did not agree")
-
-
 def save_checkpoint(w: Worker) -> None:
     """Every rank reports; rank 0 writes the folder (Ray Train persists it, then registers it)."""
-    check_replicas_agree(w)
+    if not w.sharded:  # under DDP gradients are all-reduced and the same steps taken: one student
+        check_same_weights(w.core, w.device, f"at step {w.step}; their gradients did not agree")
     model_state = whole_student_state(w.core)  # collective under FSDP: every rank takes part
     optimizer_whole = optimizer_state(w.core, w.optimizer)
     saved, folder = None, None

@@ -4,7 +4,8 @@
           (Ray Train's `prepare_model`)
     fsdp  every worker holds 1/world of each parameter, of its gradient and of its moments (torch
           FSDP2 `fully_shard`, on each decoder layer and then the whole model): a layer is gathered
-          for its forward and backward, and its gradients are reduce-scattered
+          for its forward and backward, and its gradients are reduce-scattered after every
+          micro-batch (FSDP2 would otherwise hold whole unsharded gradients between them)
 
 FSDP2 rather than Ray Train's `prepare_model(parallel_strategy="fsdp")`, which wraps FSDP1: FSDP1
 flattens parameters into one FlatParameter per unit, so the optimizer state no longer lines up with
@@ -21,6 +22,7 @@ from typing import Optional
 
 import ray.train.torch
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -28,7 +30,11 @@ from torch.distributed.checkpoint.state_dict import (
     get_optimizer_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
+
+from distillation.errors import DistillError
+from distillation.models import decoder_layers
 
 WHOLE_ON_RANK_0 = StateDictOptions(full_state_dict=True, cpu_offload=True)  # other ranks receive {}
 
@@ -37,13 +43,13 @@ def distribute(student: nn.Module, parallelism: str, device: torch.device) -> nn
     """The student on this worker's device, DDP-wrapped or sharded in place (FSDP)."""
     if parallelism == "ddp":
         return ray.train.torch.prepare_model(student)
-    student.to(device)
-    # A decoder layer is the unit gathered at once: transformers names its class in _no_split_modules.
-    layer_classes = set(getattr(student, "_no_split_modules", None) or ())
-    for module in student.modules():
-        if type(module).__name__ in layer_classes:
-            fully_shard(module)
-    fully_shard(student)
+    if device.type == "cuda":  # as prepare_model does: NCCL's device, and where fully_shard moves each shard
+        torch.cuda.set_device(device)
+    check_same_weights(student, device, "before sharding")  # DDP broadcasts rank 0's weights; fully_shard does not
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for layer in decoder_layers(student):  # the unit gathered at once
+        fully_shard(layer, mesh=mesh)
+    fully_shard(student, mesh=mesh)
     return student
 
 
@@ -57,12 +63,24 @@ def is_sharded(model: nn.Module) -> bool:
 
 
 def gradient_sync(model: nn.Module, sync: bool):
-    """A context for one micro-step's backward: reduce gradients across workers only when `sync` (the
-    last micro-batch of an optimizer step); the others accumulate locally."""
-    if is_sharded(model):
-        model.set_requires_gradient_sync(sync)
-        return nullcontext()
+    """A context for one micro-step's backward. DDP reduces gradients only when `sync` (the last
+    micro-batch of an optimizer step; the others accumulate locally). FSDP reduce-scatters every
+    micro-batch into the sharded gradients: skipping would keep whole gradients on every rank."""
     return nullcontext() if sync or not hasattr(model, "no_sync") else model.no_sync()
+
+
+def check_same_weights(model: nn.Module, device: torch.device, when: str) -> None:
+    """Every rank must hold the same whole model: a float64 checksum of its parameters, gathered from
+    every rank, must agree. (Not for a sharded model: each rank holds a different shard.)"""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    with torch.no_grad():
+        mine = torch.stack([p.double().sum() for p in model.parameters()]).sum().reshape(1).to(device)
+    everyone = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(everyone, mine)
+    values = [float(v) for v in everyone]
+    if max(values) - min(values) > 1e-9 * max(1.0, abs(values[0])):
+        raise DistillError(f"training workers hold different students {when} (parameter checksums {values})")
 
 
 def whole_student_state(core: nn.Module) -> Optional[dict]:

@@ -83,7 +83,8 @@ class NanGuard:
     def step(self, model, optimizer, scheduler, clip: float) -> float:
         """Clip and step, or skip the update if the gradient is not finite. Returns the norm.
 
-        Under DDP the gradients are already all-reduced here, so every rank sees the same norm
+        Under DDP the gradients are already all-reduced here; under FSDP the norm of the sharded
+        gradients is reduced across ranks by clip_grad_norm_: either way every rank sees the same norm
         and skips together."""
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
         if math.isfinite(norm):
