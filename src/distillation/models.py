@@ -17,8 +17,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-TOKENIZER_FILES = ["*.json", "tokenizer*", "*.jinja", "*.txt"]  # config and tokenizer: what a data reader needs
-HUB_FILES = TOKENIZER_FILES + ["*.safetensors"]  # never pickled weights
+READER_PATTERNS = ["*.json", "tokenizer*", "*.jinja", "*.txt"]  # config and tokenizer: what a data reader needs
+HUB_FILES = READER_PATTERNS + ["*.safetensors"]  # never pickled weights
 
 
 def resolve_model(name_or_path: str, cache_dir: str, revision: Optional[str] = None, weights: bool = True) -> Path:
@@ -82,7 +82,7 @@ def _from_hub(name: str, cache_dir: str, revision: Optional[str] = None, weights
     from huggingface_hub import snapshot_download
 
     hub_cache = Path(cache_dir).expanduser() / "hub"
-    fetch = dict(cache_dir=hub_cache, allow_patterns=HUB_FILES if weights else TOKENIZER_FILES, revision=revision)
+    fetch = dict(cache_dir=hub_cache, allow_patterns=HUB_FILES if weights else READER_PATTERNS, revision=revision)
 
     def complete(folder: Path) -> bool:
         return (folder / "config.json").is_file() and (not weights or any(folder.glob("*.safetensors")))
