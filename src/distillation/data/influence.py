@@ -30,9 +30,9 @@ from distillation.models import forward_rows
 
 
 def flat_gradient(model: nn.Module, input_ids: torch.Tensor, lengths: torch.Tensor,
-                  positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  positions: Optional[torch.Tensor] = None, sharded: bool = False) -> torch.Tensor:
     """The gradient of the mean next-token CE over all trainable parameters, as one fp32 vector;
-    `positions` for packed rows (data/packing.py). For a sharded student (FSDP2), this rank's shard of
+    `positions` for packed rows (data/packing.py). When `sharded` (FSDP2), this rank's shard of
     it, every rank passing the same rows.
 
     `torch.autograd.grad` leaves `.grad` (and so DDP's gradient hooks) untouched. A sharded student's
@@ -42,7 +42,7 @@ def flat_gradient(model: nn.Module, input_ids: torch.Tensor, lengths: torch.Tens
     logits = forward_rows(model, input_ids, positions).logits  # right padding: causal attention never sees it
     labels = next_token_labels(input_ids, lengths, positions)
     loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
-    if any(isinstance(p, DTensor) for p in params):
+    if sharded:
         loss.backward()
         grads = [None if p.grad is None else p.grad.to_local() for p in params]
         model.zero_grad(set_to_none=True)
@@ -56,10 +56,10 @@ def alignment_scores(model: nn.Module, probe: tuple, batches: Mapping[str, tuple
     """Cosine of each source batch's gradient with the probe gradient; batches are (ids, lengths) or
     (ids, lengths, positions). A sharded student's products are summed over its shards (all-reduce)."""
     sharded = any(isinstance(p, DTensor) for p in model.parameters())
-    probe_grad = flat_gradient(model, *probe)
+    probe_grad = flat_gradient(model, *probe, sharded=sharded)
     scores = {}
     for name, batch in batches.items():
-        grad = flat_gradient(model, *batch)
+        grad = flat_gradient(model, *batch, sharded=sharded)
         sums = torch.stack([grad.double() @ probe_grad.double(), grad.double().square().sum(),
                             probe_grad.double().square().sum()])
         if sharded:

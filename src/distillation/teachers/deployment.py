@@ -106,7 +106,7 @@ class TeacherDeployment:
 def hf_teacher_kwargs(cfg: DictConfig, teacher: ResolvedTeacher) -> dict:
     t = cfg.teacher
     return dict(model_dir=teacher.ref,  # resolved on the replica's node
-                 top_k=t.top_k, temperature=cfg.distillation.temperature,
+                top_k=t.top_k, temperature=cfg.distillation.temperature,
                 qkv_layer=teacher.qkv_layer, dtype=t.dtype, max_tokens_per_batch=t.max_tokens_per_batch,
                 trust_remote_code=t.trust_remote_code, vocab_size=teacher.vocab_size, signal=t.signal, draws=t.draws,
                 device="cuda" if t.num_gpus > 0 else "cpu")
