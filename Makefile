@@ -2,6 +2,7 @@
 VENV   ?= .venv
 PYTHON ?= python3
 STAMP  := $(VENV)/.installed
+LLAMA  := $(VENV)/.llama-installed
 
 .PHONY: distill test install clean
 
@@ -16,12 +17,18 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 
+# The tests also run GGUF exports in llama.cpp: the `llama` extra builds it from source (the
+# multimodal library is not needed).
+$(LLAMA): $(STAMP)
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(VENV)/bin/python -m pip install -q -e '.[llama]'
+	touch $@
+
 install: $(STAMP)
 
 distill: $(STAMP)
 	$(VENV)/bin/distill $(ARGS)
 
-test: $(STAMP)
+test: $(LLAMA)
 	$(VENV)/bin/ruff check src tests bench ray_jobs
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 

@@ -7,6 +7,8 @@
     sweep     the defaults sweep: tau, teacher signal, lambda, gamma, layer pairing, lr (--budget N: N x steps)
     gpu       the GPU check: tests marked gpu, an experiment=gpu run, the pipeline table on the GPU
     data      the data side at scale: streamed 1x/10x/100x JSONL and Parquet corpora, teacher cache replay
+    inference the student where users run it: packed runtime and llama.cpp (memory, prefill, decode),
+              and the bits/byte of every export format
     cost      Table C: bytes/token and KL error per teacher-target form, and the loss's peak memory
               against the naive version (bench_targets.py and bench_losses.py, each in its own process)
 
@@ -41,7 +43,8 @@ def _script(name: str, args) -> str:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in ("quality", "mixture", "pipeline", "sweep", "gpu", "data", "cost"):
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in ("quality", "mixture", "pipeline", "sweep", "gpu", "data", "cost",
+                                                                    "inference"):
         print(__doc__)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     table, rest = argv[0], argv[1:]
@@ -64,6 +67,10 @@ def main(argv=None) -> int:
         result = run_table(rest)
     elif table == "data":
         from bench.bench_data import main as run_table
+
+        result = run_table(rest)
+    elif table == "inference":
+        from bench.bench_inference import main as run_table
 
         result = run_table(rest)
     elif table == "pipeline":

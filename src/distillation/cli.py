@@ -1,7 +1,9 @@
 """`distill [group=option ...] [key=value ...]`: compose the config and run; bad input exits 2.
 
-`distill eval STUDENT [--teacher MODEL] --text FILE [FILE ...]`: score a saved student (and its
-teacher) on text files, in this process, without Ray."""
+The student's commands run in this process, without Ray:
+`distill eval STUDENT [--teacher MODEL] --text FILE [FILE ...]`: score a saved student (and its teacher)
+on text files; `distill export STUDENT OUT [--format hf|packed|gguf]`: write it for transformers or
+llama.cpp (student/export.py); `distill generate STUDENT PROMPT`: its answer (student/generate.py)."""
 
 import argparse
 import os
@@ -17,9 +19,11 @@ def usage() -> str:
     groups = sorted(p for p in config_dir().iterdir() if p.is_dir())
     listed = " ".join(f"{g.name}={{{','.join(sorted(o.stem for o in g.glob('*.yaml')))}}}" for g in groups)
     return ("usage: distill [--cfg] [group=option ...] [key=value ...]\n"
-            "       distill eval STUDENT [--teacher MODEL] --text FILE [FILE ...] [--seq-len N]\n\n"
+            "       distill eval STUDENT [--teacher MODEL] --text FILE [FILE ...] [--seq-len N]\n"
+            "       distill export STUDENT OUT [--format hf|packed|gguf] [--gguf-type tq2_0|tq1_0|f16]\n"
+            "       distill generate STUDENT PROMPT [--max-new-tokens N] [--sample] [--raw]\n\n"
             f"Groups: {listed}.\nAny value: e.g. training.max_steps=200. --cfg prints the resolved configuration "
-            "and exits. `distill eval --help` describes eval. Ctrl-C stops after the current step with a "
+            "and exits. `distill eval|export|generate --help` describe those. Ctrl-C stops after the current step with a "
             "checkpoint (exit 130); a second Ctrl-C stops at once.")
 
 
@@ -42,8 +46,8 @@ def entry() -> None:
 def main(argv: Optional[List[str]] = None, command: str = "distill") -> int:
     """`command` is `distill` (train) or `precompute` (fill the teacher cache for the same data plan)."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if command == "distill" and args[:1] == ["eval"]:
-        return eval_main(args[1:], f"{command} eval")
+    if command == "distill" and args[:1] and args[0] in SUBCOMMANDS:
+        return SUBCOMMANDS[args[0]](args[1:], f"{command} {args[0]}")
     if any(a in ("-h", "--help") for a in args):
         print(usage())
         return 0
@@ -219,6 +223,80 @@ def eval_main(args: List[str], prog: str = "distill eval") -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def export_parser(prog: str) -> argparse.ArgumentParser:
+    from distillation.student.export import FORMATS
+    from distillation.student.export import __doc__ as doc
+    from distillation.student.gguf_export import TERNARY_TYPES
+
+    parser = _Parser(prog=prog, description=doc.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("student", metavar="STUDENT", help="a student folder the project wrote (e.g. RUN_DIR/student)")
+    parser.add_argument("out", metavar="OUT", help="the new folder (hf, packed) or .gguf file (gguf)")
+    parser.add_argument("--format", choices=FORMATS, default="hf", help="default %(default)s")
+    parser.add_argument("--gguf-type", choices=TERNARY_TYPES, default="tq2_0",
+                        help="GGUF type of the ternary weights whose rows are a multiple of 256 (others Q8_0; f16: "
+                             "every weight F16); default %(default)s")
+    return parser
+
+
+def export_main(args: List[str], prog: str = "distill export") -> int:
+    def run(opts) -> None:
+        from distillation.student.export import describe, export_student
+
+        print(describe(export_student(Path(opts.student), Path(opts.out), opts.format, opts.gguf_type)))
+
+    return _subcommand(export_parser(prog), args, run)
+
+
+def generate_parser(prog: str) -> argparse.ArgumentParser:
+    from distillation.student.generate import GenerateOptions
+    from distillation.student.generate import __doc__ as doc
+
+    d = GenerateOptions()
+    parser = _Parser(prog=prog, description=doc.split("\n\n", 1)[1])
+    parser.add_argument("student", metavar="STUDENT", help="a student folder the project wrote, or a .gguf file")
+    parser.add_argument("prompt", metavar="PROMPT")
+    parser.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="default %(default)s")
+    parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, default=d.temperature, help="with --sample; default %(default)s")
+    parser.add_argument("--top-p", type=float, default=d.top_p, help="with --sample; default %(default)s")
+    parser.add_argument("--seed", type=int, default=d.seed, help="with --sample; default %(default)s")
+    parser.add_argument("--raw", action="store_true", help="the prompt as it is, without the chat template")
+    return parser
+
+
+def generate_main(args: List[str], prog: str = "distill generate") -> int:
+    def run(opts) -> None:
+        from distillation.student.generate import GenerateOptions, generate
+
+        options = GenerateOptions(opts.max_new_tokens, opts.sample, opts.temperature, opts.top_p, opts.seed, opts.raw)
+        print(generate(opts.student, opts.prompt, options), flush=True)
+
+    return _subcommand(generate_parser(prog), args, run)
+
+
+def _subcommand(parser: argparse.ArgumentParser, args: List[str], run) -> int:
+    """Parse, run quietly (stdout holds the result, stderr one `error:` line), exit 2 on bad input."""
+    from distillation.errors import DistillError
+
+    try:
+        try:
+            opts = parser.parse_args(args)
+        except SystemExit as exc:  # --help, printed
+            return int(exc.code or 0)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+        run(opts)
+    except (_UsageError, DistillError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+SUBCOMMANDS = {"eval": eval_main, "export": export_main, "generate": generate_main}
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ def convert_to_bitnet(model: nn.Module, subln: str = "paper", num_layers: Option
     for name, module in list(model.named_modules()):
         if type(module) is nn.Linear and name.rsplit(".", 1)[-1] not in NOT_CONVERTED:
             model.set_submodule(name, _bitlinear_from(module, _wants_norm(name, subln), eps))
-    setattr(model.config, BITNET_CONFIG_KEY, {"subln": subln, "weights": "online", "version": 1})
+    setattr(model.config, BITNET_CONFIG_KEY, {"subln": subln, "weights": "online"})
     return model
 
 

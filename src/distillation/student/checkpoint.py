@@ -1,7 +1,10 @@
 """Save and load a BitNet student in transformers format (config.json + safetensors), strictly.
 
-A checkpoint that would load partly random is an error, and writes are atomic: the folder appears
-complete under its final name or not at all, and an existing checkpoint is never overwritten.
+A folder is written in the layout student/layout.py describes, so plain `from_pretrained` builds the
+same model or refuses it. A checkpoint that would load partly random is an error, and writes are
+atomic: the folder appears complete under its final name or not at all, and an existing checkpoint
+is never overwritten. `load_student` also reads folders written before the layout existed (version 1:
+the base model type with our `bitnet` block, and the old packed export).
 """
 
 import json
@@ -9,7 +12,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 from safetensors.torch import load_file
@@ -17,20 +20,44 @@ from torch import nn
 
 from distillation.errors import DistillError
 from distillation.student.bitnet import BITNET_CONFIG_KEY, convert_to_bitnet
+from distillation.student.layout import base_config, from_disk_names, renames_for, saved_config, to_disk_names
 
 
 def save_student(model: nn.Module, out_dir: Path, tokenizer=None, state_dict: Optional[dict] = None) -> Path:
     """`state_dict`: the weights to write, when `model`'s own are not whole (a sharded student's, from
-    training/parallel.py); transformers empties the dict as it writes."""
+    training/parallel.py)."""
+    settings = getattr(model.config, BITNET_CONFIG_KEY)
+    state = state_dict if state_dict is not None else model.state_dict()
+    return write_student(out_dir, model.config, settings["subln"], "online", state, tokenizer,
+                         getattr(model, "generation_config", None))
+
+
+def write_student(out_dir: Path, config, subln: str, weights: str, state: Dict[str, torch.Tensor], tokenizer=None,
+                  generation_config=None, copy_from: Optional[Path] = None) -> Path:
+    """Write `state` (in-memory names) under `out_dir` in the transformers layout for `weights`
+    (online | packed); `copy_from`: a folder whose tokenizer files come along."""
+    from huggingface_hub import save_torch_state_dict
+
+    from distillation.models import TOKENIZER_FILES
+
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise DistillError(f"refusing to overwrite existing checkpoint {out_dir}")
+    saved, layout = saved_config(config, subln, weights)
+    if getattr(config, "tie_word_embeddings", False):
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}  # stored once, as the embedding
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        model.save_pretrained(staging, safe_serialization=True, state_dict=state_dict)
+        (staging / "config.json").write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+        save_torch_state_dict(to_disk_names(state, layout.renames), staging)
+        if generation_config is not None:
+            generation_config.save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
+        for name in TOKENIZER_FILES if copy_from is not None else ():
+            if (Path(copy_from) / name).is_file():
+                shutil.copy2(Path(copy_from) / name, staging / name)
         os.replace(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -55,25 +82,41 @@ def _read_state(path: Path) -> dict:
     return state
 
 
-def load_student(path: Path, dtype: Optional[torch.dtype] = None) -> nn.Module:
-    """Rebuild the student from its config and load every weight; any missing or extra key fails."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
+def read_student_config(path: Path) -> dict:
+    """A student folder's config.json as a dict; a folder that is not a student is a DistillError."""
     path = Path(path).expanduser()
     if not (path / "config.json").is_file():
         raise DistillError(f"student checkpoint '{path}' does not exist or has no config.json")
-    config = AutoConfig.from_pretrained(path)
-    settings = getattr(config, BITNET_CONFIG_KEY, None)
-    if not isinstance(settings, dict):
+    try:
+        saved = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise DistillError(f"student checkpoint '{path}' has an unreadable config.json: {exc}") from None
+    if not isinstance(saved.get(BITNET_CONFIG_KEY), dict):
         raise DistillError(f"'{path}' is not a BitNet student checkpoint (config.json has no '{BITNET_CONFIG_KEY}')")
-    model = AutoModelForCausalLM.from_config(config)
-    convert_to_bitnet(model, settings["subln"])
-    if settings.get("weights") == "packed":
-        from distillation.student.packed import packed_skeleton
+    return saved
 
-        packed_skeleton(model)
-    state = _read_state(path)
-    result = model.load_state_dict(state, strict=False)
+
+def load_student(path: Path, dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """Rebuild the student from its config and load every weight; any missing or extra key fails.
+    A packed folder comes back with ternary layers that keep 2 bits per weight (student/packed.py)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path).expanduser()
+    saved = read_student_config(path)
+    settings = saved[BITNET_CONFIG_KEY]
+    config = base_config(saved)
+    state = from_disk_names(_read_state(path), renames_for(saved))
+    # Parameters start on the meta device and the loaded tensors are assigned, so no throwaway random
+    # weights are allocated (a packed student never holds a dense layer); buffers (rotary tables) are real.
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config)
+        convert_to_bitnet(model, settings["subln"])
+    if settings.get("weights") == "packed":
+        from distillation.student.packed import load_packed
+
+        load_packed(model, state, scale_is_reciprocal=settings.get("version", 1) < 2)
+    result = model.load_state_dict(state, strict=False, assign=True)
     missing = set(result.missing_keys)
     if getattr(config, "tie_word_embeddings", False):
         missing.discard("lm_head.weight")  # stored once, as the embedding
@@ -81,4 +124,5 @@ def load_student(path: Path, dtype: Optional[torch.dtype] = None) -> nn.Module:
         raise DistillError(f"student checkpoint '{path}' does not match its config: "
                            f"missing {sorted(missing)[:5]}, unexpected {sorted(result.unexpected_keys)[:5]}")
     model.tie_weights()
+    getattr(model.config, BITNET_CONFIG_KEY)["weights"] = settings.get("weights", "online")
     return model.to(dtype) if dtype is not None else model
