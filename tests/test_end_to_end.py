@@ -24,7 +24,7 @@ def test_distill_runs_serve_data_train_and_writes_a_strict_checkpoint(tiny_teach
     from distillation.run import run
     from distillation.student import load_student
 
-    cfg = load_config(tiny_overrides(tiny_teacher, tmp_path))
+    cfg = load_config(tiny_overrides(tiny_teacher, tmp_path) + ["student.export=[packed,gguf]"])
     summary = run(cfg)
 
     assert summary["steps"] == 4
@@ -46,6 +46,7 @@ def test_distill_runs_serve_data_train_and_writes_a_strict_checkpoint(tiny_teach
     assert (student_dir / "tokenizer.json").is_file()
     saved_cfg = (student_dir / "distill_config.yaml").read_text()
     assert "max_steps: 4" in saved_cfg and f"model: {tiny_teacher}" in saved_cfg
+    _check_exports(student, student_dir, summary["exports"], tmp_path)
 
     h = summary["heldout"]  # 4 steps do not move a random-init student's CE; the default run shows that
     assert 0 < h["student_after"]["bits_per_byte"] < 40 and 0 < h["teacher"]["bits_per_byte"] < 40
@@ -53,6 +54,33 @@ def test_distill_runs_serve_data_train_and_writes_a_strict_checkpoint(tiny_teach
     assert [e["step"] for e in ledger] == [1, 2, 3, 4]
     assert [s[0] for e in ledger for s in e["samples"]] == list(range(16))  # every sample once, in order
     assert not serve.status().applications.get("teacher-e2e")  # the teacher pool was taken down
+
+
+def _check_exports(student, student_dir: Path, exports: dict, tmp_path: Path) -> None:
+    """The run's student/ loads in plain transformers as the same model; the exports it asked for
+    (student.export) sit beside it: the packed folder and a GGUF llama.cpp reads."""
+    import torch
+
+    from distillation.models import load_tokenizer
+    from distillation.student import load_student, set_compile
+    from distillation.student.generate import open_gguf
+    from plain_transformers import plain_transformers
+
+    set_compile(False)
+    ids = torch.randint(0, 49152, (2, 16))
+    with torch.no_grad():
+        expected = student.eval()(input_ids=ids).logits
+    plain = plain_transformers([student_dir], ids, tmp_path)[str(student_dir)]
+    assert plain["class"] == "BitNetForCausalLM"
+    torch.testing.assert_close(plain["logits"], expected, rtol=0, atol=0)
+    assert exports == {"packed": str(student_dir.parent / "student-packed"), "gguf": str(student_dir.parent / "student.gguf")}
+    with torch.no_grad():
+        packed = load_student(exports["packed"]).eval()(input_ids=ids).logits
+    torch.testing.assert_close(packed, expected, rtol=0, atol=1e-4)
+    llm = open_gguf(exports["gguf"])
+    text = "Distillation keeps 1.58 bits per weight."
+    assert llm.tokenize(text.encode(), add_bos=False) == load_tokenizer(student_dir)(text)["input_ids"]
+    llm.close()
 
 
 @pytest.mark.parametrize("signal", ["sampled", "hidden"])

@@ -4,8 +4,6 @@ Bad input then costs seconds and leaves nothing behind: the error is one line na
 wrong and what was expected (the CLI exits 2).
 """
 
-import os
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -18,7 +16,7 @@ from distillation.data.corpus import open_sources
 from distillation.data.sources import SourceSpec
 from distillation.errors import DistillError
 from distillation.losses import QKV
-from distillation.storage import exists, join, read_text, run_storage, train_location
+from distillation.storage import check_writable, exists, join, read_text, run_storage, train_location
 from distillation.teachers.resolve import ResolvedTeacher, check_cache, resolve_teacher
 from distillation.training.plan import needs_teacher
 
@@ -29,7 +27,8 @@ from distillation.training.plan import needs_teacher
 RESUMABLE_CHANGES = ("run.name", "run.output_dir", "run.ray_address", "run.num_cpus", "run.check_placement",
                      "run.resume", "run.progress", "run.verbose", "run.stall_timeout_s", "training.max_steps",
                      "training.checkpoint_every", "training.keep_checkpoints", "training.log_every",
-                     "training.eval_every", "training.max_failures", "training.max_nan_steps", "training.parallelism")
+                     "training.eval_every", "training.max_failures", "training.max_nan_steps", "training.parallelism",
+                     "student.export")
 
 
 @dataclass
@@ -51,6 +50,7 @@ def preflight(cfg: DictConfig) -> Preflight:
         check_teacher_kind(cfg, teacher)
         check_cache(cfg, teacher)
     check_shapes(cfg, teacher)
+    check_exports(cfg, teacher)
     run_dir = run_folder(cfg)
     resumed, checkpoint = (latest_checkpoint(train_location(cfg, run_dir)) if cfg.run.resume else (None, None))
     if cfg.run.resume and resumed is None:
@@ -116,7 +116,7 @@ def check_shapes(cfg: DictConfig, teacher: ResolvedTeacher) -> None:
 
     remote = cfg.teacher.trust_remote_code
     configs = {"teacher": AutoConfig.from_pretrained(teacher.model_dir, trust_remote_code=remote),
-               "student": AutoConfig.from_pretrained(teacher.student_dir, trust_remote_code=remote)}
+               "student": student_config(cfg, teacher)[0]}
     for who, config in configs.items():
         limit = getattr(config, "max_position_embeddings", None)
         if limit and cfg.data.seq_len > limit:
@@ -144,6 +144,39 @@ def check_shapes(cfg: DictConfig, teacher: ResolvedTeacher) -> None:
                                    f"({sorted(set(_widths(configs['teacher']).values()) | set(_widths(configs['student']).values()))})")
 
 
+def student_config(cfg: DictConfig, teacher: ResolvedTeacher) -> tuple:
+    """(base config, SubLN placement) of the student the run starts from: a saved student's own, in any
+    layout (student/layout.py), or the model stage 1 converts."""
+    if cfg.student.checkpoint_path:
+        from distillation.student.checkpoint import read_student_config
+        from distillation.student.layout import base_config
+
+        saved = read_student_config(cfg.student.checkpoint_path)
+        return base_config(saved), saved["bitnet"]["subln"]
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(teacher.student_dir, trust_remote_code=cfg.teacher.trust_remote_code), cfg.student.subln
+
+
+def check_exports(cfg: DictConfig, teacher: ResolvedTeacher) -> None:
+    """`student.export`: each format known and able to hold this student (architecture, SubLN, tokenizer)."""
+    from distillation.student.export import FORMATS, export_problem
+    from distillation.student.gguf_export import read_tokenizer_json
+
+    if not cfg.student.export:
+        return
+    unknown = [f for f in cfg.student.export if f not in FORMATS]
+    if unknown:
+        raise DistillError(f"student.export={list(cfg.student.export)}: {unknown[0]!r} is not one of {', '.join(FORMATS)}")
+    config, subln = student_config(cfg, teacher)
+    for fmt in cfg.student.export:
+        problem = export_problem(config, subln, fmt)
+        if problem:
+            raise DistillError(f"student.export={fmt} cannot hold this student: {problem}")
+        if fmt == "gguf":
+            read_tokenizer_json(teacher.model_dir)  # the tokenizer the run's student/ is saved with
+
+
 def run_folder(cfg: DictConfig) -> Path:
     """The run's folder: for a new run, one that does not exist yet under a writable parent; on
     resume, the existing run, whose configuration may differ only in RESUMABLE_CHANGES."""
@@ -169,11 +202,7 @@ def run_folder(cfg: DictConfig) -> Path:
         return out
     if out.exists():
         raise DistillError(f"run folder {out} already exists; choose another run.name, or run.resume=true")
-    parent = next(p for p in [out, *out.parents] if p.exists())
-    try:  # a real attempt (permissions alone miss read-only and virtual file systems), undone at once
-        os.rmdir(tempfile.mkdtemp(prefix=".distill-probe-", dir=parent))
-    except OSError as exc:
-        raise DistillError(f"cannot create run folder {out}: {parent} is not writable ({exc.strerror})") from None
+    check_writable(next(p for p in [out, *out.parents] if p.exists()), f"run folder {out}")
     return out
 
 

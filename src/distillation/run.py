@@ -29,12 +29,13 @@ from distillation.cluster import check_placement, init_ray, peak_rss_mb
 from distillation.config import to_yaml
 from distillation.console import RayLinesToFile, say, session_log_dir
 from distillation.data.corpus import Corpus, prepare_corpus
-from distillation.errors import DistillError
+from distillation.errors import DistillError, get_or_raise
 from distillation.losses import LOSS_COMPONENTS
 from distillation.models import TOKENIZER_FILES, check_output_head, load_causal_lm
 from distillation.preflight import Preflight, preflight
 from distillation.storage import join, read_text, run_storage, train_location, train_storage, upload, write_text
 from distillation.student import set_compile
+from distillation.student.export import export_run_student
 from distillation.teachers.deployment import deploy_teacher
 from distillation.training.heldout import checkpoint_student, score_on_worker, starting_student
 from distillation.training.loop import train_loop_per_worker
@@ -337,6 +338,7 @@ def finish(cfg: DictConfig, pre: Preflight, prep: Prepared, result, mixture_hist
         raise DistillError("training ended without a checkpoint")
     with result.checkpoint.as_directory() as folder:
         final_dir = _export_student(Path(folder), run_dir / "student", pre.teacher.model_dir)
+    exports = export_formats(final_dir, run_dir, cfg.student.export)
     student_after, = score_on_worker(cfg.training, [(partial(checkpoint_student, result.checkpoint), None)],
                                      prep.corpus.heldout, prep.corpus.heldout_bytes, cfg.run.stall_timeout_s)
     all_rows = read_jsonl(run_dir / "metrics.jsonl")
@@ -347,7 +349,7 @@ def finish(cfg: DictConfig, pre: Preflight, prep: Prepared, result, mixture_hist
     last = all_rows[-1] if all_rows else {}
     stats = prep.mixture_stats or {}
     summary = {
-        "run_dir": str(run_dir), "student_checkpoint": str(final_dir), "metrics": str(run_dir / "metrics.jsonl"),
+        "run_dir": str(run_dir), "student_checkpoint": str(final_dir), "exports": exports, "metrics": str(run_dir / "metrics.jsonl"),
         "ledger": str(run_dir / "ledger.jsonl"), "loss_plot": str(run_dir / "loss.png"),
         "tokens_seen": last.get("tokens", 0), "steps": last.get("step", 0),
         "resumed_from_step": pre.resumed["step"] if pre.resumed else 0,
@@ -368,6 +370,20 @@ def finish(cfg: DictConfig, pre: Preflight, prep: Prepared, result, mixture_hist
         summary["storage"] = shared
     print_summary(summary)
     return summary
+
+
+def export_formats(student_dir: Path, run_dir: Path, formats) -> dict:
+    """`student.export`, in a Ray task on this node (it writes beside the run's folder) rather than in
+    the driver, which never loads a model; zero CPUs, so it is placed at once even on a head node that
+    books none, and its process exits with it (max_calls=1)."""
+    if not formats:
+        return {}
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    ref = ray.remote(max_retries=0, max_calls=1, num_cpus=0)(export_run_student).options(
+        scheduling_strategy=here).remote(student_dir, run_dir, list(formats))
+    return get_or_raise(ref)
 
 
 def _export_student(checkpoint_dir: Path, out: Path, tokenizer_dir: Path) -> Path:
@@ -405,6 +421,7 @@ def print_summary(s: dict) -> None:
         *(f"warning: {w}" for w in s["warnings"]),
         f"student checkpoint: {s['student_checkpoint']}"
         + (f" (and under {s['storage']}, with checkpoints and logs)" if s.get("storage") else ""),
+        *(f"student export ({fmt}): {path}" for fmt, path in s.get("exports", {}).items() if fmt != "hf"),
         f"metrics: {s['metrics']}", f"loss plot: {s['loss_plot']}",
     ]
     print("\n".join(lines), flush=True)

@@ -13,6 +13,18 @@ from distillation.errors import DistillError
 TRAIN_DIR = "train"
 
 
+def check_writable(folder: Path, what: str) -> None:
+    """A DistillError unless a new entry can be made in `folder`: a real attempt, undone at once
+    (permission bits alone miss read-only and virtual file systems such as /proc)."""
+    import os
+    import tempfile
+
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".distill-probe-", dir=folder))
+    except OSError as exc:
+        raise DistillError(f"cannot create {what}: {folder} is not writable ({exc.strerror})") from None
+
+
 def join(base: str, *parts: str) -> str:
     """`base`/`parts`, keeping a URI's query (s3://bucket/runs?region=eu-west-1) at the end."""
     base, mark, query = base.partition("?") if "://" in base else (base, "", "")

@@ -64,6 +64,9 @@ class StudentConfig:
     subln: str = one_of("paper", "allnorm", "none")  # paper (before o_proj and down_proj) | allnorm (before every BitLinear) | none
     num_layers: Optional[int] = None  # keep only the first N decoder layers (a smaller student)
     compile: bool = False  # torch.compile the BitNet quantizers (no gain measured on CPU; ~30 s start)
+    # written beside the run's student/ when training ends, each checked before the run starts:
+    # packed (student-packed/) | gguf (student.gguf, for llama.cpp) | hf (student/ is this format: checked only)
+    export: List[str] = field(default_factory=list)
 
 
 @dataclass

@@ -10,11 +10,11 @@
 Every input is checked before anything is written; the output appears whole or not at all.
 """
 
-import os
 from pathlib import Path
 from typing import Optional
 
 from distillation.errors import DistillError
+from distillation.storage import check_writable
 from distillation.student.checkpoint import read_student_config, write_student
 from distillation.student.gguf_export import TERNARY_TYPES, gguf_problem, read_tokenizer_json
 from distillation.student.layout import base_config, layout_for
@@ -40,8 +40,7 @@ def _check_output(out: Path, fmt: str) -> None:
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise DistillError(f"export output folder '{parent}' does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise DistillError(f"export output folder '{parent}' is not writable")
+    check_writable(parent, f"export output {out}")
 
 
 def export_student(student_dir: Path, out: Path, fmt: str = "hf", gguf_type: str = "tq2_0") -> dict:
@@ -78,6 +77,28 @@ def export_student(student_dir: Path, out: Path, fmt: str = "hf", gguf_type: str
         tensors = None
     size = out.stat().st_size if out.is_file() else sum(p.stat().st_size for p in out.glob("*.safetensors"))
     return {"format": fmt, "path": str(out), "weight_bytes": size, "gguf_tensor_types": tensors}
+
+
+RUN_EXPORTS = {"packed": "student-packed", "gguf": "student.gguf"}  # beside the run's student/
+
+
+def export_run_student(student_dir: Path, run_dir: Path, formats) -> dict:
+    """`student.export` at the end of a run: {format: path}. The run's student/ is already the hf
+    format; an earlier export of a resumed run is replaced."""
+    import shutil
+
+    written = {}
+    for fmt in formats:
+        if fmt == "hf":
+            written[fmt] = str(student_dir)
+            continue
+        target = Path(run_dir) / RUN_EXPORTS[fmt]
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+        written[fmt] = export_student(student_dir, target, fmt)["path"]
+    return written
 
 
 def describe(report: dict) -> str:

@@ -31,14 +31,19 @@ def _check(opts: GenerateOptions) -> None:
 
 
 def open_gguf(path: Path, n_ctx: int = 2048, logits_all: bool = False):
-    """A llama.cpp model for a GGUF file (llama-cpp-python, the `llama` extra)."""
+    """A llama.cpp model for a GGUF file (llama-cpp-python, the `llama` extra), with a context of
+    `n_ctx` tokens or the model's own length where that is shorter."""
     try:
+        import gguf
         import llama_cpp
     except ImportError:
         raise DistillError("running a GGUF needs llama-cpp-python: pip install 'wrinklefree-distillation[llama]'") from None
     try:
+        fields = gguf.GGUFReader(path).fields
+        arch = fields["general.architecture"].contents()
+        n_ctx = min(n_ctx, int(fields[f"{arch}.context_length"].contents()))
         return llama_cpp.Llama(str(path), n_ctx=n_ctx, logits_all=logits_all, verbose=False)
-    except ValueError as exc:
+    except (ValueError, KeyError) as exc:
         raise DistillError(f"llama.cpp cannot load '{path}': {exc}") from None
 
 
