@@ -99,3 +99,24 @@ def test_a_bad_student_folder_is_one_clear_error(tmp_path):
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(DistillError, match="not a BitNet student"):
         load_student(folder)
+
+
+def test_the_default_students_load_in_plain_transformers_with_the_projects_logits(tmp_path, smollm2_dir):
+    """The default job's student (SmolLM2's first 8 layers, paper SubLN) and an allnorm one, on real text."""
+    from distillation.models import load_causal_lm, load_tokenizer
+
+    set_compile(False)
+    tokenizer = load_tokenizer(smollm2_dir)
+    ids = torch.tensor([tokenizer("To be, or not to be, that is the question: whether 'tis nobler in the mind")
+                        ["input_ids"]])
+    folders, expected = [], []
+    for subln in ("paper", "allnorm"):
+        model = convert_to_bitnet(load_causal_lm(smollm2_dir, "float32"), subln, num_layers=8).eval()
+        folders.append(save_student(model, tmp_path / subln, tokenizer=tokenizer))
+        with torch.no_grad():
+            expected.append(model(input_ids=ids).logits)
+        del model
+    plain = plain_transformers(folders, ids, tmp_path)
+    for folder, want, cls in zip(folders, expected, ("BitNetForCausalLM", "LlamaForCausalLM")):
+        assert plain[str(folder)]["class"] == cls
+        torch.testing.assert_close(plain[str(folder)]["logits"], want, rtol=0, atol=0)
