@@ -3,15 +3,17 @@
     python -m bench inference [--parts packed llama quality] [--student DIR] [--reps 5]
 
 - **packed**: the PyTorch runtime. The packed student (`load_student` of a packed export: 2-bit codes
-  and the CPU kernel) against the same student as dense ternary matrices in fp32 and bf16 (the packed
-  folder loaded by plain transformers: offline AutoBitLinear), and the teacher in fp32 and bf16.
+  and the CPU kernel; its embedding, which is also the output head, in fp32 or bf16) against the same
+  student as dense ternary matrices in fp32 and bf16 (the packed folder loaded by plain transformers:
+  offline AutoBitLinear), and the teacher in fp32 and bf16.
 - **llama**: llama.cpp (llama-cpp-python) on the student's GGUF with ternary weights (TQ2_0, TQ1_0)
   against an F16 GGUF of the same student, for SmolLM2-shaped students (576-wide rows: only
   down_proj takes a ternary type, the rest Q8_0) and for a student whose rows are all multiples of 256.
 - **quality**: bits/byte of each format against `load_student`'s on held-out documents of each
   default source and on English no run trains on (bench/unseen.py).
 
-Each speed arm runs in a fresh process (2 threads): RSS after loading and after the runs (VmHWM),
+Each speed arm runs in a fresh process (2 threads): resident memory once the runs have read every
+weight (and how much of it came with the model, above the imported libraries), its peak (VmHWM),
 BitLinear weight bytes in memory, prefill tokens/s (one sequence of --prompt tokens) and greedy decode
 tokens/s (KV cache, batch 1, --new tokens), median and [min, max] over --reps. Speed does not depend
 on what the weights learned, so students are converted from SmolLM2 unless --student names one.
@@ -40,15 +42,15 @@ def _torch_arm(kind: str, path: str, prompt: int, new: int, reps: int) -> dict:
 
     torch.set_num_threads(2)
     set_compile(False)
-    if kind == "packed":
-        model = load_student(path)
+    rss_before = _rss_mb()  # torch and transformers imported, no model yet
+    if kind.startswith("packed"):
+        model = load_student(path, dtype=torch.bfloat16 if kind.endswith("bf16") else None)
     else:
         from transformers import AutoModelForCausalLM
 
         dtype = torch.bfloat16 if kind.endswith("bf16") else torch.float32
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     model.eval()
-    rss_load = _rss_mb()
     ids = torch.randint(100, 20000, (1, prompt), generator=torch.Generator().manual_seed(0))
     prefill, decode = [], []
     with torch.inference_mode():
@@ -64,9 +66,11 @@ def _torch_arm(kind: str, path: str, prompt: int, new: int, reps: int) -> dict:
             if rep:
                 prefill.append(prompt / (t1 - t0))
                 decode.append(new / (t2 - t1))
-    sizes = linear_weight_bytes(model)["stored"] if kind == "packed" else _dense_linear_bytes(model)
-    return {"rss_load_mb": rss_load, "peak_rss_mb": peak_rss_mb(), "linear_mb": sizes / 2**20,
-            "prefill": prefill, "decode": decode}
+    sizes = linear_weight_bytes(model)["stored"] if kind.startswith("packed") else _dense_linear_bytes(model)
+    held = sum(t.nbytes for t in {id(t): t for t in [*model.parameters(), *model.buffers()]}.values())
+    # after the runs every weight has been read: file-backed (mmapped) weights count only once touched
+    return {"rss_mb": _rss_mb(), "rss_base_mb": rss_before, "peak_rss_mb": peak_rss_mb(),
+            "linear_mb": sizes / 2**20, "tensors_mb": held / 2**20, "prefill": prefill, "decode": decode}
 
 
 def _dense_linear_bytes(model) -> int:
@@ -81,8 +85,8 @@ def _llama_arm(path: str, prompt: int, new: int, reps: int) -> dict:
 
     from distillation.cluster import peak_rss_mb
 
+    rss_before = _rss_mb()
     llm = Llama(path, n_ctx=prompt + new + 8, n_threads=2, n_batch=prompt, verbose=False)
-    rss_load = _rss_mb()
     ids = np.random.default_rng(0).integers(100, 20000, prompt).tolist()
     prefill, decode = [], []
     for rep in range(reps + 1):
@@ -98,14 +102,25 @@ def _llama_arm(path: str, prompt: int, new: int, reps: int) -> dict:
         if rep:
             prefill.append(prompt / (t1 - t0))
             decode.append(new / (t2 - t1))
+    rss_after = _rss_mb()
     llm.close()
-    return {"rss_load_mb": rss_load, "peak_rss_mb": peak_rss_mb(), "file_mb": Path(path).stat().st_size / 2**20,
-            "prefill": prefill, "decode": decode}
+    return {"rss_mb": rss_after, "rss_base_mb": rss_before, "peak_rss_mb": peak_rss_mb(),
+            "file_mb": Path(path).stat().st_size / 2**20, "prefill": prefill, "decode": decode}
 
 
 def _rss_mb() -> float:
+    """Resident memory now, after handing freed heap back to the system (glibc keeps it otherwise, and
+    loading leaves transient buffers that would count against whichever arm allocated more of them)."""
+    import ctypes
+    import gc
+
     import psutil
 
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     return psutil.Process().memory_info().rss / 2**20
 
 
@@ -155,30 +170,33 @@ def part_packed(root: Path, args, log) -> tuple:
     from distillation.models import resolve_model
     from distillation.student.export import export_student
 
-    rows, lines = [], ["| model | runtime | BitLinear weights MiB | RSS after load MiB | peak RSS MiB | "
-                       "prefill tok/s | greedy decode tok/s |", "|---|---|---|---|---|---|---|"]
+    rows, lines = [], ["| model | runtime | BitLinear weights MiB | all tensors MiB | RSS MiB (above imports) | "
+                       "peak RSS MiB | prefill tok/s | greedy decode tok/s |", "|---|---|---|---|---|---|---|---|"]
     teacher = resolve_model(SMOL, DataConfig().cache_dir)
     for layers in args.layers:
-        student = Path(args.student) if args.student and layers == args.layers[0] else _smol_student(root, layers)
+        # the trained student where one is given (same shape as the converted 8-layer one)
+        student = Path(args.student) if args.student and layers == 8 else _smol_student(root, layers)
         packed = root / f"{student.name}-packed"
         export_student(student, packed, "packed")
-        for label, kind, path in [("packed (2-bit, kernel)", "packed", packed), ("dense fp32", "dense-fp32", packed),
-                                  ("dense bf16", "dense-bf16", packed)]:
+        for label, kind, path in [("packed 2-bit, fp32 embedding", "packed", packed),
+                                  ("packed 2-bit, bf16 embedding", "packed-bf16", packed),
+                                  ("dense fp32", "dense-fp32", packed), ("dense bf16", "dense-bf16", packed)]:
             log(f"packed part: {student.name} {label}")
             rows.append({"model": student.name, "runtime": label, **_measure(kind, path, args)})
     for label, kind in [("teacher fp32", "teacher-fp32"), ("teacher bf16", "teacher-bf16")]:
         log(f"packed part: {label}")
         rows.append({"model": "SmolLM2-135M (30 layers)", "runtime": label, **_measure(kind, teacher, args)})
     for r in rows:
-        lines.append(f"| {r['model']} | {r['runtime']} | {r['linear_mb']:.1f} | {r['rss_load_mb']:.0f} | "
-                     f"{r['peak_rss_mb']:.0f} | {_stat(r['prefill'])} | {_stat(r['decode'])} |")
+        lines.append(f"| {r['model']} | {r['runtime']} | {r['linear_mb']:.1f} | {r['tensors_mb']:.1f} | "
+                     f"{r['rss_mb']:.0f} ({r['rss_mb'] - r['rss_base_mb']:+.0f}) | {r['peak_rss_mb']:.0f} | {_stat(r['prefill'])} | "
+                     f"{_stat(r['decode'])} |")
     return rows, "\n".join(lines)
 
 
 def part_llama(root: Path, args, log) -> tuple:
     from distillation.student.export import export_student
 
-    rows, lines = [], ["| model | GGUF weights | tensors by type | file MiB | RSS after load MiB | peak RSS MiB | "
+    rows, lines = [], ["| model | GGUF weights | tensors by type | file MiB | RSS MiB (above imports) | peak RSS MiB | "
                        "prefill tok/s | greedy decode tok/s |", "|---|---|---|---|---|---|---|---|"]
     students = [_smol_student(root, layers) for layers in args.layers] + [_wide_student(root)]
     for student in students:
@@ -189,7 +207,8 @@ def part_llama(root: Path, args, log) -> tuple:
             rows.append({"model": student.name, "gguf": kind, "types": types, **_measure("gguf", out, args)})
     for r in rows:
         types = ", ".join(f"{k} {v}" for k, v in sorted(r["types"].items()))
-        lines.append(f"| {r['model']} | {r['gguf']} | {types} | {r['file_mb']:.1f} | {r['rss_load_mb']:.0f} | "
+        lines.append(f"| {r['model']} | {r['gguf']} | {types} | {r['file_mb']:.1f} | "
+                     f"{r['rss_mb']:.0f} ({r['rss_mb'] - r['rss_base_mb']:+.0f}) | "
                      f"{r['peak_rss_mb']:.0f} | {_stat(r['prefill'])} | {_stat(r['decode'])} |")
     return rows, "\n".join(lines)
 
@@ -268,6 +287,7 @@ def part_quality(root: Path, args, log) -> tuple:
         log(f"quality part: gguf {kind}")
         rows.append({"format": f"GGUF {kind.upper()}, llama.cpp",
                      **{name: _gguf_score(exports[kind], tokenizer, text, args.seq_len) for name, text in texts.items()}})
+    greedy = _greedy_agreement(student, exports["tq2_0"], tokenizer, args.new)
     names = list(texts)
     lines = ["| format | " + " | ".join(names) + " | mean | vs reference |", "|---|" + "---|" * (len(names) + 2)]
     reference = statistics.mean(rows[0][n] for n in names)
@@ -275,7 +295,40 @@ def part_quality(root: Path, args, log) -> tuple:
         mean = statistics.mean(r[n] for n in names)
         lines.append(f"| {r['format']} | " + " | ".join(f"{r[n]:.4f}" for n in names) +
                      f" | {mean:.4f} | {mean - reference:+.4f} |")
-    return {"student": str(student), "rows": rows}, "\n".join(lines)
+    lines += ["", f"Greedy decoding, {args.new} tokens: the student in PyTorch (`load_student`) against its TQ2_0 GGUF in "
+              "llama.cpp; where they part, the PyTorch student's margin between the two tokens (logits).", "",
+              "| prompt | PyTorch | llama.cpp | first divergence | margin there |", "|---|---|---|---|---|"]
+    for g in greedy:
+        first = "-" if g["first"] is None else g["first"]
+        margin = "-" if g["margin"] is None else f"{g['margin']:.3f}"
+        lines.append(f"| {g['prompt']!r} | {g['torch']!r} | {g['llama']!r} | {first} | {margin} |")
+    return {"student": str(student), "rows": rows, "greedy": greedy}, "\n".join(lines)
+
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "To be, or not to be, that is",
+           "In 1815, at 12:30, the 3 ships", "Once upon a time, in a small village,"]
+
+
+def _greedy_agreement(student: Path, gguf_file: Path, tokenizer, new: int) -> list:
+    import torch
+
+    from distillation.student import load_student
+    from distillation.student.generate import greedy_gguf, greedy_torch, open_gguf
+
+    model, llm, out = load_student(student).eval(), open_gguf(gguf_file), []
+    for prompt in PROMPTS:
+        ids = tokenizer(prompt)["input_ids"]
+        ours, theirs = greedy_torch(model, ids, new), greedy_gguf(llm, ids, new, stop_at_eos=False)
+        first = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
+        margin = None
+        if first is not None:
+            with torch.inference_mode():
+                logits = model(input_ids=torch.tensor([ids + ours[:first]])).logits[0, -1]
+            margin = float(logits[ours[first]] - logits[theirs[first]])
+        out.append({"prompt": prompt, "torch": tokenizer.decode(ours), "llama": tokenizer.decode(theirs),
+                    "first": first, "margin": margin})
+    llm.close()
+    return out
 
 
 def main(argv=None) -> dict:
