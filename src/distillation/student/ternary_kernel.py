@@ -7,8 +7,8 @@ kernel keeps 2 bits per weight in memory and multiplies int8 activations by them
 (or AVX2, or plain C), threaded with OpenMP (torch's own runtime, which torch has already loaded).
 
 It is compiled once per machine with the system C compiler (`CC`, else `cc`) into the cache folder,
-keyed by the source and the CPU's flags. Without a compiler, `ternary_linear` falls back to torch,
-unpacking one block of rows at a time (slower, never a whole layer).
+keyed by the source and the CPU's flags. Without a compiler (or for tensors on a GPU),
+`ternary_linear` uses torch's ops, unpacking one block of rows at a time (slower, never a whole layer).
 """
 
 import ctypes
@@ -118,7 +118,7 @@ def ternary_linear(x: torch.Tensor, codes: torch.Tensor, in_features: int, weigh
     shape, dtype = x.shape, x.dtype
     x2 = x.reshape(-1, in_features).to(torch.float32).contiguous()
     n = codes.shape[0]
-    lib = kernel()
+    lib = kernel() if x2.device.type == "cpu" else None  # the kernel is for CPUs; elsewhere torch's ops
     path = torch_path if lib is None else partial(kernel_path, lib)
     y = path(x2, codes, in_features, weight_scale, bias)
     return y.to(dtype).reshape(*shape[:-1], n)
@@ -141,7 +141,7 @@ def kernel_path(lib: ctypes.CDLL, x2: torch.Tensor, codes: torch.Tensor, k: int,
 
 def torch_path(x2: torch.Tensor, codes: torch.Tensor, k: int, weight_scale: float, bias) -> torch.Tensor:
     q, scale = act_quant_reference(x2)
-    y = torch.empty(x2.shape[0], codes.shape[0], dtype=torch.float32)
+    y = torch.empty(x2.shape[0], codes.shape[0], dtype=torch.float32, device=x2.device)
     for start in range(0, codes.shape[0], FALLBACK_ROWS):  # one block of rows dense at a time
         w = unpack_codes(codes[start:start + FALLBACK_ROWS], k).to(torch.float32)
         y[:, start:start + w.shape[0]] = (q @ w.T) / scale * weight_scale
