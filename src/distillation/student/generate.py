@@ -77,9 +77,11 @@ def greedy_torch(model, prompt_ids: List[int], max_new_tokens: int) -> List[int]
     return out
 
 
-def _prompt_text(tokenizer, prompt: str, raw: bool) -> str:
+def _chat_text(tokenizer, prompt: str, raw: bool):
+    """The prompt as one user turn of the tokenizer's chat template (which brings its own special
+    tokens), or None for a raw prompt (tokenized with the tokenizer's usual special tokens)."""
     if raw or not getattr(tokenizer, "chat_template", None):
-        return prompt
+        return None
     return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
 
 
@@ -101,7 +103,8 @@ def generate(student: str, prompt: str, opts: GenerateOptions = GenerateOptions(
     set_compile(False)
     tokenizer = load_tokenizer(path)
     model = load_student(path).eval()
-    ids = tokenizer(_prompt_text(tokenizer, prompt, opts.raw), return_tensors="pt", add_special_tokens=False)
+    chat = _chat_text(tokenizer, prompt, opts.raw)
+    ids = tokenizer(chat or prompt, return_tensors="pt", add_special_tokens=chat is None)
     torch.manual_seed(opts.seed)
     extra = {"temperature": opts.temperature, "top_p": opts.top_p} if opts.sample else {}
     with torch.inference_mode():
@@ -114,12 +117,9 @@ def _generate_gguf(path: Path, prompt: str, opts: GenerateOptions) -> str:
     llm = open_gguf(path)
     try:
         template = None if opts.raw else llm.metadata.get("tokenizer.chat_template")
-        if template:
-            text = _render_gguf_chat(template, prompt, llm)
-        else:
-            text = prompt
-        ids = llm.tokenize(text.encode("utf-8"), add_bos=llm.metadata.get("tokenizer.ggml.add_bos_token") == "true",
-                           special=True)
+        text = _render_gguf_chat(template, prompt, llm) if template else prompt
+        add_bos = not template and llm.metadata.get("tokenizer.ggml.add_bos_token") == "true"
+        ids = llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
         if opts.sample:
             out = llm.create_completion(ids, max_tokens=opts.max_new_tokens, temperature=opts.temperature,
                                         top_p=opts.top_p, seed=opts.seed)
