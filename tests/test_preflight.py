@@ -1,7 +1,8 @@
-"""Checks before a run starts: the run folder, teacher settings."""
+"""Checks before a run starts: the run folder, its storage, teacher settings."""
 
 import pytest
 
+from conftest import tiny_overrides
 from distillation.config import load_config
 from distillation.errors import DistillError
 
@@ -13,6 +14,18 @@ def test_an_output_folder_that_cannot_be_created_is_a_clear_error():
         run_folder(load_config(["run.output_dir=/proc/distill-out", "run.name=x"]))
     with pytest.raises(DistillError, match="holds no run"):
         run_folder(load_config(["run.output_dir=/proc/distill-out", "run.name=x", "run.resume=true"]))
+
+
+@pytest.mark.parametrize("storage", ["/proc/distill-runs", "file:///proc/sys/distill"])
+def test_an_unwritable_storage_path_stops_the_run_before_anything_is_written(storage, tiny_teacher, tmp_path, capsys):
+    from distillation import cli
+
+    args = tiny_overrides(tiny_teacher, tmp_path) + [f"run.storage_path={storage}"]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot create the run's storage (run.storage_path={storage}): /proc")
+    assert len(err.splitlines()) == 1 and "is not writable" in err
+    assert list(tmp_path.iterdir()) == []  # no run folder, no config.yaml
 
 
 def test_a_vllm_engine_sharded_over_more_gpus_than_its_replica_books_is_refused():

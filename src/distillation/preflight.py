@@ -16,7 +16,7 @@ from distillation.data.corpus import open_sources
 from distillation.data.sources import SourceSpec
 from distillation.errors import DistillError
 from distillation.losses import QKV
-from distillation.storage import check_writable, exists, join, read_text, run_storage, train_location
+from distillation.storage import check_storage, check_writable, exists, join, read_text, run_storage, train_location
 from distillation.teachers.resolve import ResolvedTeacher, check_cache, resolve_teacher
 from distillation.training.plan import needs_teacher
 
@@ -51,6 +51,8 @@ def preflight(cfg: DictConfig) -> Preflight:
         check_cache(cfg, teacher)
     check_shapes(cfg, teacher)
     check_exports(cfg, teacher)
+    if cfg.run.storage_path:
+        check_storage(cfg.run.storage_path)
     run_dir = run_folder(cfg)
     resumed, checkpoint = (latest_checkpoint(train_location(cfg, run_dir)) if cfg.run.resume else (None, None))
     if cfg.run.resume and resumed is None:

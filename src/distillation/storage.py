@@ -66,6 +66,28 @@ def _filesystem(location: str):
         raise DistillError(f"cannot open storage '{location}' (run.storage_path): {str(exc).splitlines()[0]}") from None
 
 
+def check_storage(storage_path: str) -> None:
+    """`run.storage_path` can hold a run: a local folder (or file:// URI) whose nearest existing
+    ancestor takes a new entry, or a remote URI that takes a small file; tried for real and undone,
+    before the run starts (creating nothing that stays)."""
+    import uuid
+
+    location = _normalised(storage_path)
+    what = f"the run's storage (run.storage_path={storage_path})"
+    if "://" not in location or location.startswith("file://"):
+        folder = Path(location[len("file://"):] if location.startswith("file://") else location).expanduser()
+        check_writable(next(p for p in [folder, *folder.parents] if p.exists()), what)
+        return
+    fs, path = _filesystem(location)
+    probe = f"{path.rstrip('/')}/.distill-probe-{uuid.uuid4().hex[:12]}"
+    try:
+        with fs.open_output_stream(probe) as stream:
+            stream.write(b"")
+        fs.delete_file(probe)
+    except Exception as exc:  # pyarrow's error types differ per filesystem
+        raise DistillError(f"cannot create {what}: {str(exc).splitlines()[0]}") from None
+
+
 def exists(location: str) -> bool:
     import pyarrow.fs as pafs
 
