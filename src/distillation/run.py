@@ -110,8 +110,11 @@ def prepare(cfg: DictConfig, pre: Preflight) -> Prepared:
     if teacher_eval and not math.isfinite(teacher_eval["loss"]):
         raise DistillError(f"teacher {cfg.teacher.model} scores a non-finite held-out loss "
                            f"({teacher_eval['loss']}): its weights or outputs hold NaN/inf; nothing was trained")
-    say(f"held-out loss before training: student {student_before['loss']:.3f}"
-        + (f", teacher {teacher_eval['loss']:.3f}" if teacher_eval else ""))
+    if not student_before["tokens"]:
+        say(f"held-out loss before training: none, {NO_HELDOUT}")
+    else:
+        say(f"held-out loss before training: student {student_before['loss']:.3f}"
+            + (f", teacher {teacher_eval['loss']:.3f}" if teacher_eval else ""))
     _make_run_folder(cfg, pre.run_dir)
     return Prepared(corpus, student_before, teacher_eval)
 
@@ -401,6 +404,16 @@ def _export_student(checkpoint_dir: Path, out: Path, tokenizer_dir: Path) -> Pat
     return out
 
 
+NO_HELDOUT = "no held-out rows (the sources gave none at data.heldout_fraction: add text or raise it)"
+
+
+def _scored(result: dict) -> str:
+    """'nats/token  bits/byte' of a held-out score, or why there is none (never zeros that read as losses)."""
+    if not result["tokens"]:
+        return f"n/a, {NO_HELDOUT}"
+    return f"{result['loss']:.3f}  {result['bits_per_byte']:.3f}"
+
+
 def print_summary(s: dict) -> None:
     h = s["heldout"]
     first, last = s["first"], s["last"]
@@ -412,10 +425,9 @@ def print_summary(s: dict) -> None:
         *(f"  {k:<20} {first.get(k, 0):10.4f} -> {last.get(k, 0):10.4f}"
           for k in ("loss", *(key for key, _ in WEIGHTED_TERMS))),
         "held-out next-token loss (nats/token, bits/byte):",
-        f"  student before  {h['student_before']['loss']:.3f}  {h['student_before']['bits_per_byte']:.3f}",
-        f"  student after   {h['student_after']['loss']:.3f}  {h['student_after']['bits_per_byte']:.3f}",
-        (f"  teacher         {h['teacher']['loss']:.3f}  {h['teacher']['bits_per_byte']:.3f}" if h["teacher"]
-         else "  teacher         (cached teacher: not loaded)"),
+        f"  student before  {_scored(h['student_before'])}",
+        f"  student after   {_scored(h['student_after'])}",
+        f"  teacher         {_scored(h['teacher']) if h['teacher'] else '(cached teacher: not loaded)'}",
         "mixture weights (start -> end): " + ", ".join(
             f"{a:.2f} -> {b:.2f}" for a, b in zip(s["mixture"][0]["weights"], s["mixture"][-1]["weights"])),
         *(f"warning: {w}" for w in s["warnings"]),
