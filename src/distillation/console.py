@@ -21,9 +21,13 @@ RAY_LOGGERS = ("ray", "ray.data", "ray.serve", "ray.train", "ray.tune")
 # 24491] core_worker.cc:..."), its Python loggers ("2026-12-01 22:42:46,795	WARNING x.py:85 -- ..."), and
 # the log monitor's "(RayTrainWorker pid=...)" lines.
 # Its core's E and F lines are shown, except one it prints for every Ray Data actor pool (ray#53727).
+# The log monitor's lines ("(raylet) WARNING: N PYTHON worker processes ...") can arrive glued to a
+# progress bar's partial line: RAY_GLUED finds where one starts inside a line.
+MONITOR = rb"\x1b\[\d+m\(\w+ pid=|\(\w+ pid=\d+|(\x1b\[\d+m)?\(raylet\)"  # the log monitor's prefixes
+RAY_GLUED = re.compile(MONITOR)
 RAY_LINE = re.compile(rb"^(\[\d{4}-\d\d-\d\d [\d:,.]+ ([DIW] \d+ \d+\]|E \d+ \d+\] core_worker\.cc:\d+: Actor with class "
                       rb"name: .* has constructor arguments in the object store)"
-                      rb"|\d{4}-\d\d-\d\d [\d:,.]+\s+(DEBUG|INFO|WARNING)\s|\x1b\[\d+m\(\w+ pid=|\(\w+ pid=\d+)")
+                      rb"|\d{4}-\d\d-\d\d [\d:,.]+\s+(DEBUG|INFO|WARNING)\s|" + MONITOR + rb")")
 
 
 def say(message: str) -> None:
@@ -91,6 +95,10 @@ class RayLinesToFile:
                     pending += chunk
                     *lines, pending = pending.split(b"\n")
                     for line in lines:
+                        glued = RAY_GLUED.search(line, 1)
+                        if glued and not RAY_LINE.match(line):  # a Ray line after a progress bar's partial line
+                            self._show(line[:glued.start()])
+                            line = line[glued.start():]
                         (self._keep if RAY_LINE.match(line) else self._show)(line + b"\n")
                     if pending and not RAY_LINE.match(pending) and not pending.startswith((b"[", b"20")):
                         self._show(pending)
@@ -136,7 +144,10 @@ class RayLinesToFile:
         with self.lock:
             self.log.close()
         if self.path.parent == Path(tempfile.gettempdir()):
-            if exc and exc[0] is not None and self.path.stat().st_size:  # a failure before any run folder
+            from distillation.errors import DistillError
+
+            failed = exc and exc[0] is not None and not issubclass(exc[0], DistillError)  # a refusal is its one line
+            if failed and self.path.stat().st_size:  # an unexpected failure before any run folder
                 os.write(2, f"[distill] Ray's messages from this process are in {self.path}\n".encode())
             else:
                 self.path.unlink(missing_ok=True)
