@@ -44,6 +44,7 @@ from distillation.training.metrics import (
     MetricsBoard,
     append_jsonl,
     dominance_warning,
+    drop_rows_after,
     plot_losses,
     plot_mixture,
     read_jsonl,
@@ -115,11 +116,11 @@ def prepare(cfg: DictConfig, pre: Preflight) -> Prepared:
     else:
         say(f"held-out loss before training: student {student_before['loss']:.3f}"
             + (f", teacher {teacher_eval['loss']:.3f}" if teacher_eval else ""))
-    _make_run_folder(cfg, pre.run_dir)
+    _make_run_folder(cfg, pre.run_dir, pre.resumed["step"] if pre.resumed else None)
     return Prepared(corpus, student_before, teacher_eval)
 
 
-def _make_run_folder(cfg: DictConfig, run_dir: Path) -> None:
+def _make_run_folder(cfg: DictConfig, run_dir: Path, resumed_step: Optional[int]) -> None:
     try:
         run_dir.mkdir(parents=True, exist_ok=cfg.run.resume)
     except OSError as exc:
@@ -132,6 +133,8 @@ def _make_run_folder(cfg: DictConfig, run_dir: Path) -> None:
             earlier = read_text(join(shared, name)) if cfg.run.resume and not (run_dir / name).exists() else None
             if earlier:
                 (run_dir / name).write_text(earlier)
+    for name in ("metrics.jsonl", "ledger.jsonl") if resumed_step is not None else ():
+        drop_rows_after(run_dir / name, resumed_step)  # a killed attempt's steps past the checkpoint are redone
     logs = session_log_dir()
     link = run_dir / "ray_logs"
     if link.is_symlink():  # a resumed run: this session's logs, not the last one's
@@ -187,7 +190,7 @@ def train(cfg: DictConfig, pre: Preflight, prep: Prepared):
                           vocab_size=pre.teacher.vocab_size,
                           probe=(corpus.probe.rows, corpus.probe.lengths),
                           eval={n: (p.rows, p.lengths) for n, p in corpus.heldout_by_source.items() if len(p.rows)})
-        result = _fit(cfg, run_dir, plan, pre.resumed["step"] if pre.resumed else 0, interrupts)
+        result = _fit(cfg, run_dir, plan, pre.resumed["step"] if pre.resumed else 0, interrupts, mixture)
         mixture_history = ray.get(mixture.history.remote())
         prep.mixture_stats = ray.get(mixture.retained.remote())
         if handle is not None:
@@ -202,8 +205,9 @@ def train(cfg: DictConfig, pre: Preflight, prep: Prepared):
     return result, mixture_history, teacher_stats
 
 
-def _fit(cfg: DictConfig, run_dir: Path, plan: WorkerPlan, start_step: int, interrupts: "_Interrupts"):
-    """Ray Train's fit in a thread while this one follows the metrics, the ledger and Ctrl-C."""
+def _fit(cfg: DictConfig, run_dir: Path, plan: WorkerPlan, start_step: int, interrupts: "_Interrupts", mixture):
+    """Ray Train's fit in a thread while this one follows the metrics, the ledger, Ctrl-C and the
+    mixture's reads (a bad record stops the run)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -233,7 +237,7 @@ def _fit(cfg: DictConfig, run_dir: Path, plan: WorkerPlan, start_step: int, inte
         try:
             thread.start()
             rows = _follow(board, thread, start_step, t.max_steps, run_dir, cfg.run.progress, cfg.run.stall_timeout_s,
-                           interrupts)
+                           interrupts, mixture, train_location(cfg, run_dir))
         finally:
             ray.kill(board)  # named, so it would outlive this run in a driver that goes on (tests, notebooks)
     if "error" in outcome:
@@ -244,6 +248,13 @@ def _fit(cfg: DictConfig, run_dir: Path, plan: WorkerPlan, start_step: int, inte
                           f"continue with: distill run.name={run_dir.name} run.output_dir={run_dir.parent} "
                           f"run.resume=true (and the same settings)")
     return outcome["result"]
+
+
+class BadRecord(DistillError):
+    """A record the training data could not read, met after training started (exit 2). `at_once`:
+    Ray Train's fit is still running (its workers restart and meet the record again)."""
+
+    at_once = True
 
 
 class _Interrupts:
@@ -281,7 +292,7 @@ def _worker_error(exc: Exception) -> Exception:
 
 
 def _follow(board, thread, start_step: int, max_steps: int, run_dir: Path, progress: bool, stall_timeout_s: float,
-            interrupts: _Interrupts):
+            interrupts: _Interrupts, mixture, checkpoints: str):
     """Copy the board's metrics and ledger to files as they grow (a killed driver keeps what it saw);
     a run with no finished step for `stall_timeout_s` is an error, not a silent wait; act on Ctrl-C."""
     from tqdm import tqdm
@@ -324,6 +335,11 @@ def _follow(board, thread, start_step: int, max_steps: int, run_dir: Path, progr
                     warned = True
                     message = f"warning at step {last['step']}: {warning}"
                     bar.write(f"[distill] {message}") if progress else say(message)
+            bad = ray.get(mixture.failure.remote())
+            if bad:  # every worker would meet it again after a restart: stop now, keep the checkpoints
+                raise BadRecord(f"{bad}; training stopped after step {last_step}, the checkpoints written so far (if "
+                                f"any) are kept under {checkpoints}. Fix or remove the record and start a new run (a "
+                                f"resume checks that the files are unchanged)")
             if not alive:
                 break
             thread.join(timeout=1.0)

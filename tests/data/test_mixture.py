@@ -177,3 +177,22 @@ def test_the_mixture_keeps_draws_back_to_the_checkpoint_two_before_the_latest_an
     resumed = Mixture.remote(ray.get(mixture.state_at.remote(300)), specs, recipe, pool)  # a resumed run
     np.testing.assert_array_equal(ray.get(resumed.draw.remote(np.arange(300, 400)))["input_ids"],
                                   ray.get(reference.draw.remote(np.arange(300, 400)))["input_ids"])
+
+
+def test_a_bad_record_met_while_drawing_is_one_line_naming_its_file_and_line(ray_cluster, smollm2_dir, tmp_path):
+    """What the driver polls to stop a run that meets a bad record after training started."""
+    from distillation.data.sources import open_source
+
+    specs, recipe, pool = jsonl_mixture_inputs(tmp_path, smollm2_dir)
+    bad = specs["b"].units[-1].path  # a file the first draws do not need
+    lines = open(bad).read().splitlines()
+    lines[7] = "{broken"
+    open(bad, "w").write("\n".join(lines) + "\n")
+    specs["b"] = open_source("b", "jsonl", str(tmp_path / "b"), "unused")
+    plan = MixturePlan(["a", "b"], [len(specs[n].units) for n in "ab"], weights=[0.5, 0.5], seed=0,
+                       samples_per_step=8, window=2)
+    mixture = Mixture.remote(plan.state(), specs, recipe, pool)
+    assert ray.get(mixture.failure.remote()) is None
+    with pytest.raises(ray.exceptions.RayTaskError, match=f"{bad}:8: not valid JSON"):
+        ray.get(mixture.draw.remote(np.arange(0, 2000)))  # every unit of both sources
+    assert ray.get(mixture.failure.remote()).startswith(f"{bad}:8: not valid JSON")

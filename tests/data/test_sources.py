@@ -111,13 +111,13 @@ def test_a_big_file_is_read_in_line_aligned_byte_ranges_that_together_hold_every
     assert len({d.doc_id for u in spec.units for d in read_unit(spec, u)}) == 400
 
 
-def test_a_bad_line_past_the_first_unit_names_the_file_and_its_byte_offset(tmp_path, monkeypatch):
+def test_a_bad_line_past_the_first_unit_names_the_file_its_line_and_byte_offset(tmp_path, monkeypatch):
     monkeypatch.setattr(sources, "UNIT_BYTES", 100)
     good = json.dumps({"text": "fine text here"})
     (tmp_path / "a.jsonl").write_text("\n".join([good] * 20 + ["{broken"] + [good] * 5) + "\n")
     spec = open_source("mine", "jsonl", str(tmp_path), "unused")  # the first record is fine: it opens
     offset = 20 * (len(good) + 1)
-    with pytest.raises(DistillError, match=f"a.jsonl \\(the line at byte {offset}\\): not valid JSON"):
+    with pytest.raises(DistillError, match=f"a.jsonl:21 \\(byte {offset}\\): not valid JSON"):
         for unit in spec.units:
             read_unit(spec, unit)
 

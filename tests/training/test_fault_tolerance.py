@@ -83,6 +83,9 @@ def test_killed_driver_resumes_from_its_storage_path_with_the_same_ledger(tiny_t
     summary = run(load_config(overrides + ["run.resume=true"]))
     assert summary["resumed_from_step"] in (2, 4) and summary["steps"] == STEPS  # the latest registered one
     _assert_same_run(run_dir, reference)
+    for name in ("ledger.jsonl", "metrics.jsonl"):  # the rows logged past the checkpoint were dropped, not repeated
+        steps = [json.loads(line)["step"] for line in (run_dir / name).read_text().splitlines()]
+        assert steps == list(range(1, STEPS + 1)), (name, steps)
 
 
 def test_killed_training_worker_is_restarted_from_the_checkpoint_with_the_same_ledger(tiny_teacher, reference,

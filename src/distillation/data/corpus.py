@@ -155,6 +155,8 @@ def _sample(spec: SourceSpec, recipe: RowRecipe, wanted: Dict[str, int], readers
             next_unit += 1
         for name, packed in get_or_raise(pending.pop(0)).items():
             got[name].append(packed)
+    for ref in pending:  # reads already started: a bad record in them stops the run here, not in training
+        get_or_raise(ref)
     return {name: concat(parts, recipe.seq_len) for name, parts in got.items()}
 
 

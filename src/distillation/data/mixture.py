@@ -234,6 +234,7 @@ class Mixture:
         self.block_rows: Dict[BlockKey, int] = {}
         self.served = [0, 0]  # real tokens, row positions handed out
         self.units_read = 0
+        self.bad_record: Optional[str] = None  # the first unreadable record met (file and line)
 
     # -- blocks ----------------------------------------------------------------------------
     def _start_reading(self, key: BlockKey) -> None:
@@ -250,6 +251,11 @@ class Mixture:
         refs = self.reading[key]
         try:
             parts = [part["train"] for part in await asyncio.gather(*refs)]
+        except ray.exceptions.RayTaskError as exc:
+            if isinstance(exc.cause, DistillError):  # a bad record: the driver polls `failure` and stops the run
+                self.bad_record = self.bad_record or str(exc.cause)
+                raise DistillError(str(exc.cause)) from None
+            raise
         finally:  # a failed read is tried again by the next call, not remembered
             if self.reading.get(key) is refs:
                 del self.reading[key]
@@ -398,6 +404,10 @@ class Mixture:
 
     def history(self) -> List[dict]:
         return copy.deepcopy(self.plan.history)
+
+    def failure(self) -> Optional[str]:
+        """The first bad record met while reading (file, line and what is wrong), or None."""
+        return self.bad_record
 
     def weights_at(self, step: int) -> np.ndarray:
         return self.plan.weights_at(step)

@@ -127,7 +127,7 @@ def _check_first_record(file: Path, head: bytes, field: str) -> None:
     if number is None:
         raise DistillError(f"jsonl file '{file}' holds no records; remove it or fill it")
     if number < len(lines) - 1 or len(head) < 1 << 16:  # the whole line is in `head`
-        _json_text(lines[number], field, f"{file}:{number + 1}")
+        _json_text(lines[number], field, lambda: f"{file}:{number + 1}")
 
 
 def _parquet_units(path: str, field: str) -> List[Unit]:
@@ -244,15 +244,26 @@ def open_source(name: str, kind: str, path: Optional[str], cache_dir: str, text_
 
 
 # -- reading one unit -------------------------------------------------------------------------------
-def _json_text(line: bytes, field: str, where: str) -> str:
+def _json_text(line: bytes, field: str, where) -> str:
+    """The record's text; `where()` names the line, computed only for an error."""
     try:
         record = json.loads(line)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DistillError(f"{where}: not valid JSON ({getattr(exc, 'msg', exc)})") from None
+        raise DistillError(f"{where()}: not valid JSON ({getattr(exc, 'msg', exc)})") from None
     if not isinstance(record, dict) or not isinstance(record.get(field), str):
         found = sorted(record) if isinstance(record, dict) else type(record).__name__
-        raise DistillError(f"{where}: expected a string field '{field}' (data.sources[].text_field); found {found}")
+        raise DistillError(f"{where()}: expected a string field '{field}' (data.sources[].text_field); found {found}")
     return record[field]
+
+
+def _line_place(path: str, offset: int) -> str:
+    """'path:N (byte B)' for the line that starts at byte `offset`: the newlines before it, counted a
+    block at a time (only on the error path: a unit knows its byte range, not its line numbers)."""
+    count = 0
+    with open(path, "rb") as handle:
+        while handle.tell() < offset:
+            count += handle.read(min(1 << 20, offset - handle.tell())).count(b"\n")
+    return f"{path}:{count + 1} (byte {offset})"
 
 
 def _lines(unit: Unit) -> Iterator[Tuple[int, int, bytes]]:
@@ -275,7 +286,7 @@ def _lines(unit: Unit) -> Iterator[Tuple[int, int, bytes]]:
 def _read_jsonl(unit: Unit, field: str) -> Iterator[tuple]:
     for offset, number, line in _lines(unit):
         if line.strip():
-            where = f"{unit.path}:{number}" if unit.start == 0 else f"{unit.path} (the line at byte {offset})"
+            where = (lambda: f"{unit.path}:{number}") if unit.start == 0 else (lambda: _line_place(unit.path, offset))
             yield f"{unit.file}@{offset}", _json_text(line, field, where)
 
 

@@ -3,6 +3,7 @@ the sample ledger to (the driver's progress bar and files read it), a JSON-lines
 loss-curve PNG next to the checkpoints."""
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -109,6 +110,20 @@ def append_jsonl(path: Path, rows: List[dict]) -> None:
     with open(path, "a") as handle:
         for row in rows:
             handle.write(json.dumps(row) + "\n")
+
+
+def drop_rows_after(path: Path, step: int) -> None:
+    """Keep only the rows of steps <= `step` (a resumed run's checkpoint: what a killed attempt logged
+    after it is redone), streaming the file through a sibling and replacing it atomically."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    staging = path.with_name(f".{path.name}.tmp")
+    with open(path) as source, open(staging, "w") as kept:
+        for line in source:
+            if line.strip() and json.loads(line).get("step", 0) <= step:
+                kept.write(line)
+    os.replace(staging, path)
 
 
 def plot_losses(rows: List[dict], path: Path) -> None:
