@@ -37,6 +37,7 @@ from distillation.storage import join, read_text, run_storage, train_location, t
 from distillation.student import set_compile
 from distillation.student.export import export_run_student
 from distillation.teachers.deployment import deploy_teacher
+from distillation.training.checkpoint import remove_unregistered
 from distillation.training.heldout import checkpoint_student, score_on_worker, starting_student
 from distillation.training.loop import train_loop_per_worker
 from distillation.training.metrics import (
@@ -355,6 +356,7 @@ def finish(cfg: DictConfig, pre: Preflight, prep: Prepared, result, mixture_hist
     run_dir = pre.run_dir
     if result.checkpoint is None:
         raise DistillError("training ended without a checkpoint")
+    remove_unregistered(train_location(cfg, run_dir))  # a killed earlier attempt's half-kept checkpoint
     with result.checkpoint.as_directory() as folder:
         final_dir = _export_student(Path(folder), run_dir / "student", pre.teacher.model_dir)
     exports = export_formats(final_dir, run_dir, cfg.student.export)

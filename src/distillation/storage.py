@@ -95,6 +95,22 @@ def exists(location: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
+def subfolders(location: str) -> list:
+    """Names of the folders directly under `location` (none if it does not exist)."""
+    import pyarrow.fs as pafs
+
+    fs, path = _filesystem(location)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return []
+    return sorted(info.base_name for info in fs.get_file_info(pafs.FileSelector(path))
+                  if info.type == pafs.FileType.Directory)
+
+
+def remove_folder(location: str) -> None:
+    fs, path = _filesystem(location)
+    fs.delete_dir(path)
+
+
 def upload(local_dir: Path, location: str, skip: Tuple[str, ...] = ()) -> None:
     """Copy `local_dir`'s files (not the names in `skip`) under `location`."""
     import pyarrow.fs as pafs

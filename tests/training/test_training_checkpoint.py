@@ -67,3 +67,21 @@ def test_corrupt_or_truncated_checkpoints_are_clear_errors():
     (folder / "train_state.json").write_text(json.dumps({"step": 1}))
     with pytest.raises(DistillError, match="unreadable"):
         load_training_checkpoint(folder)
+
+
+@pytest.mark.parametrize("form", ["folder", "uri"])
+def test_checkpoint_folders_ray_train_never_registered_are_removed_and_only_those(tmp_path, form):
+    from distillation.training.checkpoint import remove_unregistered
+
+    train = tmp_path / "train"
+    for name in ("checkpoint_2026-12-04_10-00-00.1", "checkpoint_2026-12-04_10-00-05.2", "checkpoint_2026-12-04_10-00-09.3",
+                 "other"):
+        (train / name).mkdir(parents=True)
+        (train / name / "file").write_text("x")
+    location = str(train) if form == "folder" else f"file://{train}"
+    assert remove_unregistered(location) == []  # no snapshot yet: nothing is known to be unregistered
+    registered = ["checkpoint_2026-12-04_10-00-00.1", "checkpoint_2026-12-04_10-00-05.2"]
+    (train / "checkpoint_manager_snapshot.json").write_text(json.dumps(
+        {"checkpoint_results": [{"checkpoint_dir_name": n, "metrics": {}} for n in registered]}))
+    assert remove_unregistered(location) == ["checkpoint_2026-12-04_10-00-09.3"]  # written after the driver died
+    assert sorted(p.name for p in train.iterdir() if p.is_dir()) == registered + ["other"]

@@ -15,13 +15,14 @@ so a crash mid-write never replaces the last good checkpoint.
 import json
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 from distillation.errors import DistillError
+from distillation.storage import join, read_text, remove_folder, subfolders
 from distillation.student import load_student, save_student
 
 STATE_FILE = "train_state.json"
@@ -52,6 +53,20 @@ def save_training_checkpoint(model, optimizer_state: dict, scheduler, cfg, state
     (folder / STATE_FILE).write_text(json.dumps(full))
     (folder / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     return folder
+
+
+def remove_unregistered(location: str) -> List[str]:
+    """Remove checkpoint folders under Ray Train's `location` that its snapshot does not list: what a
+    worker went on writing after its driver was killed (Ray Train never registers, keeps or deletes
+    those). Returns their names."""
+    snapshot = read_text(join(location, "checkpoint_manager_snapshot.json"))
+    if snapshot is None:
+        return []
+    registered = {r["checkpoint_dir_name"] for r in json.loads(snapshot).get("checkpoint_results", [])}
+    orphans = [name for name in subfolders(location) if name.startswith("checkpoint_") and name not in registered]
+    for name in orphans:
+        remove_folder(join(location, name))
+    return orphans
 
 
 def read_state(folder: Path) -> dict:
