@@ -1,6 +1,7 @@
 """Full training checkpoints without Ray: they round-trip exactly and refuse corrupt files."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -66,6 +67,9 @@ def test_corrupt_or_truncated_checkpoints_are_clear_errors():
     weights.write_bytes(weights.read_bytes()[:100])
     (folder / "train_state.json").write_text(json.dumps({"step": 1}))
     with pytest.raises(DistillError, match="unreadable"):
+        load_training_checkpoint(folder)
+    shutil.rmtree(folder)  # the storage went away under the run: said as that
+    with pytest.raises(DistillError, match="is gone: its storage location was deleted or unmounted"):
         load_training_checkpoint(folder)
 
 

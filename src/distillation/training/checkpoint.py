@@ -71,6 +71,9 @@ def remove_unregistered(location: str) -> List[str]:
 
 def read_state(folder: Path) -> dict:
     path = Path(folder) / STATE_FILE
+    if not Path(folder).exists():  # not a damaged checkpoint: the place that held it went away
+        raise DistillError(f"checkpoint {folder} is gone: its storage location was deleted or unmounted while the "
+                           f"run used it (run.storage_path, or the run folder's ray/train)")
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
