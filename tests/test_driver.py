@@ -137,8 +137,9 @@ def test_resume_after_the_source_text_changed_is_a_clear_error_that_keeps_the_ch
     before = {p: p.read_bytes() for c in checkpoints for p in c.rglob("*") if p.is_file()}
     edited = (corpus / "part2.txt").read_text().replace("lazy dog", "lazy cat")  # the same rows, other text
     (corpus / "part2.txt").write_text(edited)
-    with pytest.raises(DistillError, match=r"the files of source 'mine' \(fingerprint \w+ -> \w+\) changed since "
-                                           r"the checkpoint \(its files' names, sizes or modification times; .*\); resume with"):
+    with pytest.raises(DistillError, match=rf"the files of source 'mine' \(fingerprint \w+ -> \w+: {corpus / 'part2.txt'}\) "
+                                           r"changed since the checkpoint \(its files' names, sizes or modification times; "
+                                           r".*\); resume with"):
         run(load_config(args + ["run.resume=true", "training.max_steps=4"]))
     assert {p: p.read_bytes() for c in checkpoints for p in c.rglob("*") if p.is_file()} == before
 

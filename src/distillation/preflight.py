@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from distillation.config import to_yaml
 from distillation.data.corpus import open_sources
-from distillation.data.sources import SourceSpec
+from distillation.data.sources import SourceSpec, changed_files
 from distillation.errors import DistillError
 from distillation.losses import QKV
 from distillation.storage import check_storage, check_writable, exists, join, read_text, run_storage, train_location
@@ -64,11 +64,23 @@ def preflight(cfg: DictConfig) -> Preflight:
                            f"({resumed['step']}); a resumed run can only train as long or longer")
     sources = open_sources(cfg)
     if resumed:
-        check_same_data(resumed["data"], sources)
+        check_same_data(resumed["data"], sources, saved_stamps(cfg, run_dir))
     return Preflight(teacher, uses_teacher, run_dir, resumed, checkpoint, sources)
 
 
-def check_same_data(plan_state: dict, sources: Dict[str, SourceSpec]) -> None:
+STAMPS_FILE = "sources.json"  # every unit's file, size and modification time at the run's start
+
+
+def saved_stamps(cfg: DictConfig, run_dir: Path) -> Optional[dict]:
+    """The run's STAMPS_FILE (the local folder's, else the storage copy), or None (a run from before it)."""
+    import json
+
+    local, shared = run_dir / STAMPS_FILE, run_storage(cfg, run_dir)
+    text = local.read_text() if local.is_file() else (read_text(join(shared, STAMPS_FILE)) if shared else None)
+    return json.loads(text) if text else None
+
+
+def check_same_data(plan_state: dict, sources: Dict[str, SourceSpec], stamps: Optional[dict] = None) -> None:
     """A resumed run continues the checkpoint's cursors into each source's units, so the units must be
     the ones it drew from: same sources, same files (names, sizes, modification times)."""
     from distillation.data.mixture import MixturePlan
@@ -82,8 +94,12 @@ def check_same_data(plan_state: dict, sources: Dict[str, SourceSpec]) -> None:
     saved = plan_state["fingerprints"]
     changed = [n for n in names if saved.get(n) != sources[n].fingerprint]
     if changed:
+        def which(n: str) -> str:
+            files = changed_files(stamps[n], sources[n]) if stamps and n in stamps else []
+            return f": {', '.join(files)}" if files else ""
+
         raise DistillError("the files of source " + ", ".join(
-            f"'{n}' (fingerprint {saved.get(n, '')[:12]} -> {sources[n].fingerprint[:12]})" for n in changed)
+            f"'{n}' (fingerprint {saved.get(n, '')[:12]} -> {sources[n].fingerprint[:12]}{which(n)})" for n in changed)
             + " changed since the checkpoint (its files' names, sizes or modification times; for a built-in "
               "source the Python version, for a dataset its content); resume with the same files, or start a new run")
 

@@ -29,10 +29,11 @@ from distillation.cluster import check_placement, init_ray, peak_rss_mb
 from distillation.config import to_yaml
 from distillation.console import RayLinesToFile, say, session_log_dir
 from distillation.data.corpus import Corpus, prepare_corpus
+from distillation.data.sources import unit_stamps
 from distillation.errors import DistillError, get_or_raise
 from distillation.losses import LOSS_COMPONENTS
 from distillation.models import TOKENIZER_FILES, check_output_head, load_causal_lm
-from distillation.preflight import Preflight, preflight
+from distillation.preflight import STAMPS_FILE, Preflight, preflight
 from distillation.storage import join, read_text, run_storage, train_location, train_storage, upload, write_text
 from distillation.student import set_compile
 from distillation.student.export import export_run_student
@@ -117,19 +118,24 @@ def prepare(cfg: DictConfig, pre: Preflight) -> Prepared:
     else:
         say(f"held-out loss before training: student {student_before['loss']:.3f}"
             + (f", teacher {teacher_eval['loss']:.3f}" if teacher_eval else ""))
-    _make_run_folder(cfg, pre.run_dir, pre.resumed["step"] if pre.resumed else None)
+    _make_run_folder(cfg, pre.run_dir, pre.resumed["step"] if pre.resumed else None, pre.sources)
     return Prepared(corpus, student_before, teacher_eval)
 
 
-def _make_run_folder(cfg: DictConfig, run_dir: Path, resumed_step: Optional[int]) -> None:
+def _make_run_folder(cfg: DictConfig, run_dir: Path, resumed_step: Optional[int], sources: dict) -> None:
     try:
         run_dir.mkdir(parents=True, exist_ok=cfg.run.resume)
     except OSError as exc:
         raise DistillError(f"cannot create run folder {run_dir}: {exc.strerror}") from None
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    stamps = None if resumed_step is not None else json.dumps({n: unit_stamps(spec) for n, spec in sources.items()})
+    if stamps:  # what a refused resume names as changed
+        (run_dir / STAMPS_FILE).write_text(stamps)
     shared = run_storage(cfg, run_dir)
     if shared:  # so a driver whose local folder is gone (a finished job's) can still resume the run
         write_text(join(shared, "config.yaml"), to_yaml(cfg))
+        if stamps:
+            write_text(join(shared, STAMPS_FILE), stamps)
         for name in ("metrics.jsonl", "ledger.jsonl"):  # a resumed run whose local folder is new
             earlier = read_text(join(shared, name)) if cfg.run.resume and not (run_dir / name).exists() else None
             if earlier:

@@ -130,3 +130,18 @@ def test_the_fingerprint_changes_with_a_file_and_only_then(tmp_path):
     assert open_source("mine", "text", str(tmp_path), "unused").fingerprint == first
     os.utime(tmp_path / "a.txt", ns=(1, 1))
     assert open_source("mine", "text", str(tmp_path), "unused").fingerprint != first
+
+
+def test_the_files_that_changed_are_named_from_the_stamps_kept_at_the_start(tmp_path):
+    from distillation.data.sources import changed_files, unit_stamps
+
+    for name in ("a", "b", "c"):
+        (tmp_path / f"{name}.txt").write_text(f"text {name}\n" * 20)
+    before = unit_stamps(open_source("mine", "text", str(tmp_path), "unused"))
+    assert changed_files(before, open_source("mine", "text", str(tmp_path), "unused")) == []
+    (tmp_path / "b.txt").write_text("other text\n" * 20)
+    (tmp_path / "d.txt").write_text("new file\n")
+    (tmp_path / "c.txt").unlink()
+    now = open_source("mine", "text", str(tmp_path), "unused")
+    assert changed_files(before, now) == [str(tmp_path / f"{n}.txt") for n in "bcd"]
+    assert changed_files(before, now, most=1) == [str(tmp_path / "b.txt"), "2 more"]

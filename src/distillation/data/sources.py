@@ -24,7 +24,7 @@ import sysconfig
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 from distillation.assets import fetch
 from distillation.errors import DistillError
@@ -206,16 +206,31 @@ def _stdlib_units() -> List[Unit]:
             for g in groups]
 
 
+def _stamp(kind: str, unit: Unit) -> int:
+    return Path(unit.path).stat().st_mtime_ns if kind in ("text", "jsonl", "parquet") else 0
+
+
 def _fingerprint(kind: str, units: List[Unit]) -> str:
     digest = hashlib.sha256(kind.encode())
     if kind in ("python_stdlib", "python_docs"):
         digest.update(sys.version.encode())
     for unit in units:
-        stamp = 0
-        if kind in ("text", "jsonl", "parquet"):
-            stamp = Path(unit.path).stat().st_mtime_ns
-        digest.update(f"{unit.uid}\0{unit.size}\0{stamp}\0".encode())
+        digest.update(f"{unit.uid}\0{unit.size}\0{_stamp(kind, unit)}\0".encode())
     return digest.hexdigest()
+
+
+def unit_stamps(spec: "SourceSpec") -> Dict[str, list]:
+    """{unit id: [file, size, modification time]}: what the fingerprint covers, kept beside a run so
+    that a resume refused for changed files can name them (`changed_files`)."""
+    return {u.uid: [u.path, u.size, _stamp(spec.kind, u)] for u in spec.units}
+
+
+def changed_files(saved: Dict[str, list], spec: "SourceSpec", most: int = 3) -> List[str]:
+    """The files whose units were added, removed or changed since `saved` (unit_stamps of the run's start)."""
+    now = unit_stamps(spec)
+    files = sorted({entry[0] for uid, entry in saved.items() if now.get(uid) != entry}
+                   | {entry[0] for uid, entry in now.items() if uid not in saved})
+    return files[:most] + ([f"{len(files) - most} more"] if len(files) > most else [])
 
 
 def open_source(name: str, kind: str, path: Optional[str], cache_dir: str, text_field: str = "text",
