@@ -67,6 +67,9 @@ def test_ctrl_c_stops_after_the_step_with_a_checkpoint_and_says_how_to_resume(ti
                              capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"steps {stopped + 2}," in resumed.stdout and f"(resumed from step {stopped})" in resumed.stdout
+    terminal = resumed.stdout + resumed.stderr  # Ray's snapshot notice ("... delete the existing folder") stays in the logs
+    assert "delete the existing folder" not in terminal and "PYTHON worker processes" not in terminal, terminal[-3000:]
+    assert not [line for line in terminal.splitlines() if any(n in line for n in RAY_NOISE)], terminal[-3000:]
 
 
 def test_a_second_ctrl_c_stops_at_once(tiny_teacher, tmp_path):
