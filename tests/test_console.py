@@ -1,4 +1,5 @@
-"""What the terminal shows: our lines and progress bar; Ray's lines go to the run's driver.log."""
+"""What the terminal shows: our lines and progress bar; Ray's lines (on stderr or stdout) go to the run's
+driver.log."""
 
 import os
 import time
@@ -19,12 +20,17 @@ def test_a_ray_line_glued_to_the_progress_bar_goes_to_the_log_and_the_bar_stays(
         os.write(2, b"\rdistill:  10%|#         | 3/30 [00:10<01:30]")
         os.write(2, b"\x1b[33m(raylet)\x1b[0m WARNING: 8 PYTHON worker processes have been started on node x\n")
         os.write(2, b"\rdistill:  13%|#         | 4/30\n(MapWorker pid=12) a worker's line\nour own line\n")
+        # what the raylet pushes to the driver, Ray prints to stdout
+        os.write(1, b"[distill] our line\n\x1b[33m(raylet)\x1b[0m WARNING: 6 PYTHON worker processes again\n")
         _wait_for_pump()
-    err = capfd.readouterr().err
+    captured = capfd.readouterr()
+    assert captured.out == "[distill] our line\n"
+    err = captured.err
     assert "raylet" not in err and "PYTHON worker" not in err and "pid=12" not in err
     assert "distill:  10%|#         | 3/30 [00:10<01:30]" in err and "4/30" in err and "our own line\n" in err
     log = (tmp_path / "driver.log").read_text()
     assert "(raylet)\x1b[0m WARNING: 8 PYTHON worker processes" in log and "(MapWorker pid=12)" in log
+    assert "6 PYTHON worker processes again" in log
 
 
 def test_a_refusal_is_its_one_line_without_a_pointer_to_rays_messages(capfd):

@@ -57,10 +57,13 @@ def session_log_dir() -> str:
 
 
 class RayLinesToFile:
-    """Sends the lines Ray writes to this process's stderr (file descriptor 2, where its C++ core worker
-    logs, bypassing Python) to a file, and every other line on to the terminal. A pipe replaces fd 2
-    and a thread sorts what arrives, line by line; partial lines (a progress bar's '\\r' updates) pass
-    at once."""
+    """Sends the lines Ray writes to this process's stderr and stdout to a file, and every other line
+    on to the terminal. Its C++ core worker logs to file descriptor 2, bypassing Python, and the driver
+    prints what the raylet pushes to it ("(raylet) WARNING: ...") to fd 1; a pipe replaces each and a
+    thread per pipe sorts what arrives, line by line; partial lines (a progress bar's '\\r' updates)
+    pass at once."""
+
+    FDS = (2, 1)
 
     def __init__(self, enabled: bool):
         self.enabled = enabled
@@ -72,24 +75,30 @@ class RayLinesToFile:
         handle, name = tempfile.mkstemp(prefix="distill-driver-", suffix=".log")
         self.path, self.log = Path(name), os.fdopen(handle, "wb", buffering=0)
         self.lock = threading.Lock()
-        sys.stderr.flush()
-        self.terminal = os.dup(2)
-        read_end, write_end = os.pipe()
-        os.dup2(write_end, 2)
-        os.close(write_end)
-        self.pump = threading.Thread(target=self._sort, args=(read_end,), daemon=True)
-        self.pump.start()
+        self.terminals, self.pumps = {}, []
+        for fd in self.FDS:
+            (sys.stderr if fd == 2 else sys.stdout).flush()
+            self.terminals[fd] = os.dup(fd)
+            read_end, write_end = os.pipe()
+            os.dup2(write_end, fd)
+            os.close(write_end)
+            pump = threading.Thread(target=self._sort, args=(read_end, self.terminals[fd]), daemon=True)
+            pump.start()
+            self.pumps.append(pump)
         return self
 
-    def _sort(self, read_end: int) -> None:
+    def _sort(self, read_end: int, terminal: int) -> None:
+        def show(data: bytes) -> None:
+            os.write(terminal, data)
+
         pending, sorting = b"", True
         try:
             while True:
                 chunk = os.read(read_end, 65536)
                 if not chunk:
                     break
-                if not sorting:  # after a failure: pass everything on, never let fd 2 fill up and block
-                    self._show(chunk)
+                if not sorting:  # after a failure: pass everything on, never let the pipe fill up and block
+                    show(chunk)
                     continue
                 try:
                     pending += chunk
@@ -97,23 +106,20 @@ class RayLinesToFile:
                     for line in lines:
                         glued = RAY_GLUED.search(line, 1)
                         if glued and not RAY_LINE.match(line):  # a Ray line after a progress bar's partial line
-                            self._show(line[:glued.start()])
+                            show(line[:glued.start()])
                             line = line[glued.start():]
-                        (self._keep if RAY_LINE.match(line) else self._show)(line + b"\n")
-                    if pending and not RAY_LINE.match(pending) and not pending.startswith((b"[", b"20")):
-                        self._show(pending)
+                        (self._keep if RAY_LINE.match(line) else show)(line + b"\n")
+                    if pending and not RAY_LINE.match(pending) and not pending.startswith((b"[", b"20", b"(", b"\x1b")):
+                        show(pending)
                         pending = b""
                 except Exception:  # a full disk under the log file, say
                     sorting = False
-                    self._show(pending)
+                    show(pending)
                     pending = b""
             if pending:
-                self._show(pending)
+                show(pending)
         finally:
             os.close(read_end)
-
-    def _show(self, data: bytes) -> None:
-        os.write(self.terminal, data)
 
     def _keep(self, data: bytes) -> None:
         with self.lock:
@@ -135,12 +141,16 @@ class RayLinesToFile:
     def __exit__(self, *exc):
         if not self.enabled:
             return False
+        sys.stdout.flush()
         sys.stderr.flush()
-        os.dup2(self.terminal, 2)  # closes the pipe's last write end here: the pump sees EOF
-        self.pump.join(timeout=2.0)
-        if self.pump.is_alive():  # a child still holds the pipe: leave the pump its terminal and file
+        for fd, terminal in self.terminals.items():
+            os.dup2(terminal, fd)  # closes the pipe's last write end here: its pump sees EOF
+        for pump in self.pumps:
+            pump.join(timeout=2.0)
+        if any(pump.is_alive() for pump in self.pumps):  # a child still holds a pipe: leave the pumps their terminals and file
             return False
-        os.close(self.terminal)
+        for terminal in self.terminals.values():
+            os.close(terminal)
         with self.lock:
             self.log.close()
         if self.path.parent == Path(tempfile.gettempdir()):

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from distillation.cluster import check_placement, init_ray, peak_rss_mb
 from distillation.config import to_yaml
-from distillation.console import RayLinesToFile, say, session_log_dir
+from distillation.console import RayLinesToFile, quiet_ray, say, session_log_dir
 from distillation.data.corpus import Corpus, prepare_corpus
 from distillation.data.sources import unit_stamps
 from distillation.errors import DistillError, get_or_raise
@@ -79,6 +79,7 @@ def run(cfg: DictConfig, ray_lines: Optional[RayLinesToFile] = None) -> dict:
     """`ray_lines`: the CLI's filter of Ray's terminal output, moved into the run folder once it exists."""
     started = time.time()
     set_compile(cfg.student.compile)
+    quiet_ray(cfg.run.verbose)  # before preflight: reading a resumed run's checkpoints logs Ray Train's notices
     pre = preflight(cfg)
     prep = prepare(cfg, pre)
     if ray_lines is not None:
