@@ -4,6 +4,7 @@ Bad input then costs seconds and leaves nothing behind: the error is one line na
 wrong and what was expected (the CLI exits 2).
 """
 
+import json
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -73,8 +74,6 @@ STAMPS_FILE = "sources.json"  # every unit's file, size and modification time at
 
 def saved_stamps(cfg: DictConfig, run_dir: Path) -> Optional[dict]:
     """The run's STAMPS_FILE (the local folder's, else the storage copy), or None (a run from before it)."""
-    import json
-
     local, shared = run_dir / STAMPS_FILE, run_storage(cfg, run_dir)
     text = local.read_text() if local.is_file() else (read_text(join(shared, STAMPS_FILE)) if shared else None)
     return json.loads(text) if text else None
