@@ -43,7 +43,7 @@ def _ids(rows: int, seed: int) -> np.ndarray:
 
 def write_cache(root: Path, rows: int) -> float:
     """`rows` answers in shards of 256 rows (write-through's flush size); seconds taken."""
-    from distillation.teachers.cache import TeacherCache
+    from distillation.teachers.cache_store import TeacherCache
     from distillation.teachers.schema import TeacherOutput
 
     cache = TeacherCache(str(root), SIGNATURE, create=True, flush_rows=256)
@@ -59,7 +59,7 @@ def write_cache(root: Path, rows: int) -> float:
 def replay(root: str, rows: int, batches: int, memory_mb: float, seed: int) -> dict:
     """In this (fresh) process: open, index, then `batches` lookups of BATCH random rows."""
     from distillation.cluster import peak_rss_mb
-    from distillation.teachers.cache import TeacherCache
+    from distillation.teachers.cache_store import TeacherCache
 
     started = time.time()
     cache = TeacherCache(root, SIGNATURE, create=False, memory_mb=memory_mb)

@@ -44,6 +44,8 @@ def _student_steps(cfg, batches, targets_for, threads: int, device: str) -> list
 
     from distillation.data.packing import next_token_labels
     from distillation.losses import bitdistill_loss
+    from distillation.models import resolve_model
+    from distillation.specs import student_spec
     from distillation.student import build_student, set_compile
     from distillation.training.plan import loss_weights
     from distillation.training.step import targets_from_columns
@@ -51,7 +53,7 @@ def _student_steps(cfg, batches, targets_for, threads: int, device: str) -> list
     torch.set_num_threads(threads)
     set_compile(False)
     torch.manual_seed(0)
-    student = build_student(cfg).to(device)
+    student = build_student(student_spec(cfg, resolve_model(cfg.student.init_from, cfg.data.cache_dir))).to(device)
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.training.lr, betas=(0.9, 0.95))
     weights = loss_weights(cfg.distillation)
     autocast = (lambda: torch.autocast(device, dtype=torch.bfloat16)) if cfg.training.autocast == "bf16" else nullcontext

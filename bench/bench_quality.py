@@ -66,7 +66,7 @@ def miniature(seeds, tokens: int, out: str, log, arms=None) -> dict:
     from distillation.models import load_causal_lm, load_tokenizer
 
     cfg = load_config([f"data.max_tokens_per_source={SETTINGS['max_tokens_per_source']}"])
-    init_ray(cfg)
+    init_ray(cfg.run)
     teacher_dir = build_miniature_teacher(cfg, say)
     teacher_unseen = score_unseen(load_causal_lm(teacher_dir), load_tokenizer(teacher_dir), cfg.data.cache_dir)["mean"]
     unseen = lambda model, tok: score_unseen(model, tok, cfg.data.cache_dir)  # noqa: E731

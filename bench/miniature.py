@@ -57,8 +57,8 @@ def _training_rows(cfg, out: Path, tokenizer):
     """Every training row of the sources' first units (the teacher's budget), cut as a run cuts them."""
     from distillation.data.corpus import open_sources, row_recipe
 
-    recipe = row_recipe(cfg, str(out))
-    parts = [recipe.cut(spec, unit)["train"] for spec in open_sources(cfg).values() for unit in spec.units]
+    recipe = row_recipe(cfg.data, str(out))
+    parts = [recipe.cut(spec, unit)["train"] for spec in open_sources(cfg.data).values() for unit in spec.units]
     return np.concatenate([p.rows for p in parts]), np.concatenate([p.lengths for p in parts])
 
 

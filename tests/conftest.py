@@ -183,7 +183,7 @@ def jsonl_corpus(root: Path, files: int, docs_per_file: int, seed: int = 0) -> P
 def jsonl_mixture_inputs(root: Path, tokenizer_dir: Path, names=("a", "b"), files: int = 6, docs_per_file: int = 40,
                          seq_len: int = 64):
     """(specs, recipe, pool) for a Mixture actor over one JSONL corpus per name (no held-out split)."""
-    from distillation.data.corpus import RowRecipe
+    from distillation.data.rows import RowRecipe
     from distillation.data.sources import open_source
 
     specs = {n: open_source(n, "jsonl", str(jsonl_corpus(root / n, files, docs_per_file, seed=i)), "unused")

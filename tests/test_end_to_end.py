@@ -18,6 +18,12 @@ from distillation.config import load_config
 pytestmark = pytest.mark.slow
 
 
+def _signal(cfg) -> dict:
+    from distillation.teachers.cache_store import signal_settings
+
+    return signal_settings(cfg.teacher, cfg.distillation.temperature, -1, 49152)
+
+
 def test_distill_runs_serve_data_train_and_writes_a_strict_checkpoint(tiny_teacher, ray_cluster, tmp_path):
     from ray import serve
 
@@ -114,19 +120,19 @@ def test_precomputed_cache_replays_the_whole_run_without_a_teacher_model(tiny_te
 
     # The precompute job scored rows in batches on Ray Data actors; a live teacher scoring one row
     # alone draws the same sampled targets for it.
-    from distillation.teachers.cache import TeacherCache, signal_settings, teacher_signature
+    from distillation.teachers.cache_store import TeacherCache, teacher_signature
     from distillation.teachers.hf import HFTeacher
 
     cfg = load_config(overrides)
     assert cfg.teacher.signal == "sampled"
-    cache = TeacherCache(cfg.teacher.cache_dir, teacher_signature(tiny_teacher, signal_settings(cfg, -1, 49152)),
+    cache = TeacherCache(cfg.teacher.cache_dir, teacher_signature(tiny_teacher, _signal(cfg)),
                          create=False)
     live = HFTeacher(tiny_teacher, top_k=cfg.teacher.top_k, temperature=cfg.distillation.temperature, qkv_layer=-1,
                      dtype=cfg.teacher.dtype, signal="sampled", draws=cfg.teacher.draws)
     from distillation.data.corpus import open_sources, row_recipe
 
-    recipe = row_recipe(cfg, str(tiny_teacher))
-    for spec in open_sources(cfg).values():  # the last unit of each source: precompute read them all
+    recipe = row_recipe(cfg.data, str(tiny_teacher))
+    for spec in open_sources(cfg.data).values():  # the last unit of each source: precompute read them all
         rows = recipe.cut(spec, spec.units[-1])["train"].rows
         assert len(rows)
         row = rows[len(rows) // 2]
@@ -142,7 +148,7 @@ def test_packed_rows_are_precomputed_replayed_and_trained_with_their_documents_k
     from distillation.data.corpus import fill_ratio, open_sources, row_recipe
     from distillation.precompute import precompute
     from distillation.run import run
-    from distillation.teachers.cache import TeacherCache, signal_settings, teacher_signature
+    from distillation.teachers.cache_store import TeacherCache, teacher_signature
     from distillation.teachers.hf import HFTeacher
     from distillation.training.metrics import read_jsonl
 
@@ -156,7 +162,7 @@ def test_packed_rows_are_precomputed_replayed_and_trained_with_their_documents_k
     assert summary["last"]["attention"] > 0 and summary["last"]["logits_kl"] != 0
 
     cfg = load_config(overrides)
-    specs, packed_recipe = open_sources(cfg), row_recipe(cfg, str(tiny_teacher))
+    specs, packed_recipe = open_sources(cfg.data), row_recipe(cfg.data, str(tiny_teacher))
     trained_documents, units = 0, set()
     for entry in read_jsonl(Path(summary["ledger"])):
         for _, source, unit, row in entry["samples"]:
@@ -168,7 +174,7 @@ def test_packed_rows_are_precomputed_replayed_and_trained_with_their_documents_k
     unpacked_fill = fill_ratio([one_per_row.cut(specs[n], specs[n].units[u])["train"] for n, u in units])
     assert summary["data"]["fill_ratio"] > max(0.9, unpacked_fill + 0.3), unpacked_fill
 
-    cache = TeacherCache(cfg.teacher.cache_dir, teacher_signature(tiny_teacher, signal_settings(cfg, -1, 49152)),
+    cache = TeacherCache(cfg.teacher.cache_dir, teacher_signature(tiny_teacher, _signal(cfg)),
                          create=False)
     live = HFTeacher(tiny_teacher, top_k=cfg.teacher.top_k, temperature=cfg.distillation.temperature, qkv_layer=-1,
                      dtype=cfg.teacher.dtype, signal=cfg.teacher.signal, draws=cfg.teacher.draws)
@@ -192,7 +198,7 @@ def test_a_corpus_of_300k_documents_streams_lazily_and_held_out_text_never_reach
     cfg = load_config(args + ["run.name=big", "distillation=ce_only", "data.probe_fraction=0.1",
                               f"data.sources=[{{name: big, kind: jsonl, path: {corpus}}}]"])
     summary = run(cfg)
-    spec, recipe = open_sources(cfg)["big"], row_recipe(cfg, str(tiny_teacher))
+    spec, recipe = open_sources(cfg.data)["big"], row_recipe(cfg.data, str(tiny_teacher))
     assert summary["steps"] == 3 and summary["data"]["units"] == {"big": len(spec.units)} and len(spec.units) >= 60
     assert summary["data"]["units_read"] <= 2 * cfg.data.shuffle_units  # the block in use and the next one
     assert 0 < summary["peak_rss_mb"]["mixture"] < 1000 and 0 < summary["peak_rss_mb"]["driver"]

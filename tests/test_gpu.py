@@ -63,8 +63,8 @@ def test_a_student_step_under_bf16_autocast_on_the_gpu(teacher_dir):
 def test_influence_and_evaluation_run_on_the_models_device(teacher_dir):
     from transformers import AutoModelForCausalLM
 
-    from distillation.data.influence import alignment_scores
     from distillation.training.evaluate import heldout_loss
+    from distillation.training.influence import alignment_scores
 
     model = AutoModelForCausalLM.from_pretrained(teacher_dir).cuda()
     ids = _ids()

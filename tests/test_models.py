@@ -72,19 +72,22 @@ def test_the_student_starts_from_the_revision_the_driver_pinned(tmp_path, monkey
     import torch
 
     from distillation.config import load_config
+    from distillation.models import resolve_model
+    from distillation.specs import student_spec
     from distillation.student import build_student
     from distillation.teachers.resolve import student_source
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     driver = _hub_cache(tmp_path / "driver", main=OLD)
     cfg = load_config(["student.init_from=Org/Tiny", "student.num_layers=2", f"data.cache_dir={tmp_path / 'driver'}"])
-    ref, folder = student_source(cfg)
+    ref, folder = student_source(cfg.student, cfg.data.cache_dir)
     assert folder == driver[OLD] and ref.revision == OLD
     _hub_cache(tmp_path / "node", main=NEW, snapshots=(OLD, NEW))
     node_cfg = load_config(["student.init_from=Org/Tiny", "student.num_layers=2", f"data.cache_dir={tmp_path / 'node'}"])
-    pinned = build_student(node_cfg, dataclasses.replace(ref, cache_dir=str(tmp_path / "node")))
-    unpinned = build_student(node_cfg)  # main on that node: the newer commit, other weights
-    expected = build_student(cfg)
+    pinned = build_student(student_spec(node_cfg, dataclasses.replace(ref, cache_dir=str(tmp_path / "node"))))
+    main_there = resolve_model(node_cfg.student.init_from, node_cfg.data.cache_dir)
+    unpinned = build_student(student_spec(node_cfg, main_there))  # main on that node: the newer commit, other weights
+    expected = build_student(student_spec(cfg, ref))
     weight = "model.layers.0.self_attn.q_proj.weight"
     assert torch.equal(pinned.state_dict()[weight], expected.state_dict()[weight])
     assert not torch.equal(unpinned.state_dict()[weight], expected.state_dict()[weight])

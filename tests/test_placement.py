@@ -16,6 +16,11 @@ from distillation.errors import DistillError
 
 
 @pytest.mark.slow
+def _sections(overrides):
+    cfg = load_config(overrides)
+    return cfg.training, cfg.teacher
+
+
 def test_teacher_replicas_and_train_workers_land_on_their_nodes(tiny_teacher, tmp_path):
     out = tmp_path / "placed.json"
     overrides = tiny_overrides(tiny_teacher, tmp_path, steps=2)
@@ -33,16 +38,16 @@ def test_more_workers_or_replicas_than_the_cluster_can_place_is_a_clear_error(ra
     from distillation.cluster import check_placement
 
     with pytest.raises(DistillError, match="training.num_workers=5 workers .* cannot be placed"):
-        check_placement(load_config(["training.num_workers=5"]))
+        check_placement(*_sections(["training.num_workers=5"]))
     with pytest.raises(DistillError, match="cannot be placed"):
-        check_placement(load_config(["placement=labelled"]))  # no node offers `student` here
+        check_placement(*_sections(["placement=labelled"]))  # no node offers `student` here
     # the teacher pool and the workers together: 2 CPUs hold one replica and one worker, not two workers
-    check_placement(load_config([]))
+    check_placement(*_sections([]))
     with pytest.raises(DistillError, match=r"num_workers=2 .* room for 1 beside 1 teacher replica\(s\)"):
-        check_placement(load_config(["training.num_workers=2"]))
-    check_placement(load_config(["training.num_workers=2"]), uses_teacher=False)  # CE only: no pool
+        check_placement(*_sections(["training.num_workers=2"]))
+    check_placement(*_sections(["training.num_workers=2"]), uses_teacher=False)  # CE only: no pool
     with pytest.raises(DistillError, match="teacher.min_replicas=3 replicas of .* cannot be placed"):
-        check_placement(load_config(["teacher.min_replicas=3", "teacher.max_replicas=3"]))
+        check_placement(*_sections(["teacher.min_replicas=3", "teacher.max_replicas=3"]))
 
 
 @pytest.mark.parametrize("nodes,replica,replicas,worker,workers,fits", [

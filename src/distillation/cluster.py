@@ -5,27 +5,27 @@ import signal
 from typing import Dict, List
 
 import ray
-from omegaconf import DictConfig
 
+from distillation.config.schema import RunConfig, TeacherConfig, TrainingConfig
 from distillation.console import quiet_ray, say
 from distillation.errors import DistillError
 
 
-def init_ray(cfg: DictConfig) -> None:
+def init_ray(r: RunConfig) -> None:
     """Join `run.ray_address` / RAY_ADDRESS, or start a local cluster (token auth on, dashboard on
     127.0.0.1). A local cluster's processes ignore the terminal's Ctrl-C: the driver handles it (stop
     after the step, checkpoint, clean up), which it could not if the workers died first."""
     if ray.is_initialized():
         return
-    quiet_ray(cfg.run.verbose)
-    address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
+    quiet_ray(r.verbose)
+    address = r.ray_address or os.environ.get("RAY_ADDRESS")
     # address="local": a cluster of this run's own. Without it ray.init() joins any single Ray cluster
     # already running on the machine (another user's, a test's), resources and all.
     kwargs = ({"address": address} if address else
-              {"address": "local", "num_cpus": cfg.run.num_cpus, "dashboard_host": "127.0.0.1"})
+              {"address": "local", "num_cpus": r.num_cpus, "dashboard_host": "127.0.0.1"})
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited by the processes started now
     try:
-        context = ray.init(log_to_driver=cfg.run.verbose, logging_level="INFO" if cfg.run.verbose else "ERROR",
+        context = ray.init(log_to_driver=r.verbose, logging_level="INFO" if r.verbose else "ERROR",
                            **kwargs)
     finally:
         signal.signal(signal.SIGINT, previous)
@@ -46,18 +46,15 @@ def _place(free: List[Dict[str, float]], need: Dict[str, float], count: int) -> 
     return placed
 
 
-def worker_bundle(tcfg) -> Dict[str, float]:
-    """What one training worker books, as Ray Train's ScalingConfig asks for it (run.py)."""
-    return {"CPU": tcfg.cpus_per_worker, **({"GPU": 1} if tcfg.use_gpu else {}), **tcfg.worker_resources}
-
-
-def check_placement(cfg: DictConfig, uses_teacher: bool = True) -> None:
+def check_placement(t: TrainingConfig, tc: TeacherConfig, uses_teacher: bool = True) -> None:
     """The teacher pool's first replicas and `num_workers` training workers, together: what the
     cluster cannot place would leave Serve or Ray Train waiting forever, so say so now."""
-    t, tc = cfg.training, cfg.teacher
+    from distillation.roles.teacher_replica import replica_bundle
+    from distillation.roles.train_worker import worker_bundle
+
     nodes = [dict(node.get("Resources", {})) for node in ray.nodes() if node.get("Alive")]
-    replica = {"CPU": tc.num_cpus, "GPU": tc.num_gpus, **tc.resources}
-    problem = placement_problem(nodes, replica, tc.min_replicas if uses_teacher else 0, worker_bundle(t), t.num_workers)
+    problem = placement_problem(nodes, replica_bundle(tc), tc.min_replicas if uses_teacher else 0, worker_bundle(t),
+                                t.num_workers)
     if problem:
         raise DistillError(problem)
 

@@ -12,7 +12,8 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from distillation.config import to_yaml
+from distillation.config import Config, to_yaml
+from distillation.config.schema import DistillationConfig, RunConfig, StudentConfig, TeacherConfig
 from distillation.data.corpus import open_sources
 from distillation.data.sources import SourceSpec, changed_files
 from distillation.errors import DistillError
@@ -42,39 +43,40 @@ class Preflight:
     sources: Dict[str, SourceSpec]  # opened and checked, not read
 
 
-def preflight(cfg: DictConfig) -> Preflight:
+def preflight(cfg: Config) -> Preflight:
     """Every input check, before Ray starts or a run folder exists: the teacher, shapes, sources,
     storage and, on resume, what may change. Raises a one-line DistillError."""
-    teacher = resolve_teacher(cfg)
+    teacher = resolve_teacher(cfg.teacher, cfg.student, cfg.distillation, cfg.data.cache_dir)
     uses_teacher = needs_teacher(cfg.distillation)
     if uses_teacher:
-        check_teacher_kind(cfg, teacher)
-        check_cache(cfg, teacher)
-    check_shapes(cfg, teacher)
-    check_exports(cfg, teacher)
+        check_teacher_kind(cfg.teacher, cfg.distillation.temperature, cfg.data.seq_len, teacher)
+        check_cache(cfg.teacher, cfg.distillation.temperature, teacher, cfg.data.cache_dir)
+    check_shapes(cfg.teacher, cfg.student, cfg.distillation, cfg.data.seq_len, teacher)
+    check_exports(cfg.student, cfg.teacher.trust_remote_code, teacher)
     if cfg.run.storage_path:
         check_storage(cfg.run.storage_path)
-    run_dir = run_folder(cfg)
-    resumed, checkpoint = (latest_checkpoint(train_location(cfg, run_dir)) if cfg.run.resume else (None, None))
+    run_dir = run_folder(cfg.run, to_yaml(cfg))
+    checkpoints = train_location(cfg.run.storage_path, run_dir)
+    resumed, checkpoint = latest_checkpoint(checkpoints) if cfg.run.resume else (None, None)
     if cfg.run.resume and resumed is None:
         from distillation.console import say
 
-        say(f"run.resume=true: no checkpoint under {train_location(cfg, run_dir)} yet, so the run starts at step 0")
+        say(f"run.resume=true: no checkpoint under {checkpoints} yet, so the run starts at step 0")
     if cfg.run.resume and resumed and cfg.training.max_steps < resumed["step"]:
         raise DistillError(f"training.max_steps={cfg.training.max_steps} is below the step the run resumes from "
                            f"({resumed['step']}); a resumed run can only train as long or longer")
-    sources = open_sources(cfg)
+    sources = open_sources(cfg.data)
     if resumed:
-        check_same_data(resumed["data"], sources, saved_stamps(cfg, run_dir))
+        check_same_data(resumed["data"], sources, saved_stamps(cfg.run.storage_path, run_dir))
     return Preflight(teacher, uses_teacher, run_dir, resumed, checkpoint, sources)
 
 
 STAMPS_FILE = "sources.json"  # every unit's file, size and modification time at the run's start
 
 
-def saved_stamps(cfg: DictConfig, run_dir: Path) -> Optional[dict]:
+def saved_stamps(storage_path: Optional[str], run_dir: Path) -> Optional[dict]:
     """The run's STAMPS_FILE (the local folder's, else the storage copy), or None (a run from before it)."""
-    local, shared = run_dir / STAMPS_FILE, run_storage(cfg, run_dir)
+    local, shared = run_dir / STAMPS_FILE, run_storage(storage_path, run_dir)
     text = local.read_text() if local.is_file() else (read_text(join(shared, STAMPS_FILE)) if shared else None)
     return json.loads(text) if text else None
 
@@ -103,21 +105,20 @@ def check_same_data(plan_state: dict, sources: Dict[str, SourceSpec], stamps: Op
               "source the Python version, for a dataset its content); resume with the same files, or start a new run")
 
 
-def check_teacher_kind(cfg: DictConfig, teacher: ResolvedTeacher) -> None:
-    if cfg.teacher.kind != "vllm":
+def check_teacher_kind(t: TeacherConfig, temperature: float, seq_len: int, teacher: ResolvedTeacher) -> None:
+    if t.kind != "vllm":
         return
     from distillation.teachers.vllm import VLLMServerTeacher, check_vllm_settings
 
-    check_vllm_settings(cfg.distillation.temperature, teacher.qkv_layer, cfg.teacher.signal)
-    if cfg.data.seq_len >= cfg.teacher.max_model_len:
-        raise DistillError(f"data.seq_len={cfg.data.seq_len} does not fit teacher.max_model_len="
-                           f"{cfg.teacher.max_model_len}; raise max_model_len or shorten the rows")
-    t = cfg.teacher
+    check_vllm_settings(temperature, teacher.qkv_layer, t.signal)
+    if seq_len >= t.max_model_len:
+        raise DistillError(f"data.seq_len={seq_len} does not fit teacher.max_model_len="
+                           f"{t.max_model_len}; raise max_model_len or shorten the rows")
     if not t.vllm_url and t.tensor_parallel_size > 1 and t.num_gpus != t.tensor_parallel_size:
         raise DistillError(f"teacher.tensor_parallel_size={t.tensor_parallel_size} shards the engine over that many "
                            f"GPUs, but a replica books teacher.num_gpus={t.num_gpus:g}; set them equal")
-    if cfg.teacher.vllm_url:  # reachable and serving a model, before anything starts
-        VLLMServerTeacher(cfg.teacher.vllm_url, cfg.teacher.top_k, 1.0)
+    if t.vllm_url:  # reachable and serving a model, before anything starts
+        VLLMServerTeacher(t.vllm_url, t.top_k, 1.0)
 
 
 def _widths(config) -> dict:
@@ -127,29 +128,28 @@ def _widths(config) -> dict:
     return dict(zip(QKV, (config.num_attention_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim)))
 
 
-def check_shapes(cfg: DictConfig, teacher: ResolvedTeacher) -> None:
+def check_shapes(t: TeacherConfig, student: StudentConfig, d: DistillationConfig, seq_len: int,
+                 teacher: ResolvedTeacher) -> None:
     """Row length against both models' positions; Q/K/V layers and widths against split_heads."""
     from transformers import AutoConfig
 
-    remote = cfg.teacher.trust_remote_code
-    configs = {"teacher": AutoConfig.from_pretrained(teacher.model_dir, trust_remote_code=remote),
-               "student": student_config(cfg, teacher)[0]}
+    configs = {"teacher": AutoConfig.from_pretrained(teacher.model_dir, trust_remote_code=t.trust_remote_code),
+               "student": student_config(student, t.trust_remote_code, teacher)[0]}
     for who, config in configs.items():
         limit = getattr(config, "max_position_embeddings", None)
-        if limit and cfg.data.seq_len > limit:
-            raise DistillError(f"data.seq_len={cfg.data.seq_len} exceeds the {who}'s {limit} positions "
+        if limit and seq_len > limit:
+            raise DistillError(f"data.seq_len={seq_len} exceeds the {who}'s {limit} positions "
                                f"(max_position_embeddings); choose data.seq_len <= {limit}")
-    if cfg.data.seq_len > cfg.teacher.max_tokens_per_batch:
-        raise DistillError(f"data.seq_len={cfg.data.seq_len} exceeds teacher.max_tokens_per_batch="
-                           f"{cfg.teacher.max_tokens_per_batch} (a row must fit one forward pass); raise the budget")
-    if cfg.teacher.signal == "topk" and cfg.teacher.top_k > teacher.vocab_size:
-        raise DistillError(f"teacher.top_k={cfg.teacher.top_k} exceeds the vocabulary ({teacher.vocab_size} ids)")
-    if cfg.distillation.attention_weight <= 0:
+    if seq_len > t.max_tokens_per_batch:
+        raise DistillError(f"data.seq_len={seq_len} exceeds teacher.max_tokens_per_batch="
+                           f"{t.max_tokens_per_batch} (a row must fit one forward pass); raise the budget")
+    if t.signal == "topk" and t.top_k > teacher.vocab_size:
+        raise DistillError(f"teacher.top_k={t.top_k} exceeds the vocabulary ({teacher.vocab_size} ids)")
+    if d.attention_weight <= 0:
         return
-    d = cfg.distillation
     student_layers = configs["student"].num_hidden_layers
-    if cfg.student.num_layers and not cfg.student.checkpoint_path:
-        student_layers = min(student_layers, cfg.student.num_layers)
+    if student.num_layers and not student.checkpoint_path:
+        student_layers = min(student_layers, student.num_layers)
     for who, layer, count in (("teacher", d.teacher_layer, configs["teacher"].num_hidden_layers),
                               ("student", d.student_layer, student_layers)):
         if not -count <= layer < count:
@@ -161,32 +161,32 @@ def check_shapes(cfg: DictConfig, teacher: ResolvedTeacher) -> None:
                                    f"({sorted(set(_widths(configs['teacher']).values()) | set(_widths(configs['student']).values()))})")
 
 
-def student_config(cfg: DictConfig, teacher: ResolvedTeacher) -> tuple:
+def student_config(student: StudentConfig, trust_remote_code: bool, teacher: ResolvedTeacher) -> tuple:
     """(base config, SubLN placement) of the student the run starts from: a saved student's own, in any
     layout (student/layout.py), or the model stage 1 converts."""
-    if cfg.student.checkpoint_path:
+    if student.checkpoint_path:
         from distillation.student.checkpoint import read_student_config
         from distillation.student.layout import base_config
 
-        saved = read_student_config(cfg.student.checkpoint_path)
+        saved = read_student_config(student.checkpoint_path)
         return base_config(saved), saved["bitnet"]["subln"]
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(teacher.student_dir, trust_remote_code=cfg.teacher.trust_remote_code), cfg.student.subln
+    return AutoConfig.from_pretrained(teacher.student_dir, trust_remote_code=trust_remote_code), student.subln
 
 
-def check_exports(cfg: DictConfig, teacher: ResolvedTeacher) -> None:
+def check_exports(student: StudentConfig, trust_remote_code: bool, teacher: ResolvedTeacher) -> None:
     """`student.export`: each format known and able to hold this student (architecture, SubLN, tokenizer)."""
     from distillation.student.export import FORMATS, export_problem
     from distillation.student.gguf_export import read_tokenizer_json
 
-    if not cfg.student.export:
+    if not student.export:
         return
-    unknown = [f for f in cfg.student.export if f not in FORMATS]
+    unknown = [f for f in student.export if f not in FORMATS]
     if unknown:
-        raise DistillError(f"student.export={list(cfg.student.export)}: {unknown[0]!r} is not one of {', '.join(FORMATS)}")
-    config, subln = student_config(cfg, teacher)
-    for fmt in cfg.student.export:
+        raise DistillError(f"student.export={list(student.export)}: {unknown[0]!r} is not one of {', '.join(FORMATS)}")
+    config, subln = student_config(student, trust_remote_code, teacher)
+    for fmt in student.export:
         problem = export_problem(config, subln, fmt)
         if problem:
             raise DistillError(f"student.export={fmt} cannot hold this student: {problem}")
@@ -194,24 +194,25 @@ def check_exports(cfg: DictConfig, teacher: ResolvedTeacher) -> None:
             read_tokenizer_json(teacher.model_dir)  # the tokenizer the run's student/ is saved with
 
 
-def run_folder(cfg: DictConfig) -> Path:
+def run_folder(r: RunConfig, config_yaml: str) -> Path:
     """The run's folder: for a new run, one that does not exist yet under a writable parent; on
-    resume, the existing run, whose configuration may differ only in RESUMABLE_CHANGES."""
-    name = cfg.run.name or datetime.now().strftime("distill-%Y%m%d-%H%M%S")
-    out = Path(cfg.run.output_dir).expanduser().resolve() / name
-    if cfg.run.resume:
-        shared = run_storage(cfg, out)
+    resume, the existing run, whose configuration (`config_yaml` now) may differ only in RESUMABLE_CHANGES."""
+    name = r.name or datetime.now().strftime("distill-%Y%m%d-%H%M%S")
+    out = Path(r.output_dir).expanduser().resolve() / name
+    if r.resume:
+        shared = run_storage(r.storage_path, out)
         saved = (out / "config.yaml").read_text() if (out / "config.yaml").is_file() else (
             read_text(join(shared, "config.yaml")) if shared else None)  # a job's lost working folder: the storage copy
         if saved is None:
             raise DistillError(f"run.resume=true but {out} holds no run (config.yaml missing); check run.name"
                                + (f" and run.storage_path ({shared})" if shared else ""))
         saved = with_defaults(OmegaConf.create(saved))
-        changed = config_changes(saved, OmegaConf.create(to_yaml(cfg)))
-        if not changed and saved.training.max_steps != cfg.training.max_steps:
+        now = OmegaConf.create(config_yaml)
+        changed = config_changes(saved, now)
+        if not changed and saved.training.max_steps != now.training.max_steps:
             from distillation.console import say
 
-            say(f"training.max_steps {saved.training.max_steps} -> {cfg.training.max_steps}: the cosine schedule "
+            say(f"training.max_steps {saved.training.max_steps} -> {now.training.max_steps}: the cosine schedule "
                 f"stretches to the new length from the resume step on (the learning rate rises accordingly)")
         if changed:
             raise DistillError(f"run.resume=true with settings that differ from {out / 'config.yaml'}: "

@@ -23,27 +23,31 @@ from pathlib import Path
 from typing import Optional
 
 import ray
-from omegaconf import DictConfig, OmegaConf
 
 from distillation.cluster import check_placement, init_ray, peak_rss_mb
-from distillation.config import to_yaml
+from distillation.config import Config, to_yaml
 from distillation.console import RayLinesToFile, quiet_ray, say, session_log_dir
 from distillation.data.corpus import Corpus, prepare_corpus
 from distillation.data.sources import unit_stamps
-from distillation.errors import DistillError, get_or_raise
+from distillation.data.steps import samples_per_step, step_of
+from distillation.errors import DistillError
 from distillation.losses import LOSS_COMPONENTS
 from distillation.models import TOKENIZER_FILES, check_output_head, load_causal_lm
 from distillation.preflight import STAMPS_FILE, Preflight, preflight
+from distillation.roles.export_task import export_formats
+from distillation.roles.heldout_task import score_on_worker
+from distillation.roles.metrics_board import board_name, start_board
+from distillation.roles.mixture import actor_name, start_mixture
+from distillation.roles.teacher_replica import app_name, deploy_teacher
+from distillation.roles.train_worker import trainer as worker_trainer
+from distillation.roles.unit_reader import Readers
+from distillation.specs import MixtureSpec, WorkerSpec, replica_spec, student_spec, worker_spec
 from distillation.storage import join, read_text, run_storage, train_location, train_storage, upload, write_text
 from distillation.student import set_compile
-from distillation.student.export import export_run_student
-from distillation.teachers.deployment import deploy_teacher
 from distillation.training.checkpoint import remove_unregistered
-from distillation.training.heldout import checkpoint_student, score_on_worker, starting_student
-from distillation.training.loop import train_loop_per_worker
+from distillation.training.evaluate import checkpoint_student, starting_student
 from distillation.training.metrics import (
     WEIGHTED_TERMS,
-    MetricsBoard,
     append_jsonl,
     dominance_warning,
     drop_rows_after,
@@ -51,7 +55,7 @@ from distillation.training.metrics import (
     plot_mixture,
     read_jsonl,
 )
-from distillation.training.plan import WorkerPlan, influence_steps
+from distillation.training.plan import influence_steps
 
 INTERRUPTED_EXIT = 130  # what shells report for a process ended by SIGINT
 
@@ -75,7 +79,7 @@ class Prepared:
     mixture_stats: Optional[dict] = None  # the Mixture actor's `retained()` at the end of training
 
 
-def run(cfg: DictConfig, ray_lines: Optional[RayLinesToFile] = None) -> dict:
+def run(cfg: Config, ray_lines: Optional[RayLinesToFile] = None) -> dict:
     """`ray_lines`: the CLI's filter of Ray's terminal output, moved into the run folder once it exists."""
     started = time.time()
     set_compile(cfg.student.compile)
@@ -89,17 +93,22 @@ def run(cfg: DictConfig, ray_lines: Optional[RayLinesToFile] = None) -> dict:
 
 
 # -- prepare ---------------------------------------------------------------------------------------
-def prepare(cfg: DictConfig, pre: Preflight) -> Prepared:
+def prepare(cfg: Config, pre: Preflight) -> Prepared:
     """Ray, the corpus's small sets, the starting student and teacher scored on held-out rows."""
-    init_ray(cfg)
+    init_ray(cfg.run)
     if cfg.run.check_placement:
-        check_placement(cfg, pre.uses_teacher)
-    corpus = prepare_corpus(cfg, pre.teacher.ref, pre.teacher.tokenizer, pre.sources)
+        check_placement(cfg.training, cfg.teacher, pre.uses_teacher)
+    readers = Readers(cfg.data.readers, cfg.data.reader_cpus)
+    try:
+        corpus = prepare_corpus(cfg.data, cfg.influence, pre.teacher.ref, pre.teacher.tokenizer, pre.sources,
+                                readers.cut)
+    finally:
+        readers.close()
     say("data: " + ", ".join(f"{n} {len(s.units)} units (fingerprint {s.fingerprint[:12]})"
                              for n, s in corpus.specs.items())
         + f"; held-out {len(corpus.heldout.rows)} rows; probe {len(corpus.probe.rows)} rows; "
         f"rows {corpus.fill:.0%} real tokens (the units read so far)")
-    jobs = [(partial(starting_student, cfg, pre.resumed_checkpoint, pre.teacher.student_ref), None)]
+    jobs = [(partial(starting_student, student_spec(cfg, pre.teacher.student_ref), pre.resumed_checkpoint), None)]
     if cfg.teacher.kind != "cached":  # a cached teacher's point is not loading the model, so it is not scored here
         check = (partial(check_output_head, model_dir=pre.teacher.ref, input_ids=corpus.heldout.rows[:1],
                          vocab_size=pre.teacher.vocab_size) if pre.uses_teacher and cfg.teacher.signal == "hidden"
@@ -123,7 +132,7 @@ def prepare(cfg: DictConfig, pre: Preflight) -> Prepared:
     return Prepared(corpus, student_before, teacher_eval)
 
 
-def _make_run_folder(cfg: DictConfig, run_dir: Path, resumed_step: Optional[int], sources: dict) -> None:
+def _make_run_folder(cfg: Config, run_dir: Path, resumed_step: Optional[int], sources: dict) -> None:
     try:
         run_dir.mkdir(parents=True, exist_ok=cfg.run.resume)
     except OSError as exc:
@@ -132,7 +141,7 @@ def _make_run_folder(cfg: DictConfig, run_dir: Path, resumed_step: Optional[int]
     stamps = None if resumed_step is not None else json.dumps({n: unit_stamps(spec) for n, spec in sources.items()})
     if stamps:  # what a refused resume names as changed
         (run_dir / STAMPS_FILE).write_text(stamps)
-    shared = run_storage(cfg, run_dir)
+    shared = run_storage(cfg.run.storage_path, run_dir)
     if shared:  # so a driver whose local folder is gone (a finished job's) can still resume the run
         write_text(join(shared, "config.yaml"), to_yaml(cfg))
         if stamps:
@@ -153,52 +162,48 @@ def _make_run_folder(cfg: DictConfig, run_dir: Path, resumed_step: Optional[int]
 
 
 # -- train -----------------------------------------------------------------------------------------
-def create_mixture(cfg: DictConfig, corpus: Corpus, name: str, resume_state: Optional[dict] = None):
+def create_mixture(cfg: Config, corpus: Corpus, run_name: str, resume_state: Optional[dict] = None):
     """The named Mixture actor the workers' pipelines draw from (from a checkpoint's state on resume;
     a longer run gets the longer schedule of influence updates)."""
-    from distillation.data.mixture import Mixture, MixturePlan, validate_weights
+    from distillation.data.mixture import MixturePlan, validate_weights
 
     t = cfg.training
     names = [s.name for s in cfg.data.sources]
     updates = influence_steps(cfg.influence, t.max_steps)
     if resume_state:  # a longer run: the updates it had, then the longer schedule's after the resume point
-        resumed_at = resume_state["count"] // resume_state["samples_per_step"]
+        resumed_at = step_of(resume_state["count"], resume_state["samples_per_step"])
         updates = sorted(set(resume_state["update_steps"]) | {u for u in updates if u > resumed_at})
         state = {**resume_state, "update_steps": updates}
     else:
         state = MixturePlan(names, [len(corpus.specs[n].units) for n in names],
                             validate_weights([s.weight for s in cfg.data.sources], names), t.seed,
-                            t.batch_size * t.grad_accum * t.num_workers, updates, cfg.influence.delay_steps,
-                            corpus.fingerprints(), cfg.data.shuffle_units).state()
-    return Mixture.options(name=name).remote(state, corpus.specs, corpus.recipe,
-                                             {n: (p.rows, p.lengths, p.positions) for n, p in corpus.pool.items()},
-                                             cfg.data.readers, cfg.data.reader_cpus)
+                            samples_per_step(t.batch_size, t.grad_accum, t.num_workers), updates,
+                            cfg.influence.delay_steps, corpus.fingerprints(), cfg.data.shuffle_units).state()
+    return start_mixture(run_name, MixtureSpec(state, corpus.specs, corpus.recipe,
+                                                 {n: (p.rows, p.lengths, p.positions) for n, p in corpus.pool.items()},
+                                                 cfg.data.readers, cfg.data.reader_cpus))
 
 
-def train(cfg: DictConfig, pre: Preflight, prep: Prepared):
+def train(cfg: Config, pre: Preflight, prep: Prepared):
     """(Ray Train result, mixture history, teacher stats); the teacher app and the run's actors are
     removed however it ends."""
     run_dir = pre.run_dir
-    app_name, teacher_stats, handle = None, None, None
-    mixture_name = f"distill-mixture-{run_dir.name}"
-    mixture = create_mixture(cfg, prep.corpus, mixture_name, pre.resumed["data"] if pre.resumed else None)
+    teacher_app, teacher_stats, handle = None, None, None
+    mixture = create_mixture(cfg, prep.corpus, run_dir.name, pre.resumed["data"] if pre.resumed else None)
     interrupts = _Interrupts()
     try:
         if pre.uses_teacher:
-            app_name = f"teacher-{run_dir.name}"
+            teacher_app = app_name(run_dir.name)
             try:
-                handle = deploy_teacher(cfg, pre.teacher, app_name)
+                handle = deploy_teacher(replica_spec(cfg, pre.teacher), cfg.teacher, teacher_app)
             except Exception as exc:  # a replica that could not start: its DistillError, as one line
                 raise _worker_error(exc) from None
             say(f"teacher pool up: {handle.describe.remote().result()}")
         corpus = prep.corpus
-        plan = WorkerPlan(cfg=OmegaConf.to_container(cfg, resolve=True), mixture=mixture_name,
-                          board=f"distill-metrics-{run_dir.name}", app_name=app_name,
-                          teacher_model=pre.teacher.ref, student_model=pre.teacher.student_ref,
-                          vocab_size=pre.teacher.vocab_size,
-                          probe=(corpus.probe.rows, corpus.probe.lengths),
-                          eval={n: (p.rows, p.lengths) for n, p in corpus.heldout_by_source.items() if len(p.rows)})
-        result = _fit(cfg, run_dir, plan, pre.resumed["step"] if pre.resumed else 0, interrupts, mixture)
+        spec = worker_spec(cfg, pre.teacher, actor_name(run_dir.name), board_name(run_dir.name), teacher_app,
+                           (corpus.probe.rows, corpus.probe.lengths),
+                           {n: (p.rows, p.lengths) for n, p in corpus.heldout_by_source.items() if len(p.rows)})
+        result = _fit(cfg, run_dir, spec, pre.resumed["step"] if pre.resumed else 0, interrupts, mixture)
         mixture_history = ray.get(mixture.history.remote())
         prep.mixture_stats = ray.get(mixture.retained.remote())
         if handle is not None:
@@ -206,32 +211,19 @@ def train(cfg: DictConfig, pre: Preflight, prep: Prepared):
             handle.flush.remote().result()  # write-through answers reach the cache before the pool goes
     finally:
         with interrupts:  # counted, not raised: a Ctrl-C that comes late cannot cut the clean-up short
-            if app_name:
+            if teacher_app:
                 from ray import serve
-                serve.delete(app_name)
+                serve.delete(teacher_app)
             ray.kill(mixture)
     return result, mixture_history, teacher_stats
 
 
-def _fit(cfg: DictConfig, run_dir: Path, plan: WorkerPlan, start_step: int, interrupts: "_Interrupts", mixture):
+def _fit(cfg: Config, run_dir: Path, spec: WorkerSpec, start_step: int, interrupts: "_Interrupts", mixture):
     """Ray Train's fit in a thread while this one follows the metrics, the ledger, Ctrl-C and the
     mixture's reads (a bad record stops the run)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     t = cfg.training
-    storage_path, storage_name = train_storage(cfg, run_dir)
-    board = MetricsBoard.options(name=plan.board).remote()
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"plan": plan},
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
-                                     resources_per_worker={"CPU": t.cpus_per_worker, **t.worker_resources}),
-        # The same name and storage path on a resumed driver: Ray Train restores its latest checkpoint.
-        run_config=RunConfig(name=storage_name, storage_path=storage_path,
-                             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
-                             failure_config=FailureConfig(max_failures=t.max_failures)),
-    )
+    board = start_board(run_dir.name)
+    trainer = worker_trainer(spec, *train_storage(cfg.run.storage_path, run_dir))
     outcome = {}
 
     def fit():
@@ -245,14 +237,14 @@ def _fit(cfg: DictConfig, run_dir: Path, plan: WorkerPlan, start_step: int, inte
         try:
             thread.start()
             rows = _follow(board, thread, start_step, t.max_steps, run_dir, cfg.run.progress, cfg.run.stall_timeout_s,
-                           interrupts, mixture, train_location(cfg, run_dir))
+                           interrupts, mixture, train_location(cfg.run.storage_path, run_dir))
         finally:
             ray.kill(board)  # named, so it would outlive this run in a driver that goes on (tests, notebooks)
     if "error" in outcome:
         raise _worker_error(outcome["error"])
     step = rows[-1]["step"] if rows else start_step
     if interrupts.count and step < t.max_steps:  # an interrupt during the last step changes nothing
-        raise Interrupted(f"interrupted: stopped after step {step} with a checkpoint in {train_location(cfg, run_dir)}; "
+        raise Interrupted(f"interrupted: stopped after step {step} with a checkpoint in {train_location(cfg.run.storage_path, run_dir)}; "
                           f"continue with: distill run.name={run_dir.name} run.output_dir={run_dir.parent} "
                           f"run.resume=true (and the same settings)")
     return outcome["result"]
@@ -357,13 +349,13 @@ def _follow(board, thread, start_step: int, max_steps: int, run_dir: Path, progr
 
 
 # -- finish ----------------------------------------------------------------------------------------
-def finish(cfg: DictConfig, pre: Preflight, prep: Prepared, result, mixture_history, teacher_stats,
+def finish(cfg: Config, pre: Preflight, prep: Prepared, result, mixture_history, teacher_stats,
            started: float) -> dict:
     """Export the trained student, score it on the held-out rows, and write the summary and plots."""
     run_dir = pre.run_dir
     if result.checkpoint is None:
         raise DistillError("training ended without a checkpoint")
-    remove_unregistered(train_location(cfg, run_dir))  # a killed earlier attempt's half-kept checkpoint
+    remove_unregistered(train_location(cfg.run.storage_path, run_dir))  # a killed earlier attempt's half-kept checkpoint
     with result.checkpoint.as_directory() as folder:
         final_dir = _export_student(Path(folder), run_dir / "student", pre.teacher.model_dir)
     exports = export_formats(final_dir, run_dir, cfg.student.export)
@@ -392,26 +384,12 @@ def finish(cfg: DictConfig, pre: Preflight, prep: Prepared, result, mixture_hist
         "teacher": teacher_stats, "wall_s": time.time() - started,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    shared = run_storage(cfg, run_dir)
+    shared = run_storage(cfg.run.storage_path, run_dir)
     if shared:  # the durable copy: a job's working folder, say, is cleaned up after the job
         upload(run_dir, shared, skip=("ray", "ray_logs"))
         summary["storage"] = shared
     print_summary(summary)
     return summary
-
-
-def export_formats(student_dir: Path, run_dir: Path, formats) -> dict:
-    """`student.export`, in a Ray task on this node (it writes beside the run's folder) rather than in
-    the driver, which never loads a model; zero CPUs, so it is placed at once even on a head node that
-    books none, and its process exits with it (max_calls=1)."""
-    if not formats:
-        return {}
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    ref = ray.remote(max_retries=0, max_calls=1, num_cpus=0)(export_run_student).options(
-        scheduling_strategy=here).remote(student_dir, run_dir, list(formats))
-    return get_or_raise(ref)
 
 
 def _export_student(checkpoint_dir: Path, out: Path, tokenizer_dir: Path) -> Path:

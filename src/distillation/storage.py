@@ -6,8 +6,6 @@ written to the local run folder, and copied to the storage when it is elsewhere.
 from pathlib import Path
 from typing import Optional, Tuple
 
-from omegaconf import DictConfig
-
 from distillation.errors import DistillError
 
 TRAIN_DIR = "train"
@@ -31,21 +29,21 @@ def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *parts]) + mark + query
 
 
-def train_storage(cfg: DictConfig, run_dir: Path) -> Tuple[str, str]:
-    """(storage_path, name) for Ray Train's RunConfig: the same on a resumed driver, so Ray Train
-    finds the run's latest checkpoint there."""
-    if cfg.run.storage_path:
-        return join(_normalised(cfg.run.storage_path), run_dir.name), TRAIN_DIR
+def train_storage(storage_path: Optional[str], run_dir: Path) -> Tuple[str, str]:
+    """(storage_path, name) for Ray Train's RunConfig from `run.storage_path`: the same on a resumed
+    driver, so Ray Train finds the run's latest checkpoint there."""
+    if storage_path:
+        return join(_normalised(storage_path), run_dir.name), TRAIN_DIR
     return str(run_dir / "ray"), TRAIN_DIR
 
 
-def train_location(cfg: DictConfig, run_dir: Path) -> str:
-    return join(*train_storage(cfg, run_dir))
+def train_location(storage_path: Optional[str], run_dir: Path) -> str:
+    return join(*train_storage(storage_path, run_dir))
 
 
-def run_storage(cfg: DictConfig, run_dir: Path) -> Optional[str]:
-    """The run's folder on the storage when it is not the local run folder, else None."""
-    return join(_normalised(cfg.run.storage_path), run_dir.name) if cfg.run.storage_path else None
+def run_storage(storage_path: Optional[str], run_dir: Path) -> Optional[str]:
+    """The run's folder on `run.storage_path` when it is not the local run folder, else None."""
+    return join(_normalised(storage_path), run_dir.name) if storage_path else None
 
 
 def _normalised(path: str) -> str:

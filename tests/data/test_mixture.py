@@ -8,8 +8,10 @@ import pytest
 import ray
 
 from conftest import jsonl_mixture_inputs
-from distillation.data.mixture import Mixture, MixturePlan, uniforms, validate_weights
+from distillation.data.mixture import MixturePlan, uniforms, validate_weights
 from distillation.errors import DistillError
+from distillation.roles.mixture import Mixture
+from distillation.specs import MixtureSpec
 
 
 def _plan(**kw):
@@ -104,7 +106,7 @@ def test_weights_are_relative_but_must_be_non_negative_and_not_all_zero():
 def _actor(tmp_path, tokenizer_dir, plan_kw, **actor_kw):
     specs, recipe, pool = jsonl_mixture_inputs(tmp_path, tokenizer_dir)
     plan = MixturePlan(["a", "b"], [len(specs[n].units) for n in "ab"], **plan_kw)
-    return Mixture.remote(plan.state(), specs, recipe, pool, **actor_kw), plan, specs, recipe
+    return Mixture.remote(MixtureSpec(plan.state(), specs, recipe, pool, 2, 0.0), **actor_kw), plan, specs, recipe
 
 
 def test_mixture_actor_proportions_follow_an_update_from_the_next_step_on(ray_cluster, smollm2_dir, tmp_path):
@@ -174,7 +176,7 @@ def test_the_mixture_keeps_draws_back_to_the_checkpoint_two_before_the_latest_an
         ray.get(mixture.state_at.remote(300))
         assert ray.get(mixture.retained.remote())["start"] == 200
     pool = {n: (np.zeros((1, 64), np.int32), np.full(1, 2, np.int32)) for n in "ab"}
-    resumed = Mixture.remote(ray.get(mixture.state_at.remote(300)), specs, recipe, pool)  # a resumed run
+    resumed = Mixture.remote(MixtureSpec(ray.get(mixture.state_at.remote(300)), specs, recipe, pool, 2, 0.0))  # a resumed run
     np.testing.assert_array_equal(ray.get(resumed.draw.remote(np.arange(300, 400)))["input_ids"],
                                   ray.get(reference.draw.remote(np.arange(300, 400)))["input_ids"])
 
@@ -191,7 +193,7 @@ def test_a_bad_record_met_while_drawing_is_one_line_naming_its_file_and_line(ray
     specs["b"] = open_source("b", "jsonl", str(tmp_path / "b"), "unused")
     plan = MixturePlan(["a", "b"], [len(specs[n].units) for n in "ab"], weights=[0.5, 0.5], seed=0,
                        samples_per_step=8, window=2)
-    mixture = Mixture.remote(plan.state(), specs, recipe, pool)
+    mixture = Mixture.remote(MixtureSpec(plan.state(), specs, recipe, pool, 2, 0.0))
     assert ray.get(mixture.failure.remote()) is None
     with pytest.raises(ray.exceptions.RayTaskError, match=f"{bad}:8: not valid JSON"):
         ray.get(mixture.draw.remote(np.arange(0, 2000)))  # every unit of both sources

@@ -7,8 +7,11 @@ import pytest
 import ray
 
 from conftest import jsonl_mixture_inputs
-from distillation.data.mixture import Mixture, MixturePlan
-from distillation.data.pipeline import rank_sample_ids, read_batches, step_blocks, worker_stream
+from distillation.data.mixture import MixturePlan
+from distillation.data.pipeline import rank_sample_ids, read_batches, step_blocks
+from distillation.roles.annotate_stage import worker_stream
+from distillation.roles.mixture import Mixture
+from distillation.specs import FeedSpec, MixtureSpec
 
 
 def test_teacher_requests_never_span_two_steps():
@@ -27,10 +30,10 @@ def test_the_stream_never_waits_on_its_own_rows_when_every_step_moves_the_weight
     specs, recipe, pool = jsonl_mixture_inputs(tmp_path, smollm2_dir)
     plan = MixturePlan(["a", "b"], [len(specs[n].units) for n in "ab"], [0.5, 0.5], seed=0, samples_per_step=1,
                        update_steps=range(1, steps - 1), delay=1, window=2)
-    mixture = Mixture.options(name="stream-mixture").remote(plan.state(), specs, recipe, pool)
+    mixture = Mixture.options(name="stream-mixture").remote(MixtureSpec(plan.state(), specs, recipe, pool, 2, 0.0))
     try:
-        stream = worker_stream(np.arange(steps), 1, "stream-mixture", None, "no-teacher", request_size=1,
-                               max_in_flight=4, max_attempts=1)
+        stream = worker_stream(np.arange(steps), 1, FeedSpec("stream-mixture", None, teacher_batch_size=1,
+                                                             max_in_flight=4, max_attempts=1))
         seen = []
         for step, batch in enumerate(read_batches(stream, batch_size=1), start=1):  # as the trainer reads
             seen.extend(batch["sample_id"].tolist())

@@ -8,8 +8,8 @@ import torch
 from conftest import save_tiny_llama
 from distillation.losses import HiddenTargets, logits_kl
 from distillation.models import load_output_head
-from distillation.teachers.cache import TeacherCache, teacher_signature
-from distillation.teachers.cached import CachedTeacher
+from distillation.teachers.cache_store import TeacherCache, teacher_signature
+from distillation.teachers.cached_teacher import CachedTeacher
 from distillation.teachers.hf import HFTeacher
 
 

@@ -64,8 +64,8 @@ def _worker(rank: int, port: int):
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
     try:
-        from distillation.data.influence import alignment_scores
         from distillation.errors import DistillError
+        from distillation.training.influence import alignment_scores
         from distillation.training.parallel import (
             distribute,
             is_sharded,

@@ -5,9 +5,9 @@ import math
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from conftest import tiny_optimizer, tiny_student
+from distillation.config.schema import TrainingConfig
 from distillation.errors import DistillError
 from distillation.training.step import NanGuard, lr_lambda
 
@@ -32,7 +32,7 @@ def test_a_non_finite_gradient_skips_the_step_counts_it_and_too_many_stop_the_ru
 
 
 def test_schedule_warms_up_linearly_then_follows_a_cosine_to_the_floor():
-    factor = lr_lambda(OmegaConf.create({"warmup_steps": 4, "max_steps": 20, "min_lr_ratio": 0.1}))
+    factor = lr_lambda(TrainingConfig(warmup_steps=4, max_steps=20, min_lr_ratio=0.1))
     assert [factor(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert factor(4) == pytest.approx(1.0) and factor(12) == pytest.approx(0.55) and factor(20) == pytest.approx(0.1)
 

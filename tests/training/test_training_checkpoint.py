@@ -5,7 +5,6 @@ import shutil
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from conftest import tiny_optimizer, tiny_student
 from distillation.errors import DistillError
@@ -25,7 +24,7 @@ def test_checkpoint_round_trip_restores_model_optimizer_scheduler_and_rng_exactl
     model = tiny_student()
     optimizer, scheduler = tiny_optimizer(model)
     _train_steps(model, optimizer, scheduler, 3)
-    folder = save_training_checkpoint(model, optimizer.state_dict(), scheduler, OmegaConf.create({"a": 1}),
+    folder = save_training_checkpoint(model, optimizer.state_dict(), scheduler, "a: 1\n",
                                       {"step": 3, "data": {"count": 12}})
     expected_next = torch.rand(3)  # what the RNG gives right after the checkpoint
 
@@ -55,7 +54,7 @@ def test_corrupt_or_truncated_checkpoints_are_clear_errors():
     model = tiny_student()
     optimizer, scheduler = tiny_optimizer(model)
     _train_steps(model, optimizer, scheduler, 1)
-    folder = save_training_checkpoint(model, optimizer.state_dict(), scheduler, OmegaConf.create({}), {"step": 1})
+    folder = save_training_checkpoint(model, optimizer.state_dict(), scheduler, "{}\n", {"step": 1})
     blob = (folder / "optimizer.safetensors").read_bytes()
     (folder / "optimizer.safetensors").write_bytes(blob[: len(blob) // 2])
     with pytest.raises(DistillError, match="incomplete or corrupt"):

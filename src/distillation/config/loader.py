@@ -23,7 +23,7 @@ from omegaconf.errors import (
     ValidationError,
 )
 
-from distillation.config.schema import Config
+from distillation.config.schema import Config, freeze
 from distillation.errors import DistillError
 
 
@@ -114,8 +114,9 @@ def _check(cfg: DictConfig) -> None:
                            f"expected one of {', '.join(names)}")
 
 
-def load_config(overrides: Optional[List[str]] = None) -> DictConfig:
-    """Compose `configs/config.yaml` with Hydra-style overrides and validate it against the schema."""
+def load_config(overrides: Optional[List[str]] = None) -> Config:
+    """Compose `configs/config.yaml` with Hydra-style overrides, validate it against the schema and
+    return it as the schema's frozen dataclasses (what every function past here is typed against)."""
     overrides = list(overrides or [])
     for item in overrides:
         if "=" not in item:
@@ -130,15 +131,16 @@ def load_config(overrides: Optional[List[str]] = None) -> DictConfig:
         GlobalHydra.instance().clear()
     try:
         OmegaConf.resolve(cfg)
-        OmegaConf.to_object(cfg)  # raises on a missing required value
+        typed = OmegaConf.to_object(cfg)  # raises on a missing required value
     except MissingMandatoryValue as exc:
         raise DistillError(f"missing required config value '{exc.full_key}'") from None
     except OmegaConfBaseException as exc:
         raise DistillError(_explain(exc, overrides)) from None
     _check(cfg)
-    OmegaConf.set_readonly(cfg, True)
-    return cfg
+    assert isinstance(typed, Config)
+    return freeze(typed)
 
 
-def to_yaml(cfg: DictConfig) -> str:
-    return OmegaConf.to_yaml(cfg, resolve=True)
+def to_yaml(cfg: Config) -> str:
+    """The run folder's config.yaml (the same text the DictConfig gave: key order is the schema's)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg), resolve=True)

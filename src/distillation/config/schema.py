@@ -2,8 +2,9 @@
 an option changes; unknown keys, wrong types, values outside `one_of(...)` and non-positive
 `positive(...)` values fail with one line (config/loader.py)."""
 
+import dataclasses
 from dataclasses import dataclass, field, fields
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
@@ -23,8 +24,32 @@ def positive(default):
     return field(default=default, metadata={"positive": True})
 
 
+class Frozen:
+    """Frozen once the loader has validated it (`freeze`): every later assignment raises. Not
+    `@dataclass(frozen=True)`: Hydra composes into the schema's nodes, which that makes read-only."""
+
+    _frozen = False
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if self._frozen:
+            raise dataclasses.FrozenInstanceError(f"cannot assign to '{name}': the configuration is frozen once loaded")
+        super().__setattr__(name, value)
+
+
+def freeze(node: Any) -> Any:
+    """`node` and every section and list item under it, frozen in place; returns `node`."""
+    if isinstance(node, Frozen):
+        for f in fields(node):  # type: ignore[arg-type]
+            freeze(getattr(node, f.name))
+        object.__setattr__(node, "_frozen", True)
+    elif isinstance(node, list):
+        for item in node:
+            freeze(item)
+    return node
+
+
 @dataclass
-class TeacherConfig:
+class TeacherConfig(Frozen):
     kind: str = one_of("hf", "vllm", "cached")  # transformers on Ray Serve | vLLM | replayed answers
     model: str = "smollm2-135m-instruct"  # built-in name (distillation.assets), local folder, or hub name (Org/Model)
     dtype: str = one_of("bfloat16", "float32", "float16")  # compute dtype of the teacher forward; outputs are fp16/fp32 regardless
@@ -58,7 +83,7 @@ class TeacherConfig:
 
 
 @dataclass
-class StudentConfig:
+class StudentConfig(Frozen):
     init_from: str = "${teacher.model}"  # the full-precision model converted in stage 1
     checkpoint_path: Optional[str] = None  # start from a saved BitNet student instead
     subln: str = one_of("paper", "allnorm", "none")  # paper (before o_proj and down_proj) | allnorm (before every BitLinear) | none
@@ -70,7 +95,7 @@ class StudentConfig:
 
 
 @dataclass
-class DistillationConfig:
+class DistillationConfig(Frozen):
     ce_weight: float = 1.0
     logits_weight: float = 10.0  # lambda
     attention_weight: float = 1.0e5  # gamma, in the units of `attention_normalization`
@@ -89,7 +114,7 @@ class DistillationConfig:
 
 
 @dataclass
-class SourceConfig:
+class SourceConfig(Frozen):
     name: str = MISSING
     # shakespeare | python_stdlib | python_docs (built in, offline) | text (.txt/.md/... files under `path`)
     # | jsonl | parquet (files under `path`) | hf_disk (datasets.save_to_disk folder) | hf_hub (a hub name)
@@ -101,7 +126,7 @@ class SourceConfig:
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Frozen):
     sources: List[SourceConfig] = field(default_factory=list)
     seq_len: int = positive(256)
     # Training rows: false, one document per row (padded); true, documents end to end filling every
@@ -128,8 +153,8 @@ class DataConfig:
 
 
 @dataclass
-class InfluenceConfig:
-    """Influence-weighted mixture (data/influence.py): every `update_interval` optimizer steps, score
+class InfluenceConfig(Frozen):
+    """Influence-weighted mixture (training/influence.py): every `update_interval` optimizer steps, score
     each source by the cosine of its gradient with the probe set's, and move the weights."""
     enabled: bool = False
     probe_source: Optional[str] = None  # whose probe documents form the target set (default: the first source)
@@ -144,7 +169,7 @@ class InfluenceConfig:
 
 
 @dataclass
-class TrainingConfig:
+class TrainingConfig(Frozen):
     max_steps: int = positive(30)  # optimizer updates
     batch_size: int = positive(4)  # sequences per worker per micro-batch
     grad_accum: int = positive(1)
@@ -172,7 +197,7 @@ class TrainingConfig:
 
 
 @dataclass
-class RunConfig:
+class RunConfig(Frozen):
     name: Optional[str] = None  # default: distill-<timestamp>
     output_dir: str = "outputs"  # the local run folder: metrics, ledger, plots, summary (and, by default, all else)
     # Checkpoints and the final student (and a copy of the small outputs): a folder every node can reach
@@ -192,7 +217,7 @@ class RunConfig:
 
 
 @dataclass
-class Config:
+class Config(Frozen):
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     distillation: DistillationConfig = field(default_factory=DistillationConfig)

@@ -7,83 +7,24 @@ they hold enough held-out, probe and pool rows. So the time to the first step an
 do not grow with the corpus.
 """
 
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Dict, List, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List
 
 import numpy as np
-import ray
-from omegaconf import DictConfig
 
-from distillation.data.packing import Packed, pack, pack_documents, predicted_bytes
-from distillation.data.sources import SourceSpec, Unit, open_source, read_unit, split_of
+from distillation.config.schema import DataConfig, InfluenceConfig
+from distillation.data.mixture import validate_weights
+from distillation.data.packing import Packed, predicted_bytes
+from distillation.data.rows import SPLITS, RowRecipe
+from distillation.data.sources import SourceSpec, Unit, open_source
 from distillation.errors import DistillError, get_or_raise
+from distillation.models import ModelSource
 
-if TYPE_CHECKING:  # models imports torch, which the driver's data planning does not need
-    from distillation.models import ModelSource
+# Starts reading one unit (on a unit reader, roles/unit_reader.py) and returns its ref
+Cut = Callable[[RowRecipe, SourceSpec, Unit], Any]
 
-SPLITS = ("train", "heldout", "probe")
 SCAN_WINDOW = 4  # units read at once while sampling the small sets
 SCAN_UNITS = 64  # at most this many units per source are read for them (a bound on the time to the first step)
-_TOKENIZERS: dict = {}  # per worker process: a tokenizer is loaded once and kept for later tasks
-
-
-@dataclass(frozen=True)
-class RowRecipe:
-    """How a unit becomes rows: tokenized, each document assigned its split, cut into rows. Training
-    rows are packed (several documents per row) when `pack_documents`; held-out and probe rows are
-    always one document per row, so bits/byte is comparable between packed and unpacked runs."""
-    tokenizer: "ModelSource"  # resolved on the reader's node
-    seq_len: int
-    heldout_fraction: float
-    probe_fraction: float
-    pack_documents: bool = False
-
-    def cut(self, spec: SourceSpec, unit: Unit) -> Dict[str, Packed]:
-        from distillation.models import load_tokenizer, local_dir
-
-        if self.tokenizer not in _TOKENIZERS:
-            _TOKENIZERS[self.tokenizer] = load_tokenizer(local_dir(self.tokenizer, weights=False))
-        tokenizer = _TOKENIZERS[self.tokenizer]
-        docs = read_unit(spec, unit)
-        encoded = tokenizer([d.text for d in docs], add_special_tokens=False)["input_ids"] if docs else []
-        parts: Dict[str, List[np.ndarray]] = {name: [] for name in SPLITS}
-        for doc, ids in zip(docs, encoded):
-            split = split_of(f"{spec.name}/{doc.doc_id}", self.heldout_fraction, self.probe_fraction)
-            parts[split].append(np.asarray(ids, dtype=np.int32))
-        rows = {name: pack(tokens, tokenizer.eos_token_id, self.seq_len) for name, tokens in parts.items()
-                if name != "train" or not self.pack_documents}
-        if self.pack_documents:
-            rows["train"] = pack_documents(parts["train"], tokenizer.eos_token_id, self.seq_len)
-        return rows
-
-
-@ray.remote
-class UnitReader:
-    """Reads and cuts units on a Ray worker. An actor, not a task per unit: each task with no CPU
-    booked may start a worker process of its own (importing transformers, loading the tokenizer),
-    which on a small machine cost more than the reading."""
-
-    def cut(self, recipe: RowRecipe, spec: SourceSpec, unit: Unit) -> Dict[str, Packed]:
-        return recipe.cut(spec, unit)
-
-
-class Readers:
-    """`count` UnitReader actors that units are sent to in turn (owned by whoever creates them, so
-    they end with it)."""
-
-    def __init__(self, count: int, num_cpus: float):
-        self.actors = [UnitReader.options(num_cpus=num_cpus).remote() for _ in range(count)]
-        self.sent = 0
-
-    def cut(self, recipe: RowRecipe, spec: SourceSpec, unit: Unit) -> "ray.ObjectRef":
-        """The unit's rows, later; `spec` travels without its unit list (which can be long)."""
-        actor = self.actors[self.sent % len(self.actors)]
-        self.sent += 1
-        return actor.cut.remote(recipe, replace(spec, units=()), unit)
-
-    def close(self) -> None:
-        for actor in self.actors:
-            ray.kill(actor)
 
 
 @dataclass
@@ -125,23 +66,19 @@ def fill_ratio(parts: List[Packed]) -> float:
     return sum(int(p.lengths.sum()) for p in parts) / max(1, sum(p.rows.size for p in parts))
 
 
-def open_sources(cfg: DictConfig) -> Dict[str, SourceSpec]:
+def open_sources(d: DataConfig) -> Dict[str, SourceSpec]:
     """Every source opened and checked (paths, formats, fields, weights) in the driver, from metadata,
     before anything starts."""
-    from distillation.data.mixture import validate_weights
-
-    d = cfg.data
     validate_weights([s.weight for s in d.sources], [s.name for s in d.sources])
     return {s.name: open_source(s.name, s.kind, s.path, d.cache_dir, s.text_field, s.split, d.max_tokens_per_source)
             for s in d.sources}
 
 
-def row_recipe(cfg: DictConfig, tokenizer: "ModelSource") -> RowRecipe:
-    d = cfg.data
+def row_recipe(d: DataConfig, tokenizer: ModelSource) -> RowRecipe:
     return RowRecipe(tokenizer, d.seq_len, d.heldout_fraction, d.probe_fraction, d.pack_documents)
 
 
-def _sample(spec: SourceSpec, recipe: RowRecipe, wanted: Dict[str, int], readers: Readers) -> Dict[str, Packed]:
+def _sample(spec: SourceSpec, recipe: RowRecipe, wanted: Dict[str, int], cut: Cut) -> Dict[str, Packed]:
     """The rows of the source's first units (canonical order) until each split has `wanted` rows,
     read SCAN_WINDOW units at a time; which units are read does not depend on timing."""
     got: Dict[str, List[Packed]] = {name: [] for name in SPLITS}
@@ -151,7 +88,7 @@ def _sample(spec: SourceSpec, recipe: RowRecipe, wanted: Dict[str, int], readers
         if enough or (not pending and next_unit == last):
             break
         while len(pending) < SCAN_WINDOW and next_unit < last:
-            pending.append(readers.cut(recipe, spec, spec.units[next_unit]))
+            pending.append(cut(recipe, spec, spec.units[next_unit]))
             next_unit += 1
         for name, packed in get_or_raise(pending.pop(0)).items():
             got[name].append(packed)
@@ -160,22 +97,17 @@ def _sample(spec: SourceSpec, recipe: RowRecipe, wanted: Dict[str, int], readers
     return {name: concat(parts, recipe.seq_len) for name, parts in got.items()}
 
 
-def prepare_corpus(cfg: DictConfig, tokenizer_model: "ModelSource", tokenizer,
-                   specs: Optional[Dict[str, SourceSpec]] = None) -> Corpus:
-    d, inf = cfg.data, cfg.influence
-    specs = specs if specs is not None else open_sources(cfg)
-    recipe = row_recipe(cfg, tokenizer_model)
+def prepare_corpus(d: DataConfig, inf: InfluenceConfig, tokenizer_model: ModelSource, tokenizer,
+                   specs: Dict[str, SourceSpec], cut: Cut) -> Corpus:
+    """The small sets, read through `cut` (the caller owns the readers)."""
+    recipe = row_recipe(d, tokenizer_model)
     probe_source = inf.probe_source or d.sources[0].name
     heldout, pool, probe, train_read = {}, {}, None, []
-    readers = Readers(d.readers, d.reader_cpus)
-    try:
-        sampled = {name: _sample(spec, recipe, {
-            "train": inf.pool_sequences if inf.enabled else 1,
-            "heldout": 4 * d.heldout_sequences if d.heldout_fraction > 0 else 0,
-            "probe": 2 * inf.probe_sequences if inf.enabled and name == probe_source else 0}, readers)
-            for name, spec in specs.items()}
-    finally:
-        readers.close()
+    sampled = {name: _sample(spec, recipe, {
+        "train": inf.pool_sequences if inf.enabled else 1,
+        "heldout": 4 * d.heldout_sequences if d.heldout_fraction > 0 else 0,
+        "probe": 2 * inf.probe_sequences if inf.enabled and name == probe_source else 0}, cut)
+        for name, spec in specs.items()}
     for name, rows in sampled.items():
         if len(rows["train"].rows) == 0:
             raise DistillError(f"source '{name}' yields no training row in its first {SCAN_UNITS} units "

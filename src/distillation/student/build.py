@@ -1,12 +1,12 @@
 """Where the student's starting weights come from, identical in every worker and in the held-out
-scoring task (training/heldout.py)."""
+scoring task (roles/heldout_task.py)."""
 
+from dataclasses import dataclass
 from typing import Optional
 
-from omegaconf import DictConfig
 from torch import nn
 
-from distillation.models import ModelSource, load_causal_lm, resolve_model
+from distillation.models import ModelSource, load_causal_lm
 from distillation.student.bitnet import convert_to_bitnet
 from distillation.student.checkpoint import load_student
 
@@ -19,11 +19,22 @@ def set_compile(enabled: bool) -> None:
     torch.compiler.set_stance("default" if enabled else "force_eager")
 
 
-def build_student(cfg: DictConfig, init_from: Optional[ModelSource] = None) -> nn.Module:
-    """A saved student (`student.checkpoint_path`), else stage 1: `init_from` (the driver's pinned
-    `student.init_from`; resolved here from the config when None) converted to BitNet."""
-    if cfg.student.checkpoint_path:
-        return load_student(cfg.student.checkpoint_path)
-    source = init_from if init_from is not None else resolve_model(cfg.student.init_from, cfg.data.cache_dir)
-    model = load_causal_lm(source, "float32", cfg.teacher.trust_remote_code)
-    return convert_to_bitnet(model, cfg.student.subln, cfg.student.num_layers)
+@dataclass(frozen=True)
+class StudentSpec:
+    """The starting student (specs.student_spec builds it from `student.*`)."""
+
+    checkpoint_path: Optional[str]  # a saved BitNet student; else stage 1 converts `init_from`
+    init_from: Optional[ModelSource]  # the full-precision model, pinned by the driver (resolved on each node)
+    subln: str
+    num_layers: Optional[int]
+    trust_remote_code: bool
+
+
+def build_student(spec: StudentSpec) -> nn.Module:
+    """A saved student, else stage 1: `init_from` converted to BitNet."""
+    if spec.checkpoint_path:
+        return load_student(spec.checkpoint_path)
+    if spec.init_from is None:
+        raise ValueError("a StudentSpec without checkpoint_path needs init_from")
+    model = load_causal_lm(spec.init_from, "float32", spec.trust_remote_code)
+    return convert_to_bitnet(model, spec.subln, spec.num_layers)

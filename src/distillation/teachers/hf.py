@@ -11,7 +11,7 @@ from distillation.data.packing import check_positions
 from distillation.errors import DistillError
 from distillation.losses.targets import sampled_targets, sparse_targets
 from distillation.models import ModelSource, capture_qkv, forward_rows, load_causal_lm, local_dir
-from distillation.teachers.cache import sequence_key
+from distillation.teachers.cache_store import sequence_key
 from distillation.teachers.protocol import TeacherBase
 from distillation.teachers.schema import TeacherOutput
 

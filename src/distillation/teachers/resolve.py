@@ -5,8 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import DictConfig
-
+from distillation.config.schema import DistillationConfig, StudentConfig, TeacherConfig
 from distillation.errors import DistillError
 from distillation.models import ModelRef, load_tokenizer, pin_model
 from distillation.vocab import check_vocab
@@ -27,40 +26,40 @@ def config_vocab(model_dir: Path) -> int:
     return json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
 
 
-def student_source(cfg: DictConfig) -> tuple:
+def student_source(student: StudentConfig, cache_dir: str) -> tuple:
     """(ModelRef or None, the folder here) of the student's starting weights: a saved student (its
     path, None), or the model stage 1 converts, pinned as the teacher is."""
-    if not cfg.student.checkpoint_path:
-        return pin_model(cfg.student.init_from, cfg.data.cache_dir)
-    path = Path(cfg.student.checkpoint_path).expanduser()
+    if not student.checkpoint_path:
+        return pin_model(student.init_from, cache_dir)
+    path = Path(student.checkpoint_path).expanduser()
     if not (path / "config.json").is_file():
         raise DistillError(f"student checkpoint '{path}' does not exist or has no config.json")
     return None, path
 
 
-def resolve_teacher(cfg: DictConfig) -> ResolvedTeacher:
+def resolve_teacher(t: TeacherConfig, student: StudentConfig, d: DistillationConfig, cache_dir: str) -> ResolvedTeacher:
     """The teacher folder, the shared tokenizer and vocabulary, and the Q/K/V layer, checked against the student."""
-    ref, teacher_dir = pin_model(cfg.teacher.model, cfg.data.cache_dir)
-    tokenizer = load_tokenizer(teacher_dir, cfg.teacher.trust_remote_code)
-    student_ref, student_dir = student_source(cfg)
+    ref, teacher_dir = pin_model(t.model, cache_dir)
+    tokenizer = load_tokenizer(teacher_dir, t.trust_remote_code)
+    student_ref, student_dir = student_source(student, cache_dir)
     student_tok_dir = student_dir if (student_dir / "tokenizer.json").is_file() else teacher_dir
     vocab_size = check_vocab(tokenizer, config_vocab(teacher_dir), load_tokenizer(student_tok_dir),
                              config_vocab(student_dir))
-    qkv_layer = cfg.distillation.teacher_layer if cfg.distillation.attention_weight > 0 else None
+    qkv_layer = d.teacher_layer if d.attention_weight > 0 else None
     return ResolvedTeacher(teacher_dir, ref, tokenizer, vocab_size, qkv_layer, student_dir, student_ref)
 
 
-def cache_signature(cfg: DictConfig, teacher: ResolvedTeacher) -> dict:
-    from distillation.teachers.cache import signal_settings, teacher_signature
+def cache_signature(t: TeacherConfig, temperature: float, teacher: ResolvedTeacher, memo_dir: str) -> dict:
+    from distillation.teachers.cache_store import signal_settings, teacher_signature
 
-    return teacher_signature(teacher.model_dir, signal_settings(cfg, teacher.qkv_layer, teacher.vocab_size),
-                             memo_dir=cfg.data.cache_dir)
+    return teacher_signature(teacher.model_dir, signal_settings(t, temperature, teacher.qkv_layer, teacher.vocab_size),
+                             memo_dir=memo_dir)
 
 
-def check_cache(cfg: DictConfig, teacher: ResolvedTeacher) -> None:
+def check_cache(t: TeacherConfig, temperature: float, teacher: ResolvedTeacher, memo_dir: str) -> None:
     """A replay-only cached teacher needs its cache to exist: say so before anything starts."""
-    if cfg.teacher.kind != "cached" or cfg.teacher.write_through:
+    if t.kind != "cached" or t.write_through or not t.cache_dir:
         return
-    from distillation.teachers.cache import TeacherCache
+    from distillation.teachers.cache_store import TeacherCache
 
-    TeacherCache(cfg.teacher.cache_dir, cache_signature(cfg, teacher), create=False)
+    TeacherCache(t.cache_dir, cache_signature(t, temperature, teacher, memo_dir), create=False)

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import List, Optional
 
 import torch
-from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 from distillation.errors import DistillError
@@ -36,7 +35,7 @@ def _optimizer_tensors(state: dict) -> tuple:
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
-def save_training_checkpoint(model, optimizer_state: dict, scheduler, cfg, state: dict,
+def save_training_checkpoint(model, optimizer_state: dict, scheduler, config_yaml: str, state: dict,
                              model_state: Optional[dict] = None) -> Path:
     """Write the checkpoint folder (staging, for ray.train.report) and return it. `optimizer_state` is
     in torch's format (parameters by index, as `optimizer.state_dict()`); `model_state` the whole
@@ -51,7 +50,7 @@ def save_training_checkpoint(model, optimizer_state: dict, scheduler, cfg, state
     save_file(rng, str(folder / "torch_rng.safetensors"))
     full = {**state, "optimizer": meta, "scheduler": scheduler.state_dict()}
     (folder / STATE_FILE).write_text(json.dumps(full))
-    (folder / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    (folder / "config.yaml").write_text(config_yaml)
     return folder
 
 

@@ -6,6 +6,8 @@ file into rows exactly as the training data is cut and then calls `heldout_loss`
 """
 
 import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -15,6 +17,9 @@ from torch import nn
 from distillation.data.packing import Packed, next_token_labels, pack, predicted_bytes
 from distillation.errors import DistillError
 from distillation.losses import IGNORE_INDEX
+
+if TYPE_CHECKING:
+    from distillation.student import StudentSpec
 
 
 @torch.inference_mode()
@@ -56,3 +61,36 @@ def score_text(model: nn.Module, tokenizer, text: str, seq_len: int, batch_size:
                            f"{vocab}-token vocabulary: model and tokenizer do not belong together")
     num_bytes = predicted_bytes(packed, tokenizer)
     return {**heldout_loss(model, packed, num_bytes, batch_size), "bytes": num_bytes}
+
+
+def starting_student(spec: "StudentSpec", resumed_checkpoint=None) -> nn.Module:
+    """The student training starts from: the checkpoint a resumed run continues, else stage 1's,
+    built as the workers build it."""
+    from distillation.student import build_student
+
+    return build_student(spec) if resumed_checkpoint is None else checkpoint_student(resumed_checkpoint)
+
+
+def checkpoint_student(checkpoint) -> nn.Module:
+    """The student of a training checkpoint (strict reload), read through Ray Train's storage."""
+    from distillation.student import load_student
+
+    with checkpoint.as_directory() as folder:
+        return load_student(Path(folder) / "student")
+
+
+Job = Tuple[Callable[[], nn.Module], Optional[Callable[[nn.Module], None]]]  # (load() -> model, check(model) or None)
+
+
+def score_models(jobs: List[Job], packed: Packed, num_bytes: int, device: str) -> List[dict]:
+    """Each job's model loaded on `device` and scored on `packed` (held-out loss, tokens, bits/byte,
+    parameters), one at a time; a job's check runs when its loss is finite."""
+    results = []
+    for load, check in jobs:
+        model = load().to(device)
+        result = {**heldout_loss(model, packed, num_bytes), "parameters": sum(p.numel() for p in model.parameters())}
+        if check is not None and math.isfinite(result["loss"]):
+            check(model)
+        results.append(result)
+        del model
+    return results

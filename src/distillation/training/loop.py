@@ -1,4 +1,5 @@
-"""`train_loop_per_worker`: the student side of BitDistill on Ray Train, as named phases.
+"""The student side of BitDistill on one Ray Train worker, as named phases (roles/train_worker.py
+runs them in order).
 
     setup            the student (fresh or from the latest checkpoint), optimizer, data stream
     micro_step       forward + loss + backward of one micro-batch (training/step.py)
@@ -24,17 +25,17 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig, OmegaConf
 
-from distillation.data.influence import alignment_scores, move_weights, smooth
 from distillation.data.packing import Packed
-from distillation.data.pipeline import rank_sample_ids, read_batches, worker_stream
+from distillation.data.pipeline import read_batches
+from distillation.data.steps import samples_before, samples_per_step
 from distillation.losses import LossWeights, OutputHead
 from distillation.models import capture_qkv, load_output_head
+from distillation.specs import WorkerSpec
 from distillation.student import build_student, set_compile
-from distillation.teachers.deployment import DEPLOYMENT_NAME
 from distillation.training.checkpoint import load_training_checkpoint, save_training_checkpoint, saved_optimizer_state
 from distillation.training.evaluate import heldout_loss
+from distillation.training.influence import alignment_scores, move_weights, smooth
 from distillation.training.metrics import LogWindow, TrainingGauges
 from distillation.training.parallel import (
     check_same_weights,
@@ -46,7 +47,7 @@ from distillation.training.parallel import (
     unwrapped,
     whole_student_state,
 )
-from distillation.training.plan import WorkerPlan, influence_steps, loss_weights
+from distillation.training.plan import influence_steps, loss_weights
 from distillation.training.step import NanGuard, lr_lambda, micro_step
 
 
@@ -54,8 +55,7 @@ from distillation.training.step import NanGuard, lr_lambda, micro_step
 class Worker:
     """Everything one worker holds for the run (built by `setup`)."""
 
-    plan: WorkerPlan
-    cfg: DictConfig
+    spec: WorkerSpec
     rank: int
     world: int
     model: torch.nn.Module  # as trained: DDP-wrapped (world > 1), or sharded in place (training/parallel.py)
@@ -74,31 +74,26 @@ class Worker:
     update_steps: set
 
     @property
-    def rows_per_step(self) -> int:  # on this rank
-        return self.cfg.training.batch_size * self.cfg.training.grad_accum
-
-    @property
     def sharded(self) -> bool:  # FSDP: every forward (evaluation, influence) needs every rank
         return is_sharded(self.core)
 
 
-def setup(plan: WorkerPlan) -> Worker:
+def setup(spec: WorkerSpec) -> Worker:
     """This worker's student (resumed from the latest checkpoint if there is one), optimizer, schedule,
     device and counters: everything the steps that follow need."""
-    cfg = OmegaConf.create(plan.cfg)
-    t = cfg.training
+    t = spec.training
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(t.num_threads)
     torch.set_flush_denormal(True)
-    set_compile(cfg.student.compile)
+    set_compile(spec.compile)
     torch.manual_seed(t.seed + rank)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             student, state, optimizer_tensors = load_training_checkpoint(folder)
     else:
-        student, state, optimizer_tensors = build_student(cfg, plan.student_model), {"step": 0, "tokens": 0, "nan_skipped": 0}, None
+        student, state, optimizer_tensors = build_student(spec.student), {"step": 0, "tokens": 0, "nan_skipped": 0}, None
     device = ray.train.torch.get_device()
     model = distribute(student, t.parallelism, device)
     core = unwrapped(model)
@@ -107,29 +102,29 @@ def setup(plan: WorkerPlan) -> Worker:
     if optimizer_tensors is not None:
         load_optimizer_state(core, optimizer, saved_optimizer_state(state, optimizer_tensors))
         scheduler.load_state_dict(state["scheduler"])
-    weights = loss_weights(cfg.distillation)
+    weights = loss_weights(spec.distillation)
     head = None
-    if cfg.teacher.signal == "hidden" and weights.logits_weight > 0:
-        head = load_output_head(plan.teacher_model, plan.vocab_size, cfg.teacher.trust_remote_code).to(device)
-    return Worker(plan=plan, cfg=cfg, rank=rank, world=world, model=model, core=core, device=device, optimizer=optimizer,
+    if spec.signal == "hidden" and weights.logits_weight > 0:
+        head = load_output_head(spec.teacher_model, spec.vocab_size, spec.trust_remote_code).to(device)
+    return Worker(spec=spec, rank=rank, world=world, model=model, core=core, device=device, optimizer=optimizer,
                   scheduler=scheduler, guard=NanGuard(t.max_nan_steps, state["nan_skipped"]), weights=weights,
-                  head=head, step=state["step"], tokens=state["tokens"], mixture=ray.get_actor(plan.mixture),
-                  board=ray.get_actor(plan.board) if plan.board else None,
-                  gauges=TrainingGauges([s.name for s in cfg.data.sources]) if rank == 0 else None,
-                  update_steps=set(influence_steps(cfg.influence, t.max_steps)))
+                  head=head, step=state["step"], tokens=state["tokens"], mixture=ray.get_actor(spec.feed.mixture),
+                  board=ray.get_actor(spec.board) if spec.board else None,
+                  gauges=TrainingGauges(spec.sources) if rank == 0 else None,
+                  update_steps=set(influence_steps(spec.influence, t.max_steps)))
 
 
 def influence_update(w: Worker) -> None:
     """Score every source against the probe set and (rank 0) send the moved weights to the mixture.
     Rank 0 alone under DDP; every rank under FSDP, on the same rows (the batches are seeded by step)."""
-    icfg = w.cfg.influence
-    names = [s.name for s in w.cfg.data.sources]
+    icfg = w.spec.influence
+    names = w.spec.sources
     batches = ray.get(w.mixture.influence_batches.remote(w.step, icfg.batch_size))
 
     def as_tensors(columns):  # rows, lengths (and positions, or None, for training rows)
         return tuple(None if x is None else torch.as_tensor(x).long().to(w.device) for x in columns)
 
-    scores = alignment_scores(w.core, as_tensors(w.plan.probe), {n: as_tensors(batches[n]) for n in names})
+    scores = alignment_scores(w.core, as_tensors(w.spec.probe), {n: as_tensors(batches[n]) for n in names})
     if w.rank != 0:
         return
     latest = max(ray.get(w.mixture.history.remote()), key=lambda e: e["computed_at"] or -1)
@@ -140,7 +135,7 @@ def influence_update(w: Worker) -> None:
 
 def optimizer_step(w: Worker, ledger: list) -> float:
     """Clip and step (NaN guard), then what follows a step: influence update, ledger."""
-    grad_norm = w.guard.step(w.model, w.optimizer, w.scheduler, w.cfg.training.grad_clip)
+    grad_norm = w.guard.step(w.model, w.optimizer, w.scheduler, w.spec.training.grad_clip)
     w.step += 1
     if w.step in w.update_steps and (w.rank == 0 or w.sharded):
         influence_update(w)
@@ -152,14 +147,14 @@ def optimizer_step(w: Worker, ledger: list) -> float:
 def log(w: Worker, window: LogWindow, grad_norm: float, final: bool) -> None:
     """Rank 0: one metrics row (gauges, board) when this step is due; the window then starts afresh.
     Held-out losses are computed on rank 0, or under FSDP on every rank (each forward is collective)."""
-    t = w.cfg.training
+    t = w.spec.training
     evaluate = bool(t.eval_every) and (w.step % t.eval_every == 0 or final)
     logs = w.rank == 0 and (w.step % t.log_every == 0 or final or evaluate)
     if logs:
-        row = window.row(w.cfg.distillation, step=w.step, tokens=w.tokens, lr=w.scheduler.get_last_lr()[0],
+        row = window.row(w.spec.distillation, step=w.step, tokens=w.tokens, lr=w.scheduler.get_last_lr()[0],
                          grad_norm=grad_norm, nan_skipped=w.guard.skipped)  # timed before evaluation
     if evaluate and (w.rank == 0 or w.sharded):
-        losses = {f"eval_{name}": heldout_loss(w.core, Packed(*rows, 0), 0)["loss"] for name, rows in w.plan.eval.items()}
+        losses = {f"eval_{name}": heldout_loss(w.core, Packed(*rows, 0), 0)["loss"] for name, rows in w.spec.eval.items()}
         w.model.train()
     if not logs:
         return
@@ -180,8 +175,10 @@ def save_checkpoint(w: Worker) -> None:
     optimizer_whole = optimizer_state(w.core, w.optimizer)
     saved, folder = None, None
     if w.rank == 0:
-        data_state = ray.get(w.mixture.state_at.remote(w.step * w.rows_per_step * w.world))
-        folder = save_training_checkpoint(w.core, optimizer_whole, w.scheduler, w.cfg, {
+        t = w.spec.training
+        consumed = samples_before(w.step, samples_per_step(t.batch_size, t.grad_accum, w.world))
+        data_state = ray.get(w.mixture.state_at.remote(consumed))
+        folder = save_training_checkpoint(w.core, optimizer_whole, w.scheduler, w.spec.config_yaml, {
             "step": w.step, "tokens": w.tokens, "nan_skipped": w.guard.skipped, "data": data_state},
             model_state=model_state)
         saved = ray.train.Checkpoint.from_directory(str(folder))
@@ -201,20 +198,15 @@ def stop_requested(w: Worker) -> bool:
     return bool(flag.item())
 
 
-def train_loop_per_worker(config: dict) -> None:
-    """Ray Train's entry point on every worker: set up, then for each optimizer step its micro-steps,
+def train_steps(w: Worker, stream) -> None:
+    """For each optimizer step its micro-steps over `stream` (this rank's teacher-annotated rows),
     the optimizer step, the logging window and, on schedule, a checkpoint."""
-    w = setup(config["plan"])
-    t = w.cfg.training
-    stream = worker_stream(rank_sample_ids(w.rank, w.world, t.batch_size, t.grad_accum, w.step, t.max_steps),
-                           w.rows_per_step, w.plan.mixture, w.plan.app_name, DEPLOYMENT_NAME,
-                           w.cfg.data.teacher_batch_size, w.cfg.data.teacher_max_in_flight,
-                           w.cfg.data.teacher_max_attempts)
+    t = w.spec.training
     autocast = (partial(torch.autocast, w.device.type, dtype=torch.bfloat16) if t.autocast == "bf16"
                 else nullcontext)
     window, ledger, micro = LogWindow(), [], 0
     with ExitStack() as hooks:
-        student_qkv = (hooks.enter_context(capture_qkv(w.core, w.cfg.distillation.student_layer))
+        student_qkv = (hooks.enter_context(capture_qkv(w.core, w.spec.distillation.student_layer))
                        if w.weights.uses_attention else None)
         w.model.train()
         waited_since = time.perf_counter()
@@ -223,7 +215,7 @@ def train_loop_per_worker(config: dict) -> None:
             ledger.extend(zip(*(batch[c].tolist() for c in ("sample_id", "source", "unit", "row"))))
             sync = (micro + 1) % t.grad_accum == 0
             with gradient_sync(w.model, sync):  # only the last micro-batch of a step reduces gradients
-                out = micro_step(w.model, batch, w.weights, w.plan.vocab_size, w.head, student_qkv, autocast,
+                out = micro_step(w.model, batch, w.weights, w.spec.vocab_size, w.head, student_qkv, autocast,
                                  grad_scale=1.0 / t.grad_accum)
             micro += 1
             real = int(batch["length"].sum()) * w.world

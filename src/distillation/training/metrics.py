@@ -1,15 +1,13 @@
-"""Training metrics: Prometheus gauges (Ray dashboard), a tiny Ray actor the workers push rows and
-the sample ledger to (the driver's progress bar and files read it), a JSON-lines file and a
-loss-curve PNG next to the checkpoints."""
+"""Training metrics: Prometheus gauges (Ray dashboard), the logging window, the JSON-lines files and
+loss-curve PNG next to the checkpoints. The actor the workers push rows to is roles/metrics_board.py."""
 
 import json
 import os
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
-import ray
-
+from distillation.config.schema import DistillationConfig
 from distillation.losses.combined import LOSS_COMPONENTS
 
 
@@ -55,39 +53,13 @@ class LogWindow:
         self.tokens += tokens
         self.data_wait_s += data_wait_s
 
-    def row(self, dcfg, **fields) -> dict:
+    def row(self, dcfg: DistillationConfig, **fields) -> dict:
         mean = {key: value / max(self.n, 1) for key, value in self.sums.items()}
         row = {**fields, "tokens_per_s": self.tokens / (time.perf_counter() - self.start),
                "data_wait_s": self.data_wait_s, **mean,
                "ce_weighted": dcfg.ce_weight * mean["ce"], "logits_kl_weighted": dcfg.logits_weight * mean["logits_kl"],
                "attention_weighted": dcfg.attention_weight * mean["attention"]}
         return row
-
-
-@ray.remote(num_cpus=0)
-class MetricsBoard:
-    """Append-only logs the driver copies to files as they grow: metrics rows and the sample ledger
-    (one row per step and rank: [(sample_id, source, row)]). A step redone after a restart appears
-    again; readers keep its last row (`read_jsonl`)."""
-
-    def __init__(self):
-        self.logs: Dict[str, List[dict]] = {"metrics": [], "ledger": []}
-        self.stop = False  # the driver's request to stop after the current step (a first Ctrl-C)
-
-    def request_stop(self) -> None:
-        self.stop = True
-
-    def stop_requested(self) -> bool:
-        return self.stop
-
-    def push(self, row: dict) -> None:
-        self.logs["metrics"].append(row)
-
-    def push_ledger(self, rank: int, step: int, entries: list) -> None:
-        self.logs["ledger"].append({"step": step, "rank": rank, "samples": entries})
-
-    def since(self, counts: Dict[str, int]) -> Dict[str, List[dict]]:
-        return {name: rows[counts[name]:] for name, rows in self.logs.items()}
 
 
 WEIGHTED_TERMS = (("ce_weighted", "CE"), ("logits_kl_weighted", "lambda * L_LD"), ("attention_weighted", "gamma * L_AD"))

@@ -7,6 +7,7 @@ from typing import Callable, Mapping, Optional
 
 import torch
 
+from distillation.config.schema import TrainingConfig
 from distillation.data.packing import next_token_labels, segment_ids, token_mask
 from distillation.errors import DistillError
 from distillation.losses import (
@@ -61,7 +62,7 @@ def micro_step(model, batch: Mapping, weights: LossWeights, vocab_size: int, hea
     return out
 
 
-def lr_lambda(tcfg):
+def lr_lambda(tcfg: TrainingConfig) -> Callable[[int], float]:
     """Linear warmup from lr / warmup_steps, then a cosine down to `min_lr_ratio`. Our own rather than
     transformers' `get_cosine_with_min_lr_schedule_with_warmup`, whose warmup starts at lr 0 and so
     wastes the first optimizer step (3% of the 30-step default job)."""

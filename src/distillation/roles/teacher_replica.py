@@ -1,4 +1,7 @@
-"""The teacher pool as a Ray Serve application: batching, autoscaling and resources come from config.
+"""Role: a teacher replica, one process per replica of the Ray Serve application `teacher-<run>`
+(deployment `Teacher`), started by the driver (run.py) and called by the training workers' Ray Data
+stage (roles/annotate_stage.py). It accepts a `ReplicaSpec` (built in specs.py) and books
+`replica_bundle(teacher)`; batching and autoscaling come from `teacher.*`.
 
 No HTTP ingress: the pool is reached through a DeploymentHandle (Ray Data's annotator holds one).
 Every kind answers with `TeacherOutput` columns, so the data stage does not care which one runs.
@@ -8,49 +11,41 @@ scored, and requests in flight per replica.
 
 import asyncio
 import time
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
-from omegaconf import DictConfig
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from distillation.config.schema import TeacherConfig
+from distillation.specs import ReplicaSpec
 from distillation.teachers.protocol import Teacher
-from distillation.teachers.resolve import ResolvedTeacher
+from distillation.teachers.scorer import build_scorer
 
 DEPLOYMENT_NAME = "Teacher"
 LATENCY_BUCKETS_S = [0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30]
 
 
-def _build(kind: str, teacher_kwargs: dict, cache: Optional[dict]) -> Teacher:
-    if kind == "hf":
-        from distillation.teachers.hf import HFTeacher
+def app_name(run_name: str) -> str:
+    return f"teacher-{run_name}"
 
-        return HFTeacher(**teacher_kwargs)
-    if kind == "vllm":
-        from distillation.teachers.vllm import VLLMServerTeacher, VLLMTeacher
 
-        return (VLLMServerTeacher if teacher_kwargs.get("vllm_url") else VLLMTeacher)(**teacher_kwargs)
-    if kind == "cached":
-        from distillation.teachers.cached import build_cached
-
-        return build_cached(cache["dir"], cache["signature"], teacher_kwargs if cache["write_through"] else None,
-                            cache["memory_mb"])
-    raise ValueError(f"teacher kind '{kind}' has no deployment")
+def replica_bundle(t: TeacherConfig) -> Dict[str, float]:
+    """What one replica books: its deployment's options and the driver's placement check use this."""
+    return {"CPU": t.num_cpus, "GPU": t.num_gpus, **t.resources}
 
 
 @serve.deployment(name=DEPLOYMENT_NAME)
 class TeacherDeployment:
-    def __init__(self, kind: str, teacher_kwargs: dict, num_threads: int, max_batch_size: int,
-                 batch_wait_timeout_s: float, cache: Optional[dict] = None):
+    def __init__(self, spec: ReplicaSpec):
         import torch
         from ray.util import metrics
 
-        torch.set_num_threads(num_threads)
-        self.teacher = _build(kind, teacher_kwargs, cache)
-        self.score_batch.set_max_batch_size(max_batch_size)
-        self.score_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
-        tags = {"kind": kind}
+        torch.set_num_threads(spec.num_threads)
+        self.teacher: Teacher = build_scorer(spec.scorer)
+        self.score_batch.set_max_batch_size(spec.max_batch_size)
+        self.score_batch.set_batch_wait_timeout_s(spec.batch_wait_timeout_s)
+        tags = {"kind": spec.scorer.kind}
         self.latency = metrics.Histogram("distill_teacher_latency_s", "seconds per scoring call",
                                          boundaries=LATENCY_BUCKETS_S, tag_keys=("kind",))
         self.tokens = metrics.Counter("distill_teacher_tokens", "tokens scored", tag_keys=("kind",))
@@ -103,39 +98,21 @@ class TeacherDeployment:
         return [part.to_columns() for part in parts]
 
 
-def hf_teacher_kwargs(cfg: DictConfig, teacher: ResolvedTeacher) -> dict:
-    t = cfg.teacher
-    return dict(model_dir=teacher.ref,  # resolved on the replica's node
-                top_k=t.top_k, temperature=cfg.distillation.temperature,
-                qkv_layer=teacher.qkv_layer, dtype=t.dtype, max_tokens_per_batch=t.max_tokens_per_batch,
-                trust_remote_code=t.trust_remote_code, vocab_size=teacher.vocab_size, signal=t.signal, draws=t.draws,
-                device="cuda" if t.num_gpus > 0 else "cpu")
-
-
-def teacher_app(cfg: DictConfig, teacher: ResolvedTeacher):
-    t = cfg.teacher
+def teacher_app(spec: ReplicaSpec, t: TeacherConfig):
+    """The Serve application: `spec` for every replica; resources, replicas and autoscaling from `t`."""
     scaling = ({"num_replicas": t.min_replicas} if t.min_replicas == t.max_replicas else
                {"autoscaling_config": {"min_replicas": t.min_replicas, "max_replicas": t.max_replicas,
                                        "target_ongoing_requests": t.target_ongoing_requests,
                                        "upscale_delay_s": t.upscale_delay_s, "downscale_delay_s": t.downscale_delay_s}})
-    kwargs = hf_teacher_kwargs(cfg, teacher)
-    if t.kind == "vllm":
-        kwargs.update(max_model_len=t.max_model_len, kv_cache_gib=t.kv_cache_gib, vllm_url=t.vllm_url,
-                      gpu_memory_utilization=t.gpu_memory_utilization, tensor_parallel_size=t.tensor_parallel_size)
-    cache = None
-    if t.kind == "cached":
-        from distillation.teachers.resolve import cache_signature
-
-        cache = {"dir": t.cache_dir, "write_through": t.write_through, "signature": cache_signature(cfg, teacher),
-                 "memory_mb": t.cache_memory_mb}
+    bundle = replica_bundle(t)
     return TeacherDeployment.options(
-        ray_actor_options={"num_cpus": t.num_cpus, "num_gpus": t.num_gpus, "resources": dict(t.resources)},
+        ray_actor_options={"num_cpus": bundle.pop("CPU"), "num_gpus": bundle.pop("GPU"), "resources": bundle},
         max_ongoing_requests=max(4, 2 * t.max_batch_size), health_check_period_s=t.health_check_period_s,
         **scaling,
         logging_config={"log_level": "WARNING", "enable_access_log": False},  # one line per request otherwise
-    ).bind(t.kind, kwargs, t.num_threads, t.max_batch_size, t.batch_wait_timeout_s, cache)
+    ).bind(spec)
 
 
-def deploy_teacher(cfg: DictConfig, teacher: ResolvedTeacher, app_name: str) -> DeploymentHandle:
+def deploy_teacher(spec: ReplicaSpec, t: TeacherConfig, name: str) -> DeploymentHandle:
     serve.start(proxy_location="Disabled")  # handles only; nothing listens on a port
-    return serve.run(teacher_app(cfg, teacher), name=app_name, route_prefix=None)
+    return serve.run(teacher_app(spec, t), name=name, route_prefix=None)

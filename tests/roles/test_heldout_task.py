@@ -5,13 +5,13 @@ from functools import partial
 
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
 
 from conftest import tiny_student
+from distillation.config.schema import TrainingConfig
 from distillation.data.packing import pack
 from distillation.errors import DistillError
+from distillation.roles.heldout_task import score_on_worker, worker_options
 from distillation.training.evaluate import heldout_loss
-from distillation.training.heldout import score_on_worker, worker_options
 
 
 def _student_not_in(driver_pid: int, seed: int):
@@ -25,8 +25,7 @@ def _broken():
 
 
 def _training(**overrides):
-    return OmegaConf.create({"cpus_per_worker": 1.0, "use_gpu": False, "worker_resources": {}, "num_threads": 1,
-                             **overrides})
+    return TrainingConfig(**{"cpus_per_worker": 1.0, "num_threads": 1, **overrides})
 
 
 def test_a_task_is_placed_as_a_training_worker_is():

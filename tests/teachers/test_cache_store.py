@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from distillation.errors import DistillError
-from distillation.teachers.cache import TeacherCache, sequence_key, teacher_signature
-from distillation.teachers.cached import CachedTeacher
+from distillation.teachers.cache_store import TeacherCache, sequence_key, teacher_signature
+from distillation.teachers.cached_teacher import CachedTeacher
 from distillation.teachers.hf import HFTeacher
 
 SETTINGS = {"top_k": 8, "temperature": 5.0, "qkv_layer": -1, "vocab_size": 128, "signal": "topk+tail"}
@@ -174,7 +174,7 @@ def test_replicas_page_row_groups_within_their_memory_setting_and_replay_every_r
 
     # a key whose 8-byte prefix points at a row group without it is a miss, never another row's answer
     other = _ids(999, rows=1, length=64)
-    from distillation.teachers.cache import _prefix
+    from distillation.teachers.cache_store import _prefix
 
     reader.index.add([_prefix(sequence_key(other[0]))], reader.index.find(_prefix(sequence_key(ids[0][0]))))
     assert reader.lookup(other)[1] == [0]

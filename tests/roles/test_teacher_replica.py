@@ -10,13 +10,19 @@ from ray import serve
 
 from conftest import in_background, jsonl_mixture_inputs, wait_for
 from distillation.config import load_config
-from distillation.data.mixture import Mixture, MixturePlan
-from distillation.data.pipeline import worker_stream
+from distillation.data.mixture import MixturePlan
 from distillation.models import pin_model
-from distillation.teachers.deployment import DEPLOYMENT_NAME, deploy_teacher
+from distillation.roles.annotate_stage import worker_stream
+from distillation.roles.mixture import Mixture
+from distillation.roles.teacher_replica import DEPLOYMENT_NAME, deploy_teacher
+from distillation.specs import FeedSpec, MixtureSpec, replica_spec
 from distillation.teachers.resolve import ResolvedTeacher
 
 pytestmark = pytest.mark.slow
+
+
+def _deploy(cfg, teacher: ResolvedTeacher, name: str):
+    return deploy_teacher(replica_spec(cfg, teacher), cfg.teacher, name)
 
 
 def _pool_teacher(folder, vocab_size: int) -> ResolvedTeacher:
@@ -36,7 +42,7 @@ def test_pool_scales_out_under_load_and_back_in(tiny_dir_one_layer, ray_cluster)
     cfg = load_config(["teacher.min_replicas=1", "teacher.max_replicas=2", "teacher.num_cpus=0.5",
                        "teacher.target_ongoing_requests=1", "teacher.upscale_delay_s=0.5",
                        "teacher.downscale_delay_s=2", "teacher.max_batch_size=1", "teacher.top_k=8"])
-    handle = deploy_teacher(cfg, _pool_teacher(tiny_dir_one_layer, 128), "pool-autoscale")
+    handle = _deploy(cfg, _pool_teacher(tiny_dir_one_layer, 128), "pool-autoscale")
     try:
         assert _running("pool-autoscale") == 1
         ids = np.random.default_rng(0).integers(0, 128, (2, 512))
@@ -66,14 +72,14 @@ def test_pool_scales_out_under_load_and_back_in(tiny_dir_one_layer, ray_cluster)
 def test_killed_replica_loses_no_batch(tiny_teacher, ray_cluster, tmp_path):
     cfg = load_config(["teacher.min_replicas=2", "teacher.max_replicas=2", "teacher.num_cpus=0.5",
                        "teacher.signal=topk", "teacher.top_k=8"])
-    deploy_teacher(cfg, _pool_teacher(tiny_teacher, 49152), "pool-kill")
+    _deploy(cfg, _pool_teacher(tiny_teacher, 49152), "pool-kill")
     try:
         count = 48
         specs, recipe, pool = jsonl_mixture_inputs(tmp_path, tiny_teacher, names=("only",))
         plan = MixturePlan(["only"], [len(specs["only"].units)], [1.0], seed=0, samples_per_step=2, window=2)
-        mixture = Mixture.options(name="pool-kill-mixture").remote(plan.state(), specs, recipe, pool)
-        dataset = worker_stream(np.arange(count), 2, "pool-kill-mixture", "pool-kill", DEPLOYMENT_NAME,
-                                request_size=2, max_in_flight=4, max_attempts=6)
+        mixture = Mixture.options(name="pool-kill-mixture").remote(MixtureSpec(plan.state(), specs, recipe, pool, 2, 0.0))
+        feed = FeedSpec("pool-kill-mixture", "pool-kill", teacher_batch_size=2, max_in_flight=4, max_attempts=6)
+        dataset = worker_stream(np.arange(count), 2, feed)
         replicas = [a for a in ray.util.list_named_actors(all_namespaces=True)
                     if "pool-kill" in a["name"] and a["namespace"] == "serve"]
         assert len(replicas) == 2, replicas
@@ -98,7 +104,7 @@ def test_a_serve_batch_gives_each_row_the_draws_it_gets_alone(tiny_dir_one_layer
 
     cfg = load_config(["teacher.num_cpus=0.5", "teacher.signal=sampled", "teacher.draws=12", "teacher.max_batch_size=4",
                        "teacher.batch_wait_timeout_s=2.0"])
-    handle = deploy_teacher(cfg, _pool_teacher(tiny_dir_one_layer, 128), "pool-batch")
+    handle = _deploy(cfg, _pool_teacher(tiny_dir_one_layer, 128), "pool-batch")
     try:
         rows = np.random.default_rng(2).integers(0, 128, (4, 1, 64))
         answers = [r.result() for r in [handle.remote(row) for row in rows]]  # sent together: one batch

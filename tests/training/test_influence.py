@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import tiny_llama_config
-from distillation.data.influence import alignment_scores, flat_gradient, move_weights, smooth
+from distillation.training.influence import alignment_scores, flat_gradient, move_weights, smooth
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from typing import Optional
 import numpy as np
 
 from distillation.errors import DistillError
-from distillation.teachers.cache import TeacherCache
+from distillation.teachers.cache_store import TeacherCache
 from distillation.teachers.protocol import TeacherBase
 from distillation.teachers.schema import TeacherOutput
 

@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from distillation.config.schema import TeacherConfig
 from distillation.errors import DistillError
 from distillation.teachers.schema import DTYPES, TeacherOutput
 
@@ -81,13 +82,12 @@ def teacher_signature(model_dir: Path, settings: dict, memo_dir: Optional[str] =
     return identity
 
 
-def signal_settings(cfg, qkv_layer: Optional[int], vocab_size: int) -> dict:
+def signal_settings(t: TeacherConfig, temperature: float, qkv_layer: Optional[int], vocab_size: int) -> dict:
     """What, besides the model, decides a teacher's answers (part of the cache signature)."""
-    t = cfg.teacher
     return {"signal": t.signal, "top_k": t.top_k if t.signal == "topk" else None,
             "draws": t.draws if t.signal == "sampled" else None,
             # hidden states do not depend on tau (the loss applies it), so one cache serves every tau
-            "temperature": None if t.signal == "hidden" else float(cfg.distillation.temperature),
+            "temperature": None if t.signal == "hidden" else float(temperature),
             "qkv_layer": qkv_layer, "vocab_size": vocab_size}
 
 
