@@ -30,6 +30,7 @@ distill: $(STAMP)
 
 test: $(LLAMA)
 	$(VENV)/bin/ruff check src tests bench ray_jobs
+	$(VENV)/bin/mypy  # typed boundaries stay typed (settings: pyproject.toml)
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 clean:

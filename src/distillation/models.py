@@ -4,7 +4,7 @@ the forward pass on (possibly packed) rows."""
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, Optional, Union
+from typing import Any, Dict, Iterator, Optional, Union
 
 import torch
 from torch import nn
@@ -82,7 +82,7 @@ def _from_hub(name: str, cache_dir: str, revision: Optional[str] = None, weights
     from huggingface_hub import snapshot_download
 
     hub_cache = Path(cache_dir).expanduser() / "hub"
-    fetch = dict(cache_dir=hub_cache, allow_patterns=HUB_FILES if weights else READER_PATTERNS, revision=revision)
+    fetch: Dict[str, Any] = dict(cache_dir=hub_cache, allow_patterns=HUB_FILES if weights else READER_PATTERNS, revision=revision)
 
     def complete(folder: Path) -> bool:
         return (folder / "config.json").is_file() and (not weights or any(folder.glob("*.safetensors")))
@@ -172,7 +172,8 @@ def capture_head_input(model: nn.Module) -> Iterator[Dict[str, torch.Tensor]]:
 
     def hook(_module, inputs):
         states["hidden"] = inputs[0]
-    handle = model.get_output_embeddings().register_forward_pre_hook(hook)
+    head = model.get_output_embeddings()  # type: ignore[operator]  # nn.Module.__getattr__ is typed Tensor | Module
+    handle = head.register_forward_pre_hook(hook)
     try:
         yield states
     finally:
@@ -180,7 +181,7 @@ def capture_head_input(model: nn.Module) -> Iterator[Dict[str, torch.Tensor]]:
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    return model.get_decoder().layers
+    return model.get_decoder().layers  # type: ignore[operator]  # nn.Module.__getattr__ is typed Tensor | Module
 
 
 @contextlib.contextmanager

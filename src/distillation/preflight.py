@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, cast
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -172,6 +172,7 @@ def student_config(student: StudentConfig, trust_remote_code: bool, teacher: Res
         return base_config(saved), saved["bitnet"]["subln"]
     from transformers import AutoConfig
 
+    assert teacher.student_dir is not None  # resolve_teacher sets it
     return AutoConfig.from_pretrained(teacher.student_dir, trust_remote_code=trust_remote_code), student.subln
 
 
@@ -201,13 +202,14 @@ def run_folder(r: RunConfig, config_yaml: str) -> Path:
     out = Path(r.output_dir).expanduser().resolve() / name
     if r.resume:
         shared = run_storage(r.storage_path, out)
-        saved = (out / "config.yaml").read_text() if (out / "config.yaml").is_file() else (
+        saved_text = (out / "config.yaml").read_text() if (out / "config.yaml").is_file() else (
             read_text(join(shared, "config.yaml")) if shared else None)  # a job's lost working folder: the storage copy
-        if saved is None:
+        if saved_text is None:
             raise DistillError(f"run.resume=true but {out} holds no run (config.yaml missing); check run.name"
                                + (f" and run.storage_path ({shared})" if shared else ""))
-        saved = with_defaults(OmegaConf.create(saved))
-        now = OmegaConf.create(config_yaml)
+        # a config.yaml is a mapping: OmegaConf.create gives a DictConfig (typed DictConfig | ListConfig)
+        saved = with_defaults(cast(DictConfig, OmegaConf.create(saved_text)))
+        now = cast(DictConfig, OmegaConf.create(config_yaml))
         changed = config_changes(saved, now)
         if not changed and saved.training.max_steps != now.training.max_steps:
             from distillation.console import say
@@ -230,7 +232,7 @@ def with_defaults(saved: DictConfig) -> DictConfig:
     from distillation.config.schema import Config
 
     try:
-        return OmegaConf.merge(OmegaConf.structured(Config), saved)
+        return cast(DictConfig, OmegaConf.merge(OmegaConf.structured(Config), saved))  # merging onto a DictConfig
     except Exception:  # omegaconf raises several types for keys and values the schema does not take
         return saved
 

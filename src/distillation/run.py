@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import ray
 
@@ -45,7 +45,7 @@ from distillation.specs import MixtureSpec, WorkerSpec, replica_spec, student_sp
 from distillation.storage import join, read_text, run_storage, train_location, train_storage, upload, write_text
 from distillation.student import set_compile
 from distillation.training.checkpoint import remove_unregistered
-from distillation.training.evaluate import checkpoint_student, starting_student
+from distillation.training.evaluate import Job, checkpoint_student, starting_student
 from distillation.training.metrics import (
     WEIGHTED_TERMS,
     append_jsonl,
@@ -108,7 +108,7 @@ def prepare(cfg: Config, pre: Preflight) -> Prepared:
                              for n, s in corpus.specs.items())
         + f"; held-out {len(corpus.heldout.rows)} rows; probe {len(corpus.probe.rows)} rows; "
         f"rows {corpus.fill:.0%} real tokens (the units read so far)")
-    jobs = [(partial(starting_student, student_spec(cfg, pre.teacher.student_ref), pre.resumed_checkpoint), None)]
+    jobs: List[Job] = [(partial(starting_student, student_spec(cfg, pre.teacher.student_ref), pre.resumed_checkpoint), None)]
     if cfg.teacher.kind != "cached":  # a cached teacher's point is not loading the model, so it is not scored here
         check = (partial(check_output_head, model_dir=pre.teacher.ref, input_ids=corpus.heldout.rows[:1],
                          vocab_size=pre.teacher.vocab_size) if pre.uses_teacher and cfg.teacher.signal == "hidden"
@@ -151,6 +151,7 @@ def _make_run_folder(cfg: Config, run_dir: Path, resumed_step: Optional[int], so
             if earlier:
                 (run_dir / name).write_text(earlier)
     for name in ("metrics.jsonl", "ledger.jsonl") if resumed_step is not None else ():
+        assert resumed_step is not None  # the loop runs only then
         drop_rows_after(run_dir / name, resumed_step)  # a killed attempt's steps past the checkpoint are redone
     logs = session_log_dir()
     link = run_dir / "ray_logs"
@@ -297,7 +298,8 @@ def _follow(board, thread, start_step: int, max_steps: int, run_dir: Path, progr
     a run with no finished step for `stall_timeout_s` is an error, not a silent wait; act on Ctrl-C."""
     from tqdm import tqdm
 
-    rows, ledger, last_step, warned, stopping = [], 0, start_step, False, False
+    rows: List[dict] = []  # the metrics rows so far
+    ledger, last_step, warned, stopping = 0, start_step, False, False
     last_progress = time.monotonic()
     bar = tqdm(total=max_steps, initial=start_step, desc="distill", unit="step", disable=not progress,
                dynamic_ncols=True)

@@ -8,7 +8,7 @@ the closest valid one.
 import dataclasses
 import difflib
 from pathlib import Path
-from typing import Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional, Tuple
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
@@ -27,9 +27,10 @@ from distillation.config.schema import Config, freeze
 from distillation.errors import DistillError
 
 
-def _field_rules(node=Config, prefix="") -> tuple:
+def _field_rules(node: type = Config, prefix: str = "") -> Tuple[Dict[str, Tuple[str, ...]], List[str]]:
     """({key: allowed values}, [keys that must be positive]) from the schema's `one_of` / `positive` fields."""
-    choices, positive = {}, []
+    choices: Dict[str, Tuple[str, ...]] = {}
+    positive: List[str] = []
     for f in dataclasses.fields(node):
         key = prefix + f.name
         if "choices" in f.metadata:
@@ -73,10 +74,11 @@ def _groups() -> List[str]:
 
 
 def _explain(exc: Exception, overrides: Iterable[str]) -> str:
-    cause = exc
-    while not isinstance(cause, OmegaConfBaseException) and (cause.__cause__ or cause.__context__):
-        cause = cause.__cause__ or cause.__context__
+    cause: BaseException = exc
+    while not isinstance(cause, OmegaConfBaseException) and (parent := cause.__cause__ or cause.__context__):
+        cause = parent
     if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and getattr(cause, "full_key", None):
+        assert cause.full_key is not None  # checked just above
         base = OmegaConf.structured(Config)
         return f"unknown config key '{cause.full_key}'{_closest(cause.full_key, base)}"
     if isinstance(cause, ValidationError) and getattr(cause, "full_key", None):

@@ -4,22 +4,25 @@ an option changes; unknown keys, wrong types, values outside `one_of(...)` and n
 
 import dataclasses
 from dataclasses import dataclass, field, fields
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple, TypeVar
 
 from omegaconf import MISSING
 
+_T = TypeVar("_T")
 
-def one_of(default: str, *others: str):
+
+def one_of(default: str, *others: str) -> str:
     """A string field that takes only these values (the first is the default)."""
     return field(default=default, metadata={"choices": (default, *others)})
 
 
-def choices(config_class, name: str) -> tuple:
+def choices(config_class: type, name: str) -> Tuple[str, ...]:
     """The values `one_of` allows for a field, for code that checks them outside the config loader."""
-    return next(f.metadata["choices"] for f in fields(config_class) if f.name == name)
+    allowed: Tuple[str, ...] = next(f.metadata["choices"] for f in fields(config_class) if f.name == name)
+    return allowed
 
 
-def positive(default):
+def positive(default: _T) -> _T:
     """A number field that must be > 0."""
     return field(default=default, metadata={"positive": True})
 
@@ -36,10 +39,10 @@ class Frozen:
         super().__setattr__(name, value)
 
 
-def freeze(node: Any) -> Any:
+def freeze(node: _T) -> _T:
     """`node` and every section and list item under it, frozen in place; returns `node`."""
     if isinstance(node, Frozen):
-        for f in fields(node):  # type: ignore[arg-type]
+        for f in fields(node):  # type: ignore[arg-type]  # every Frozen subclass is a dataclass
             freeze(getattr(node, f.name))
         object.__setattr__(node, "_frozen", True)
     elif isinstance(node, list):
@@ -148,7 +151,7 @@ class DataConfig(Frozen):
     # updates equal the originals. More lets Serve batch requests into one forward pass (faster on a
     # GPU), whose answers then depend in their last bits on which requests shared it.
     teacher_max_in_flight: int = positive(1)
-    teacher_max_attempts: int = 4  # per batch, with exponential backoff, when a teacher replica fails
+    teacher_max_attempts: int = positive(4)  # per batch, with exponential backoff, when a teacher replica fails
     cache_dir: str = "~/.cache/wrinklefree-distillation"
 
 

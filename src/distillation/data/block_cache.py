@@ -9,7 +9,7 @@ Ray object refs it awaits; a test can pass asyncio futures.
 
 import asyncio
 from collections import OrderedDict
-from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence
+from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import ray
@@ -86,9 +86,10 @@ class BlockCache:
     def _shuffled(self, key: BlockKey, parts: List) -> tuple:
         """rows, lengths, unit, row in unit[, positions]: the units' rows together, in the block's seeded order."""
         units = self.plan.block_units(key)
-        columns = (np.concatenate([p.rows for p in parts]), np.concatenate([p.lengths for p in parts]),
-                   np.concatenate([np.full(len(p.rows), u, np.int64) for u, p in zip(units, parts)]),
-                   np.concatenate([np.arange(len(p.rows), dtype=np.int64) for p in parts]))
+        columns: Tuple[np.ndarray, ...] = (
+            np.concatenate([p.rows for p in parts]), np.concatenate([p.lengths for p in parts]),
+            np.concatenate([np.full(len(p.rows), u, np.int64) for u, p in zip(units, parts)]),
+            np.concatenate([np.arange(len(p.rows), dtype=np.int64) for p in parts]))
         if self.recipe.pack_documents:
             columns += (np.concatenate([p.positions for p in parts]),)
         order = self.plan.block_order(key, len(columns[0]))

@@ -82,7 +82,8 @@ def _sample(spec: SourceSpec, recipe: RowRecipe, wanted: Dict[str, int], cut: Cu
     """The rows of the source's first units (canonical order) until each split has `wanted` rows,
     read SCAN_WINDOW units at a time; which units are read does not depend on timing."""
     got: Dict[str, List[Packed]] = {name: [] for name in SPLITS}
-    pending, next_unit, last = [], 0, min(len(spec.units), SCAN_UNITS)
+    pending: List[Any] = []  # the readers' ObjectRefs, oldest first
+    next_unit, last = 0, min(len(spec.units), SCAN_UNITS)
     while True:
         enough = all(sum(len(p.rows) for p in got[name]) >= n for name, n in wanted.items())
         if enough or (not pending and next_unit == last):
@@ -117,6 +118,7 @@ def prepare_corpus(d: DataConfig, inf: InfluenceConfig, tokenizer_model: ModelSo
         heldout[name] = spread(rows["heldout"], d.heldout_sequences)
         if name == probe_source:
             probe = spread(rows["probe"], inf.probe_sequences)
+    assert probe is not None  # influence.probe_source is one of data.sources (config/loader.py), all in `specs`
     if inf.enabled and len(probe.rows) == 0:
         raise DistillError(f"influence probe source '{probe_source}' has no probe documents in its first "
                            f"{SCAN_UNITS} units; raise data.probe_fraction")

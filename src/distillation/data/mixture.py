@@ -21,7 +21,7 @@ data/block_cache.py, and earlier draws are drawn again by data/replay.py.
 
 import copy
 from collections import OrderedDict
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -32,7 +32,7 @@ BlockKey = Tuple[int, int, int]  # (source, epoch, block)
 Address = Tuple[int, int, int, int]  # (source, epoch, block, row in the shuffled block)
 
 
-def validate_weights(weights: Sequence[float], names: Sequence[str]) -> np.ndarray:
+def validate_weights(weights: Union[Sequence[float], np.ndarray], names: Sequence[str]) -> np.ndarray:
     """Weights are relative (documented): they are normalised to sum to one. Negative, non-finite or
     all-zero weights, or a count that does not match the sources, are errors."""
     w = np.asarray(weights, dtype=np.float64)
@@ -60,7 +60,7 @@ class MixturePlan:
     the pipeline. `units` is the number of units per source; the number of rows in a block is known
     once the block is read, so `draw` asks for it through `block_rows`."""
 
-    def __init__(self, names: Sequence[str], units: Sequence[int], weights: Sequence[float], seed: int,
+    def __init__(self, names: Sequence[str], units: Sequence[int], weights: Union[Sequence[float], np.ndarray], seed: int,
                  samples_per_step: int, update_steps: Sequence[int] = (), delay: int = 2,
                  fingerprints: Optional[Dict[str, str]] = None, window: int = 8):
         if delay < 1:

@@ -59,7 +59,9 @@ def pack(token_lists: List[np.ndarray], pad_id: int, seq_len: int, max_tokens: O
 def pack_documents(token_lists: List[np.ndarray], pad_id: int, seq_len: int) -> Packed:
     """Rows filled with the documents in order, each row with its per-document `positions`."""
     rows, lengths, positions, dropped = [], [], [], 0
-    row_ids, row_pos, used = [], [], 0
+    row_ids: List[np.ndarray] = []
+    row_pos: List[np.ndarray] = []
+    used = 0
 
     def close_row():
         nonlocal row_ids, row_pos, used
@@ -127,7 +129,7 @@ def full_rows(token_lists: List[np.ndarray], seq_len: int, count: Optional[int] 
     return rows
 
 
-def next_token_labels(input_ids: torch.Tensor, lengths: torch.Tensor = None,
+def next_token_labels(input_ids: torch.Tensor, lengths: Optional[torch.Tensor] = None,
                       positions: Optional[torch.Tensor] = None) -> torch.Tensor:
     """labels[t] = input_ids[t + 1] where token t + 1 is real and of the same document; the rest is
     IGNORE_INDEX."""

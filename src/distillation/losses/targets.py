@@ -14,8 +14,8 @@ Sparse and sampled targets carry the temperature the teacher applied, so the los
 second application. Shapes: leading dims [B, T] (or [N]), then k where the form has one.
 """
 
-from dataclasses import dataclass, fields, replace
-from typing import Optional, Union
+from dataclasses import Field, dataclass, fields, replace
+from typing import Any, ClassVar, Dict, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,8 @@ def _check_finite(targets, names) -> None:
 
 class _Rows:
     """Row slicing over the flattened leading dims, shared by every target form."""
+
+    __dataclass_fields__: ClassVar[Dict[str, "Field[Any]"]]  # every subclass is a @dataclass
 
     def flat(self):
         lead = self.lead_ndim()

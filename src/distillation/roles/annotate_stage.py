@@ -48,19 +48,21 @@ class DrawAndAnnotate:
         self.retryable = _retryable()
 
     async def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-        rows = await self.mixture.draw.remote(batch["sample_id"])
+        rows: Dict[str, np.ndarray] = await self.mixture.draw.remote(batch["sample_id"])
         if self.handle is None:
             return rows
         ids = np.ascontiguousarray(rows["input_ids"])
         positions = rows.get("positions")  # packed rows: the teacher scores each document on its own
-        for attempt in range(1, self.max_attempts + 1):
+        attempt = 1
+        while True:  # data.teacher_max_attempts >= 1 (the schema's `positive`)
             try:
                 answer = await self.handle.remote(ids, positions)
                 return {**rows, **answer}
             except self.retryable as exc:
-                if attempt == self.max_attempts:
+                if attempt >= self.max_attempts:
                     raise RuntimeError(f"teacher pool failed {attempt} times for one batch: {exc}") from exc
                 await asyncio.sleep(self.backoff_s * 2 ** (attempt - 1))
+                attempt += 1
 
 
 def worker_stream(sample_ids: np.ndarray, rows_per_step: int, feed: FeedSpec) -> "ray.data.Dataset":

@@ -7,7 +7,7 @@ Each job is a loader (a picklable function returning the model, built on the tas
 optional check of the loaded model that runs when its held-out loss is finite (training/evaluate.py).
 """
 
-from typing import List
+from typing import List, cast
 
 import ray
 
@@ -46,4 +46,4 @@ def score_on_worker(t: TrainingConfig, jobs: List[Job], packed: Packed, num_byte
         ray.cancel(ref, force=True)
         raise DistillError(f"held-out scoring waited {timeout_s:.0f} s for a training worker's resources {options}; "
                            f"free now: {ray.available_resources()}")
-    return get_or_raise(ref)
+    return cast(List[dict], get_or_raise(ref))  # ray.get is untyped

@@ -18,7 +18,7 @@ class MetricsBoard:
     (one row per step and rank: [(sample_id, source, row)]). A step redone after a restart appears
     again; readers keep its last row (`read_jsonl`)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.logs: Dict[str, List[dict]] = {"metrics": [], "ledger": []}
         self.stop = False  # the driver's request to stop after the current step (a first Ctrl-C)
 
@@ -39,4 +39,4 @@ class MetricsBoard:
 
 
 def start_board(run_name: str) -> "ray.actor.ActorHandle":
-    return MetricsBoard.options(name=board_name(run_name)).remote()
+    return MetricsBoard.options(name=board_name(run_name)).remote()  # type: ignore[attr-defined]  # @ray.remote: an ActorClass

@@ -6,7 +6,7 @@ earlier draws again (data/replay.py)."""
 
 import asyncio
 import copy
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import ray
@@ -78,7 +78,7 @@ class Mixture:
         return self._rows(ids, picked, blocks)
 
     def _rows(self, ids: np.ndarray, picked: List[Address], blocks: dict) -> dict:
-        columns = [[], [], [], [], []]  # rows, lengths, unit, row in unit, positions (packed rows only)
+        columns: List[List[Any]] = [[], [], [], [], []]  # rows, lengths, unit, row in unit, positions (packed rows only)
         for source, epoch, block, index in picked:
             for column, values in zip(columns, blocks[(source, epoch, block)]):
                 column.append(values[index])
@@ -93,7 +93,7 @@ class Mixture:
             rows["positions"] = np.stack(columns[4]) if picked else empty
         return rows
 
-    async def set_weights(self, computed_at: int, weights: List[float], scores: List[float] = ()) -> bool:
+    async def set_weights(self, computed_at: int, weights: List[float], scores: Sequence[float] = ()) -> bool:
         async with self.updated:
             changed = self.plan.set_weights(computed_at, weights, scores)
             self.updated.notify_all()
@@ -138,4 +138,4 @@ class Mixture:
 
 
 def start_mixture(run_name: str, spec: MixtureSpec) -> "ray.actor.ActorHandle":
-    return Mixture.options(name=actor_name(run_name)).remote(spec)
+    return Mixture.options(name=actor_name(run_name)).remote(spec)  # type: ignore[attr-defined]  # @ray.remote: an ActorClass

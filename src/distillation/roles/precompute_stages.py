@@ -41,8 +41,9 @@ class ScoreAndStore:
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         from distillation.teachers.cache_store import row_keys
 
-        ids = np.stack(batch["input_ids"])
-        positions = np.stack(batch["positions"]) if "positions" in batch else None  # packed rows
+        ids = np.stack(batch["input_ids"])  # type: ignore[call-overload]  # np.stack iterates an ndarray; stubs want a Sequence
+        positions = (np.stack(batch["positions"])  # type: ignore[call-overload]  # np.stack iterates an ndarray; stubs want a Sequence
+                     if "positions" in batch else None)  # packed rows
         todo = [i for i, key in enumerate(row_keys(ids, positions)) if not self.cache.has(key)]
         if todo:  # flush_rows=1: one shard per batch, written at once
             todo_positions = None if positions is None else positions[todo]
@@ -53,7 +54,7 @@ class ScoreAndStore:
 class UnitRows:
     """A unit's training rows, cut as the run cuts them."""
 
-    def __init__(self, recipe, specs: dict):
+    def __init__(self, recipe: RowRecipe, specs: dict) -> None:
         self.recipe, self.specs = recipe, specs
 
     def __call__(self, item: dict) -> list:

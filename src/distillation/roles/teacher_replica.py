@@ -11,7 +11,7 @@ scored, and requests in flight per replica.
 
 import asyncio
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, cast
 
 import numpy as np
 from ray import serve
@@ -67,7 +67,7 @@ class TeacherDeployment:
     def flush(self) -> None:
         self.teacher.flush()
 
-    def __del__(self):  # Serve calls this on graceful replica shutdown: keep write-through answers
+    def __del__(self) -> None:  # Serve calls this on graceful replica shutdown: keep write-through answers
         if hasattr(self, "teacher"):  # absent when the constructor failed
             self.flush()
             self.teacher.close()  # a vLLM engine's process goes with the replica
@@ -76,7 +76,7 @@ class TeacherDeployment:
         self.ongoing += 1
         self.in_flight.set(self.ongoing)
         try:
-            return await self.score_batch(input_ids, positions)
+            return cast(dict, await self.score_batch(input_ids, positions))  # @serve.batch: one request's answer
         finally:
             self.ongoing -= 1
             self.in_flight.set(self.ongoing)
@@ -88,7 +88,8 @@ class TeacherDeployment:
         # Requests of one length (and one row layout: packed or not) are scored in one call; the scorer
         # itself keeps to the token budget.
         if len({(r.shape[1], p is None) for r, p in zip(requests, positions)}) == 1:
-            joined_positions = None if positions[0] is None else np.concatenate(positions)
+            joined_positions = None if positions[0] is None else np.concatenate(
+                [p for p in positions if p is not None])  # all of them: one row layout
             joined = await asyncio.to_thread(self.teacher.score, np.concatenate(requests), joined_positions)
             parts = joined.split([r.shape[0] for r in requests])
         else:
@@ -98,14 +99,14 @@ class TeacherDeployment:
         return [part.to_columns() for part in parts]
 
 
-def teacher_app(spec: ReplicaSpec, t: TeacherConfig):
+def teacher_app(spec: ReplicaSpec, t: TeacherConfig) -> "serve.Application":
     """The Serve application: `spec` for every replica; resources, replicas and autoscaling from `t`."""
     scaling = ({"num_replicas": t.min_replicas} if t.min_replicas == t.max_replicas else
                {"autoscaling_config": {"min_replicas": t.min_replicas, "max_replicas": t.max_replicas,
                                        "target_ongoing_requests": t.target_ongoing_requests,
                                        "upscale_delay_s": t.upscale_delay_s, "downscale_delay_s": t.downscale_delay_s}})
     bundle = replica_bundle(t)
-    return TeacherDeployment.options(
+    return TeacherDeployment.options(  # type: ignore[attr-defined]  # @serve.deployment: a Deployment
         ray_actor_options={"num_cpus": bundle.pop("CPU"), "num_gpus": bundle.pop("GPU"), "resources": bundle},
         max_ongoing_requests=max(4, 2 * t.max_batch_size), health_check_period_s=t.health_check_period_s,
         **scaling,

@@ -5,10 +5,14 @@ samples through its own annotate stage (roles/annotate_stage.py) and runs the ph
 training/loop.py.
 """
 
-from typing import Dict
+from typing import TYPE_CHECKING, Dict
 
 from distillation.config.schema import TrainingConfig
 from distillation.specs import WorkerSpec
+
+if TYPE_CHECKING:
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
 
 
 def worker_bundle(t: TrainingConfig) -> Dict[str, float]:
@@ -17,7 +21,7 @@ def worker_bundle(t: TrainingConfig) -> Dict[str, float]:
     return {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {}), **t.worker_resources}
 
 
-def scaling_config(t: TrainingConfig):
+def scaling_config(t: TrainingConfig) -> "ScalingConfig":
     from ray.train import ScalingConfig
 
     bundle = worker_bundle(t)
@@ -37,7 +41,7 @@ def train_loop_per_worker(config: dict) -> None:
     train_steps(w, worker_stream(ids, w.spec.rows_per_step, w.spec.feed))
 
 
-def trainer(spec: WorkerSpec, storage_path: str, storage_name: str):
+def trainer(spec: WorkerSpec, storage_path: str, storage_name: str) -> "TorchTrainer":
     """The TorchTrainer of a run; the same name and storage path on a resumed driver, so Ray Train
     restores its latest checkpoint."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig

@@ -28,7 +28,8 @@ class Readers:
     they end with it)."""
 
     def __init__(self, count: int, num_cpus: float):
-        self.actors = [UnitReader.options(num_cpus=num_cpus).remote() for _ in range(count)]
+        self.actors = [UnitReader.options(num_cpus=num_cpus).remote()  # type: ignore[attr-defined]  # @ray.remote: an ActorClass
+                       for _ in range(count)]
         self.sent = 0
 
     def cut(self, recipe: RowRecipe, spec: SourceSpec, unit: Unit) -> "ray.ObjectRef":

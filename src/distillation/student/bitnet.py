@@ -10,13 +10,16 @@ Keeping the original module names means the full-precision weights map 1:1 onto 
 the settings travel in `config.json` under `bitnet`, so a checkpoint rebuilds itself exactly.
 """
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional, cast
 
 import torch
 from torch import nn
 from transformers.integrations.bitnet import AutoBitLinear, WeightQuant
 
 from distillation.config.schema import StudentConfig, choices
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig
 
 BITNET_CONFIG_KEY = "bitnet"
 SUBLN_MODULES = ("o_proj", "down_proj")
@@ -34,6 +37,7 @@ def _bitlinear_from(linear: nn.Linear, use_norm: bool, eps: float) -> AutoBitLin
     layer.weight = linear.weight
     layer.bias = linear.bias
     if use_norm:
+        assert layer.rms_norm is not None  # AutoBitLinear builds it when use_rms_norm
         layer.rms_norm.weight = nn.Parameter(
             torch.ones(linear.in_features, dtype=linear.weight.dtype, device=linear.weight.device))
     return layer
@@ -54,13 +58,14 @@ def convert_to_bitnet(model: nn.Module, subln: str = "paper", num_layers: Option
 
 
 def _truncate_layers(model: nn.Module, num_layers: int) -> None:
-    layers = model.get_decoder().layers
+    layers = model.get_decoder().layers  # type: ignore[operator]  # nn.Module.__getattr__ is typed Tensor | Module
     if not 0 < num_layers <= len(layers):
         raise ValueError(f"num_layers={num_layers} must be between 1 and the model's {len(layers)} layers")
-    model.get_decoder().layers = layers[:num_layers]
-    model.config.num_hidden_layers = num_layers
-    if getattr(model.config, "layer_types", None):
-        model.config.layer_types = model.config.layer_types[:num_layers]
+    model.get_decoder().layers = layers[:num_layers]  # type: ignore[operator]  # nn.Module.__getattr__ is typed Tensor | Module
+    config = cast("PreTrainedConfig", model.config)  # nn.Module.__getattr__ types it Tensor | Module
+    config.num_hidden_layers = num_layers
+    if getattr(config, "layer_types", None):
+        config.layer_types = config.layer_types[:num_layers]
 
 
 def is_bitnet_student(model: nn.Module) -> bool:

@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Union
 
 import torch
 from safetensors.torch import load_file
@@ -56,6 +56,7 @@ def write_student(out_dir: Path, config, subln: str, weights: str, state: Dict[s
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         for name in TOKENIZER_FILES if copy_from is not None else ():
+            assert copy_from is not None  # the loop runs only then
             if (Path(copy_from) / name).is_file():
                 shutil.copy2(Path(copy_from) / name, staging / name)
         os.replace(staging, out_dir)
@@ -82,7 +83,7 @@ def _read_state(path: Path) -> dict:
     return state
 
 
-def read_student_config(path: Path) -> dict:
+def read_student_config(path: Union[str, Path]) -> dict:
     """A student folder's config.json as a dict; a folder that is not a student is a DistillError."""
     path = Path(path).expanduser()
     if not (path / "config.json").is_file():
@@ -96,7 +97,7 @@ def read_student_config(path: Path) -> dict:
     return saved
 
 
-def load_student(path: Path, dtype: Optional[torch.dtype] = None) -> nn.Module:
+def load_student(path: Union[str, Path], dtype: Optional[torch.dtype] = None) -> nn.Module:
     """Rebuild the student from its config and load every weight; any missing or extra key fails.
     A packed folder comes back with ternary layers that keep 2 bits per weight (student/packed.py)."""
     from accelerate import init_empty_weights

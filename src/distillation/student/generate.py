@@ -108,8 +108,9 @@ def generate(student: str, prompt: str, opts: GenerateOptions = GenerateOptions(
     torch.manual_seed(opts.seed)
     extra = {"temperature": opts.temperature, "top_p": opts.top_p} if opts.sample else {}
     with torch.inference_mode():
-        out = model.generate(**ids, max_new_tokens=opts.max_new_tokens, do_sample=opts.sample,
-                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **extra)
+        out = model.generate(  # type: ignore[operator]  # nn.Module.__getattr__ is typed Tensor | Module
+            **ids, max_new_tokens=opts.max_new_tokens, do_sample=opts.sample,
+            pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **extra)
     return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
 
 

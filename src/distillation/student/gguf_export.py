@@ -21,7 +21,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -77,7 +77,7 @@ def gguf_problem(config, subln: str) -> Optional[str]:
 def pre_tokenizer_name(tokenizer_json: dict) -> str:
     pre = tokenizer_json.get("pre_tokenizer") or {}
     parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
-    key = tuple((p.get("type"), p.get("individual_digits", p.get("use_regex"))) for p in parts)
+    key: Tuple[Tuple[Any, Any], ...] = tuple((p.get("type"), p.get("individual_digits", p.get("use_regex"))) for p in parts)
     if tokenizer_json.get("model", {}).get("type") != "BPE" or key not in PRE_TOKENIZERS:
         raise DistillError(f"GGUF export knows byte-level BPE tokenizers with pre-tokenizer {list(PRE_TOKENIZERS)}; "
                            f"this one is {tokenizer_json.get('model', {}).get('type')} with {key}")

@@ -11,7 +11,7 @@ transformers' offline AutoBitLinear multiplies its bias by `weight_scale` as wel
 stored divided by it; `TernaryLinear` adds the bias as the training layer does.
 """
 
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 from torch import nn
@@ -26,6 +26,9 @@ class TernaryLinear(nn.Module):
     """An inference-only BitNet layer: optional input RMSNorm, per-token int8 activations, ternary
     weights kept packed (kernel layout), one fp32 scale. Its tensors are buffers outside the state
     dict: a packed folder is read by `load_packed`, never written from this layer."""
+
+    codes: torch.Tensor  # buffers, registered in __init__
+    bias: Optional[torch.Tensor]
 
     def __init__(self, in_features: int, out_features: int, codes: torch.Tensor, weight_scale: float,
                  bias=None, rms_norm=None):

@@ -242,10 +242,11 @@ class TeacherCache:
         missing = [i for i, row in enumerate(found) if row is None]
         if missing:
             return None, missing
+        rows = [row for row in found if row is not None]  # all of them: none is missing
         batch, length = input_ids.shape
         arrays = {}
-        for name in found[0]:
-            stacked = np.stack([np.frombuffer(row[name], dtype=DTYPES[name]) for row in found])
+        for name in rows[0]:
+            stacked = np.stack([np.frombuffer(row[name], dtype=DTYPES[name]) for row in rows])
             arrays[name] = stacked.reshape(batch, length, -1) if name != "tail_mass" else stacked.reshape(batch, length)
         tau = self.signature["temperature"]  # None for hidden states (the loss applies tau)
         temperature = None if tau is None else np.full(batch, tau, dtype=np.float32)

@@ -1,7 +1,7 @@
 """The transformers teacher: hidden states, sampled or top-k + tail targets, and Q/K/V of one layer."""
 
 from contextlib import nullcontext
-from typing import Optional
+from typing import TYPE_CHECKING, ContextManager, Dict, Optional, cast
 
 import numpy as np
 import torch
@@ -14,6 +14,9 @@ from distillation.models import ModelSource, capture_qkv, forward_rows, load_cau
 from distillation.teachers.cache_store import sequence_key
 from distillation.teachers.protocol import TeacherBase
 from distillation.teachers.schema import TeacherOutput
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig  # self.model.config: nn.Module types it Tensor | Module
 
 
 def row_generator(row: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Generator:
@@ -35,7 +38,7 @@ class HFTeacher(TeacherBase):
                  device: str = "cpu", vocab_size: Optional[int] = None, signal: str = "topk", draws: int = 12):
         self.model_dir = local_dir(model_dir)  # a ModelRef resolves on the replica's node
         self.model = load_causal_lm(self.model_dir, dtype, trust_remote_code).to(device).eval()
-        self.vocab_size = vocab_size or self.model.config.vocab_size
+        self.vocab_size: int = vocab_size or cast("PreTrainedConfig", self.model.config).vocab_size
         if not 0 < top_k <= self.vocab_size:
             raise DistillError(f"teacher.top_k={top_k} must be between 1 and the vocabulary size {self.vocab_size}")
         if signal not in choices(TeacherConfig, "signal"):
@@ -47,13 +50,17 @@ class HFTeacher(TeacherBase):
     def describe(self) -> dict:
         return {"kind": "hf", "vocab_size": self.vocab_size, "signal": self.signal, "top_k": self.top_k,
                 "draws": self.draws, "temperature": self.temperature,
-                "qkv_layer": self.qkv_layer, "num_layers": self.model.config.num_hidden_layers}
+                "qkv_layer": self.qkv_layer,
+                "num_layers": cast("PreTrainedConfig", self.model.config).num_hidden_layers}
 
     @torch.inference_mode()
     def _score_rows(self, ids: torch.Tensor, positions: Optional[torch.Tensor]) -> TeacherOutput:
-        with (capture_qkv(self.model, self.qkv_layer) if self.qkv_layer is not None else nullcontext({})) as states:
+        qkv_context: ContextManager[Dict[str, torch.Tensor]] = (
+            capture_qkv(self.model, self.qkv_layer) if self.qkv_layer is not None else nullcontext({}))
+        with qkv_context as states:
             if self.signal == "hidden":  # the decoder alone: its output is what the head reads
-                hidden = forward_rows(self.model.get_decoder(), ids, positions).last_hidden_state
+                decoder = self.model.get_decoder()  # type: ignore[operator]  # nn.Module.__getattr__ is typed Tensor | Module
+                hidden = forward_rows(decoder, ids, positions).last_hidden_state
             else:
                 logits = forward_rows(self.model, ids, positions).logits
         qkv = {key: value.float().cpu().numpy() for key, value in states.items()}

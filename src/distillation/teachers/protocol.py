@@ -9,7 +9,9 @@ from distillation.teachers.schema import TeacherOutput
 
 @runtime_checkable
 class Teacher(Protocol):
-    vocab_size: int
+    @property
+    def vocab_size(self) -> Optional[int]:
+        """The real vocabulary; None where only the answers tell it (a vLLM server given none)."""
 
     def score(self, input_ids: np.ndarray, positions: Optional[np.ndarray] = None) -> TeacherOutput:
         """Answers for token ids [batch, length] (position t: the distribution over token t + 1);

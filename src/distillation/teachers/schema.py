@@ -63,7 +63,9 @@ class TeacherOutput:
     @property
     def positions(self) -> tuple:
         """(batch, length) of the answer."""
-        return (self.hidden if self.hidden is not None else self.ids).shape[:2]
+        array = self.hidden if self.hidden is not None else self.ids
+        assert array is not None  # __post_init__ requires exactly one of top-k ids, sampled ids, hidden
+        return array.shape[:2]
 
     @property
     def has_qkv(self) -> bool:

@@ -28,7 +28,8 @@ from distillation.teachers.schema import TeacherOutput
 
 def _groups(spans: List[tuple], max_tokens: int) -> List[List[tuple]]:
     """Consecutive spans (row, start, stop) in groups of at most `max_tokens` tokens (one span at least)."""
-    groups, tokens = [[]], 0
+    groups: List[List[tuple]] = [[]]
+    tokens = 0
     for span in spans:
         size = span[2] - span[1]
         if groups[-1] and tokens + size > max_tokens:

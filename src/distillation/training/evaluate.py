@@ -55,7 +55,7 @@ def score_text(model: nn.Module, tokenizer, text: str, seq_len: int, batch_size:
     packed = text_rows(tokenizer, text, seq_len)
     if len(packed.rows) == 0:
         raise DistillError("the text has fewer than 2 tokens: nothing to predict")
-    vocab = model.get_input_embeddings().num_embeddings
+    vocab = model.get_input_embeddings().num_embeddings  # type: ignore[operator]  # nn.Module.__getattr__ is typed Tensor | Module
     if int(packed.rows.max()) >= vocab:
         raise DistillError(f"the tokenizer produces token id {int(packed.rows.max())}, past the model's "
                            f"{vocab}-token vocabulary: model and tokenizer do not belong together")

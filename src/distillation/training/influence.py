@@ -15,7 +15,7 @@ worker, each holding its shard's vectors; the dot products and norms are summed 
 """
 
 import math
-from typing import Mapping, Optional, Sequence
+from typing import List, Mapping, Optional, Sequence, Tuple, Union, cast
 
 import numpy as np
 import torch
@@ -28,6 +28,8 @@ from distillation.data.packing import next_token_labels
 from distillation.losses import IGNORE_INDEX
 from distillation.models import forward_rows
 
+Batch = Tuple[torch.Tensor, torch.Tensor, *Tuple[Optional[torch.Tensor], ...]]  # ids, lengths[, positions or None]
+
 
 def flat_gradient(model: nn.Module, input_ids: torch.Tensor, lengths: torch.Tensor,
                   positions: Optional[torch.Tensor] = None, sharded: bool = False) -> torch.Tensor:
@@ -38,21 +40,23 @@ def flat_gradient(model: nn.Module, input_ids: torch.Tensor, lengths: torch.Tens
     `torch.autograd.grad` leaves `.grad` (and so DDP's gradient hooks) untouched. A sharded student's
     gradients exist only through FSDP's own backward (it reduce-scatters into `.grad`), which is why
     that case runs `backward` and clears `.grad` after; the optimizer step has already used it."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    params: List[torch.Tensor] = [p for p in model.parameters() if p.requires_grad]
     logits = forward_rows(model, input_ids, positions).logits  # right padding: causal attention never sees it
     labels = next_token_labels(input_ids, lengths, positions)
     loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
     if sharded:
         loss.backward()
-        grads = [None if p.grad is None else p.grad.to_local() for p in params]
+        # a sharded student's parameters and gradients are DTensors (torch types them Tensor)
+        grads: Sequence[Optional[torch.Tensor]] = [None if p.grad is None else cast(DTensor, p.grad).to_local()
+                                                   for p in params]
         model.zero_grad(set_to_none=True)
-        params = [p.to_local() for p in params]
+        params = [cast(DTensor, p).to_local() for p in params]
     else:
         grads = torch.autograd.grad(loss, params, allow_unused=True)
     return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten().float() for g, p in zip(grads, params)])
 
 
-def alignment_scores(model: nn.Module, probe: tuple, batches: Mapping[str, tuple]) -> dict:
+def alignment_scores(model: nn.Module, probe: Batch, batches: Mapping[str, Batch]) -> dict:
     """Cosine of each source batch's gradient with the probe gradient; batches are (ids, lengths) or
     (ids, lengths, positions). A sharded student's products are summed over its shards (all-reduce)."""
     sharded = any(isinstance(p, DTensor) for p in model.parameters())
@@ -70,7 +74,8 @@ def alignment_scores(model: nn.Module, probe: tuple, batches: Mapping[str, tuple
     return scores
 
 
-def move_weights(weights: Sequence[float], scores: Sequence[float], eta: float, floor: float) -> np.ndarray:
+def move_weights(weights: Union[Sequence[float], np.ndarray], scores: Union[Sequence[float], np.ndarray], eta: float,
+                 floor: float) -> np.ndarray:
     w = np.asarray(weights, dtype=np.float64) * np.exp(eta * np.asarray(scores, dtype=np.float64))
     w = w / w.sum()
     n = len(w)
@@ -81,5 +86,5 @@ def move_weights(weights: Sequence[float], scores: Sequence[float], eta: float, 
 
 def smooth(previous: Sequence[float], scores: Sequence[float], beta: float) -> np.ndarray:
     """Exponential moving average of the scores (the first update has no `previous`: empty)."""
-    scores = np.asarray(scores, dtype=np.float64)
-    return scores if len(previous) == 0 else beta * np.asarray(previous, dtype=np.float64) + (1 - beta) * scores
+    current = np.asarray(scores, dtype=np.float64)
+    return current if len(previous) == 0 else beta * np.asarray(previous, dtype=np.float64) + (1 - beta) * current

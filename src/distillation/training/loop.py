@@ -18,7 +18,7 @@ import time
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from functools import partial
-from typing import Optional
+from typing import List, Optional
 
 import ray
 import ray.train
@@ -161,6 +161,7 @@ def log(w: Worker, window: LogWindow, grad_norm: float, final: bool) -> None:
     if evaluate:
         row.update(losses)
     row["mixture"] = ray.get(w.mixture.weights_at.remote(w.step - 1)).tolist()  # in force for this step
+    assert w.gauges is not None  # `logs` only on rank 0, which holds them
     w.gauges.set(row)
     if w.board is not None:
         w.board.push.remote(row)
@@ -204,7 +205,8 @@ def train_steps(w: Worker, stream) -> None:
     t = w.spec.training
     autocast = (partial(torch.autocast, w.device.type, dtype=torch.bfloat16) if t.autocast == "bf16"
                 else nullcontext)
-    window, ledger, micro = LogWindow(), [], 0
+    window, micro = LogWindow(), 0
+    ledger: List[tuple] = []  # (sample_id, source, unit, row) of the rows trained since the last optimizer step
     with ExitStack() as hooks:
         student_qkv = (hooks.enter_context(capture_qkv(w.core, w.spec.distillation.student_layer))
                        if w.weights.uses_attention else None)

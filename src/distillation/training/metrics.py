@@ -111,7 +111,7 @@ def plot_losses(rows: List[dict], path: Path) -> None:
     for key, label in keys:
         values = [r.get(key) for r in rows]
         if any(v for v in values):
-            ax.plot(steps, values, label=label)
+            ax.plot(steps, values, label=label)  # type: ignore[arg-type]  # matplotlib draws None as a gap; stubs want numbers
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.set_yscale("log")

@@ -18,13 +18,14 @@ receives the whole), so a run saved under one parallelism resumes under the othe
 """
 
 from contextlib import nullcontext
-from typing import Optional
+from typing import Any, Dict, Optional, cast
 
 import ray.train.torch
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
+    OptimizerStateType,
     StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -66,7 +67,8 @@ def gradient_sync(model: nn.Module, sync: bool):
     """A context for one micro-step's backward. DDP reduces gradients only when `sync` (the last
     micro-batch of an optimizer step; the others accumulate locally). FSDP reduce-scatters every
     micro-batch into the sharded gradients: skipping would keep whole gradients on every rank."""
-    return nullcontext() if sync or not hasattr(model, "no_sync") else model.no_sync()
+    return (nullcontext() if sync or not hasattr(model, "no_sync")
+            else model.no_sync())  # type: ignore[operator]  # nn.Module.__getattr__ is typed Tensor | Module
 
 
 def check_same_weights(model: nn.Module, device: torch.device, when: str) -> None:
@@ -94,7 +96,8 @@ def optimizer_state(core: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     where only rank 0 receives it ({} on the others)."""
     if not is_sharded(core):
         return optimizer.state_dict()
-    by_name = get_optimizer_state_dict(core, optimizer, options=WHOLE_ON_RANK_0)
+    # {"state": {name: {...}}, "param_groups": [{...}]}; torch types each value as either of the two
+    by_name = cast(Dict[str, Any], get_optimizer_state_dict(core, optimizer, options=WHOLE_ON_RANK_0))
     if not by_name:
         return {}
     index = {name: i for i, (name, _) in enumerate(core.named_parameters())}  # the optimizer's order
@@ -109,7 +112,7 @@ def load_optimizer_state(core: nn.Module, optimizer: torch.optim.Optimizer, stat
         optimizer.load_state_dict(state)
         return
     names = [name for name, _ in core.named_parameters()]
-    by_name = {"state": {names[i]: entry for i, entry in state["state"].items()},
+    by_name: OptimizerStateType = {"state": {names[i]: entry for i, entry in state["state"].items()},
                "param_groups": [{**group, "params": [names[i] for i in group["params"]]}
                                 for group in state["param_groups"]]}
     set_optimizer_state_dict(core, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
