@@ -3,28 +3,74 @@ the loaded configuration. Past the loader, only these builders and the driver's 
 preflight.py, precompute.py) see the whole `Config`; every process gets the spec below it needs.
 
     training worker    WorkerSpec    roles/train_worker.py
-    teacher replica    ReplicaSpec   roles/teacher_replica.py (its ScorerSpec: teachers/scorer.py)
+    teacher replica    ReplicaSpec   roles/teacher_replica.py (its ScorerSpec, built by teachers/scorer.py)
     mixture actor      MixtureSpec   roles/mixture.py (its unit readers get a RowRecipe per unit)
     precompute stages  PrecomputeSpec roles/precompute_stages.py
     held-out task      StudentSpec and the model loaders, roles/heldout_task.py
 """
 
+from __future__ import annotations
+
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
 import numpy as np
 
 from distillation.config.loader import to_yaml
 from distillation.config.schema import Config, DistillationConfig, InfluenceConfig, TrainingConfig
-from distillation.data.rows import RowRecipe
-from distillation.data.sources import SourceSpec
 from distillation.data.steps import samples_per_step
-from distillation.models import ModelSource
-from distillation.student.build import StudentSpec
-from distillation.teachers.resolve import ResolvedTeacher, cache_signature
-from distillation.teachers.scorer import CacheSpec, ScorerSpec
+
+if TYPE_CHECKING:  # named in annotations only: a process that unpickles a spec imports no model code for it
+    from distillation.data.rows import RowRecipe
+    from distillation.data.sources import SourceSpec
+    from distillation.models import ModelSource
+    from distillation.teachers.resolve import ResolvedTeacher
 
 Rows = Tuple[np.ndarray, np.ndarray]  # token rows and their real lengths
+
+
+@dataclass(frozen=True)
+class StudentSpec:
+    """The starting student, built alike by every worker and the held-out task (student/build.py)."""
+
+    checkpoint_path: Optional[str]  # a saved BitNet student; else stage 1 converts `init_from`
+    init_from: Optional[ModelSource]  # the full-precision model, pinned by the driver (resolved on each node)
+    subln: str
+    num_layers: Optional[int]
+    trust_remote_code: bool
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """A cached teacher: its shards, what their answers must have been computed with, and whether a
+    miss is answered live and stored."""
+
+    dir: str
+    signature: Dict[str, Any]
+    write_through: bool
+    memory_mb: float
+
+
+@dataclass(frozen=True)
+class ScorerSpec:
+    kind: str  # hf | vllm | cached
+    model: ModelSource  # resolved on the process's own node
+    top_k: int
+    temperature: float  # tau, applied by sparse signals (the loss applies it to hidden states)
+    qkv_layer: Optional[int]  # the layer whose Q/K/V it returns; None without attention distillation
+    dtype: str
+    max_tokens_per_batch: int
+    trust_remote_code: bool
+    vocab_size: int
+    signal: str
+    draws: int
+    device: str
+    max_model_len: int = 2048  # the vLLM engine's settings, from here on
+    kv_cache_gib: int = 1
+    vllm_url: Optional[str] = None
+    gpu_memory_utilization: float = 0.8
+    tensor_parallel_size: int = 1
+    cache: Optional[CacheSpec] = None  # kind == "cached"
 
 
 @dataclass(frozen=True)
@@ -92,6 +138,8 @@ def student_spec(cfg: Config, init_from: Optional[ModelSource]) -> StudentSpec:
 
 
 def scorer_spec(cfg: Config, teacher: ResolvedTeacher) -> ScorerSpec:
+    from distillation.teachers.resolve import cache_signature
+
     t = cfg.teacher
     cache = None
     if t.kind == "cached" and t.cache_dir:

@@ -12,7 +12,8 @@ import ray
 from distillation.config.schema import TeacherConfig
 from distillation.data.corpus import RowRecipe
 from distillation.data.sources import SourceSpec
-from distillation.teachers.scorer import ScorerSpec, build_scorer
+from distillation.specs import ScorerSpec
+from distillation.teachers.scorer import build_scorer
 
 
 @dataclass(frozen=True)

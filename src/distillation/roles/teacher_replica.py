@@ -11,7 +11,7 @@ scored, and requests in flight per replica.
 
 import asyncio
 import time
-from typing import Dict, List, Optional, cast
+from typing import TYPE_CHECKING, Dict, List, Optional, cast
 
 import numpy as np
 from ray import serve
@@ -19,8 +19,9 @@ from ray.serve.handle import DeploymentHandle
 
 from distillation.config.schema import TeacherConfig
 from distillation.specs import ReplicaSpec
-from distillation.teachers.protocol import Teacher
-from distillation.teachers.scorer import build_scorer
+
+if TYPE_CHECKING:  # the annotate stage imports this module for DEPLOYMENT_NAME: no model code at import
+    from distillation.teachers.protocol import Teacher
 
 DEPLOYMENT_NAME = "Teacher"
 LATENCY_BUCKETS_S = [0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30]
@@ -42,6 +43,8 @@ class TeacherDeployment:
         from ray.util import metrics
 
         torch.set_num_threads(spec.num_threads)
+        from distillation.teachers.scorer import build_scorer
+
         self.teacher: Teacher = build_scorer(spec.scorer)
         self.score_batch.set_max_batch_size(spec.max_batch_size)
         self.score_batch.set_batch_wait_timeout_s(spec.batch_wait_timeout_s)

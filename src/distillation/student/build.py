@@ -1,12 +1,10 @@
 """Where the student's starting weights come from, identical in every worker and in the held-out
 scoring task (roles/heldout_task.py)."""
 
-from dataclasses import dataclass
-from typing import Optional
-
 from torch import nn
 
-from distillation.models import ModelSource, load_causal_lm
+from distillation.models import load_causal_lm
+from distillation.specs import StudentSpec
 from distillation.student.bitnet import convert_to_bitnet
 from distillation.student.checkpoint import load_student
 
@@ -17,17 +15,6 @@ def set_compile(enabled: bool) -> None:
     import torch
 
     torch.compiler.set_stance("default" if enabled else "force_eager")
-
-
-@dataclass(frozen=True)
-class StudentSpec:
-    """The starting student (specs.student_spec builds it from `student.*`)."""
-
-    checkpoint_path: Optional[str]  # a saved BitNet student; else stage 1 converts `init_from`
-    init_from: Optional[ModelSource]  # the full-precision model, pinned by the driver (resolved on each node)
-    subln: str
-    num_layers: Optional[int]
-    trust_remote_code: bool
 
 
 def build_student(spec: StudentSpec) -> nn.Module:

@@ -1,44 +1,8 @@
-"""`ScorerSpec`: everything a process needs to build the run's teacher (a Serve replica, a precompute
-actor), and `build_scorer`, which builds it there."""
+"""`build_scorer`: the run's teacher built from its `ScorerSpec` (specs.py) in the process that
+answers with it (a Serve replica, a precompute actor)."""
 
-from dataclasses import dataclass
-from typing import Any, Dict, Optional
-
-from distillation.models import ModelSource
+from distillation.specs import ScorerSpec
 from distillation.teachers.protocol import Teacher
-
-
-@dataclass(frozen=True)
-class CacheSpec:
-    """A cached teacher: its shards, what their answers must have been computed with, and whether a
-    miss is answered live and stored."""
-
-    dir: str
-    signature: Dict[str, Any]
-    write_through: bool
-    memory_mb: float
-
-
-@dataclass(frozen=True)
-class ScorerSpec:
-    kind: str  # hf | vllm | cached
-    model: ModelSource  # resolved on the process's own node
-    top_k: int
-    temperature: float  # tau, applied by sparse signals (the loss applies it to hidden states)
-    qkv_layer: Optional[int]  # the layer whose Q/K/V it returns; None without attention distillation
-    dtype: str
-    max_tokens_per_batch: int
-    trust_remote_code: bool
-    vocab_size: int
-    signal: str
-    draws: int
-    device: str
-    max_model_len: int = 2048  # the vLLM engine's settings, from here on
-    kv_cache_gib: int = 1
-    vllm_url: Optional[str] = None
-    gpu_memory_utilization: float = 0.8
-    tensor_parallel_size: int = 1
-    cache: Optional[CacheSpec] = None  # kind == "cached"
 
 
 def hf_kwargs(spec: ScorerSpec) -> dict:

@@ -19,7 +19,7 @@ from distillation.errors import DistillError
 from distillation.losses import IGNORE_INDEX
 
 if TYPE_CHECKING:
-    from distillation.student import StudentSpec
+    from distillation.specs import StudentSpec
 
 
 @torch.inference_mode()
