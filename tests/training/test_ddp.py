@@ -16,6 +16,7 @@ from distillation.training.metrics import read_jsonl
 
 pytestmark = pytest.mark.slow
 STEPS = 4
+EVAL = ["training.eval_every=2"]
 
 
 def _overrides(teacher, out, name, workers, influence=False):
@@ -56,13 +57,21 @@ def test_two_workers_train_the_rows_one_worker_trains_with_twice_the_micro_batch
     assert two["heldout"]["student_after"]["loss"] == pytest.approx(one["heldout"]["student_after"]["loss"], rel=1e-3)
 
 
-def test_a_killed_worker_of_two_resumes_with_the_same_rows_and_one_influence_update(tiny_teacher, ray_cluster,
-                                                                                  tmp_path):
+@pytest.fixture(scope="module")
+def two_ddp_workers(tiny_teacher, ray_cluster, tmp_path_factory):
+    """Two DDP workers with influence on and in-loop evaluation: the reference a killed worker's run
+    and FSDP's run must each reproduce."""
     from distillation.run import run
 
-    reference = run(load_config(_overrides(tiny_teacher, tmp_path, "whole", workers=2, influence=True)))
-    schedule = [(e["step"], e["computed_at"]) for e in reference["mixture"]]
-    assert schedule == [(0, None), (3, 2)]  # the update after step 2, recorded once although two ranks train
+    out = tmp_path_factory.mktemp("ddp")
+    summary = run(load_config(_overrides(tiny_teacher, out, "ddp", workers=2, influence=True) + EVAL))
+    assert [(e["step"], e["computed_at"]) for e in summary["mixture"]] == [(0, None), (3, 2)]  # once for both
+    return summary
+
+
+def test_a_killed_worker_of_two_resumes_with_the_same_rows_and_one_influence_update(tiny_teacher, two_ddp_workers,
+                                                                                  tmp_path):
+    from distillation.run import run
 
     run_dir, killed = tmp_path / "killed", []
 
@@ -74,11 +83,12 @@ def test_a_killed_worker_of_two_resumes_with_the_same_rows_and_one_influence_upd
         killed.append(pids[1])
 
     killer = in_background(kill_one)
-    summary = run(load_config(_overrides(tiny_teacher, tmp_path, "killed", workers=2, influence=True)))
+    summary = run(load_config(_overrides(tiny_teacher, tmp_path, "killed", workers=2, influence=True) + EVAL))
     killer.join(timeout=5)
     assert killed and not killer.errors and summary["steps"] == STEPS
-    assert _rows_per_step(run_dir) == _rows_per_step(tmp_path / "whole")
-    assert [(e["step"], e["computed_at"]) for e in summary["mixture"]] == schedule
+    assert _rows_per_step(run_dir) == _rows_per_step(Path(two_ddp_workers["run_dir"]))
+    assert [(e["step"], e["computed_at"]) for e in summary["mixture"]] == [
+        (e["step"], e["computed_at"]) for e in two_ddp_workers["mixture"]]
 
 
 def _checkpoint_layout(run_dir: Path) -> dict:
@@ -92,27 +102,26 @@ def _checkpoint_layout(run_dir: Path) -> dict:
 
 
 def test_fsdp_workers_train_evaluate_and_score_influence_as_ddp_workers_and_save_the_same_checkpoint(
-        tiny_teacher, ray_cluster, tmp_path):
+        tiny_teacher, two_ddp_workers, tmp_path):
     from distillation.run import run
 
-    both = ["training.eval_every=2"]
-    ddp = run(load_config(_overrides(tiny_teacher, tmp_path, "ddp", workers=2, influence=True) + both))
-    fsdp = run(load_config(_overrides(tiny_teacher, tmp_path, "fsdp", workers=2, influence=True) + both
+    ddp, ddp_dir = two_ddp_workers, Path(two_ddp_workers["run_dir"])
+    fsdp = run(load_config(_overrides(tiny_teacher, tmp_path, "fsdp", workers=2, influence=True) + EVAL
                            + ["training.parallelism=fsdp"]))
-    assert _rows_per_step(tmp_path / "fsdp") == _rows_per_step(tmp_path / "ddp")
+    assert _rows_per_step(tmp_path / "fsdp") == _rows_per_step(ddp_dir)
     # Sharded updates equal whole ones up to float rounding: held-out losses, in-loop evaluation (every
     # rank takes part in the sharded forward) and the influence update (scores summed over the shards).
     after = fsdp["heldout"]["student_after"]["loss"]
     assert after == pytest.approx(ddp["heldout"]["student_after"]["loss"], rel=1e-3)
     assert after < fsdp["heldout"]["student_before"]["loss"]
     evals = [{k: v for k, v in row.items() if k.startswith("eval_")} for row in read_jsonl(tmp_path / "fsdp" / "metrics.jsonl")]
-    expected = [{k: v for k, v in row.items() if k.startswith("eval_")} for row in read_jsonl(tmp_path / "ddp" / "metrics.jsonl")]
+    expected = [{k: v for k, v in row.items() if k.startswith("eval_")} for row in read_jsonl(ddp_dir / "metrics.jsonl")]
     assert sum(bool(e) for e in evals) == 2 and evals == [pytest.approx(e, rel=1e-3) for e in expected]
     assert [(e["step"], e["computed_at"]) for e in fsdp["mixture"]] == [(0, None), (3, 2)]
     assert fsdp["mixture"][1]["weights"] == pytest.approx(ddp["mixture"][1]["weights"], rel=1e-3)
     assert fsdp["mixture"][1]["weights"] != pytest.approx(ddp["mixture"][0]["weights"], rel=1e-3)  # it moved
     # The checkpoint is whole, in the format a DDP run writes.
-    assert _checkpoint_layout(tmp_path / "fsdp") == _checkpoint_layout(tmp_path / "ddp")
+    assert _checkpoint_layout(tmp_path / "fsdp") == _checkpoint_layout(ddp_dir)
 
 
 def test_a_ddp_run_resumes_sharded_and_trains_on(tiny_teacher, ray_cluster, tmp_path):

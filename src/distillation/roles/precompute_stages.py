@@ -10,7 +10,7 @@ import numpy as np
 import ray
 
 from distillation.config.schema import TeacherConfig
-from distillation.data.corpus import RowRecipe
+from distillation.data.rows import RowRecipe
 from distillation.data.sources import SourceSpec
 from distillation.specs import ScorerSpec
 from distillation.teachers.scorer import build_scorer
