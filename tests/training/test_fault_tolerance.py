@@ -1,7 +1,7 @@
-"""Exact resume and fault tolerance on a real local cluster: a driver killed and resumed, and a run
-whose teacher replica (the pipeline retries on its replacement) and then a training worker (Ray
-Train restarts it from the latest checkpoint) are killed, each end in a run whose sample ledger and
-mixture-weight history equal an uninterrupted run's. Influence-weighted sampling is on, so the weights move during every run."""
+"""Exact resume and fault tolerance on a real local cluster: a driver killed and resumed, a training
+worker killed (Ray Train restarts it from the latest checkpoint) and a teacher replica killed (the
+pipeline retries elsewhere) each end in a run whose sample ledger and mixture-weight history equal
+an uninterrupted run's. Influence-weighted sampling is on, so the weights move during every run."""
 
 import json
 import os
@@ -88,21 +88,15 @@ def test_killed_driver_resumes_from_its_storage_path_with_the_same_ledger(tiny_t
         assert steps == list(range(1, STEPS + 1)), (name, steps)
 
 
-def test_a_killed_teacher_replica_and_then_a_killed_training_worker_lose_no_sample(tiny_teacher, reference, tmp_path):
-    """One run, two faults: the replica's requests are retried on its replacement (no batch lost), then
-    Ray Train restarts the killed worker from the latest checkpoint; the run equals the reference."""
+def test_killed_training_worker_is_restarted_from_the_checkpoint_with_the_same_ledger(tiny_teacher, reference,
+                                                                                      tmp_path):
     from distillation.run import run
 
-    run_dir = tmp_path / "faults"
+    run_dir = tmp_path / "worker"
     killed = []
 
-    def kill_replica_then_worker():
-        wait_for(lambda: _last_step(run_dir) >= 2, 400, "step 2")
-        replica = next(a for a in ray.util.list_named_actors(all_namespaces=True)
-                       if a["namespace"] == "serve" and "teacher-replica#" in a["name"])
-        ray.kill(ray.get_actor(replica["name"], namespace="serve"), no_restart=False)
-        killed.append(replica["name"])
-        wait_for(lambda: _last_step(run_dir) >= 3, 400, "step 3")  # past the step-2 checkpoint
+    def kill_worker():
+        wait_for(lambda: _last_step(run_dir) >= 3, 400, "step 3")
         # Ray titles a worker process after the actor it hosts (the test cluster runs no dashboard,
         # so the state API is not available here); only this test's cluster, which this process started.
         pids = pids_titled("RayTrainWorker")
@@ -110,8 +104,28 @@ def test_a_killed_teacher_replica_and_then_a_killed_training_worker_lose_no_samp
         os.kill(pids[0], signal.SIGKILL)
         killed.append(pids[0])
 
-    killer = in_background(kill_replica_then_worker)
-    summary = run(load_config(_overrides(tiny_teacher, tmp_path, "faults")))
+    killer = in_background(kill_worker)
+    summary = run(load_config(_overrides(tiny_teacher, tmp_path, "worker")))
     killer.join(timeout=5)
-    assert len(killed) == 2 and not killer.errors and summary["steps"] == STEPS
+    assert killed and not killer.errors and summary["steps"] == STEPS
+    _assert_same_run(run_dir, reference)
+
+
+def test_killed_teacher_replica_mid_run_loses_no_sample(tiny_teacher, reference, tmp_path):
+    from distillation.run import run
+
+    run_dir = tmp_path / "replica"
+    killed = []
+
+    def kill_replica():
+        wait_for(lambda: _last_step(run_dir) >= 2, 400, "step 2")
+        replica = next(a for a in ray.util.list_named_actors(all_namespaces=True)
+                       if a["namespace"] == "serve" and "teacher-replica#" in a["name"])
+        ray.kill(ray.get_actor(replica["name"], namespace="serve"), no_restart=False)
+        killed.append(replica["name"])
+
+    killer = in_background(kill_replica)
+    summary = run(load_config(_overrides(tiny_teacher, tmp_path, "replica")))
+    killer.join(timeout=5)
+    assert killed and not killer.errors and summary["steps"] == STEPS
     _assert_same_run(run_dir, reference)

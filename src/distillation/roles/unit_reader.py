@@ -1,6 +1,6 @@
 """Role: the unit readers, unnamed actors (`num_cpus` is data.reader_cpus) that read and cut units
 into rows. Created, a few at a time (`Readers`), by whoever needs units read and owned by it, so they
-end with it: the driver's scan of each source's first units (data/corpus.py) and the mixture actor
+end with it: the driver (run.py, for the scan of each source's first units in data/corpus.py) and the mixture actor
 while training (roles/mixture.py)."""
 
 from dataclasses import replace
