@@ -28,10 +28,14 @@ install: $(STAMP)
 distill: $(STAMP)
 	$(VENV)/bin/distill $(ARGS)
 
+# Two pytest workers, each module whole on one (its shared runs and cluster stay shared): the
+# end-to-end runs wait on process start-up about half the time, so two overlap on two cores.
+TEST_WORKERS ?= 2
+
 test: $(LLAMA)
 	$(VENV)/bin/ruff check src tests bench ray_jobs
 	$(VENV)/bin/mypy  # typed boundaries stay typed (settings: pyproject.toml)
-	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) outputs
