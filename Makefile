@@ -28,14 +28,15 @@ install: $(STAMP)
 distill: $(STAMP)
 	$(VENV)/bin/distill $(ARGS)
 
-# Two pytest workers, each module whole on one (its shared runs and cluster stay shared): the
-# end-to-end runs wait on process start-up about half the time, so two overlap on two cores.
+# Two pytest workers, each module whole on one (its shared runs and cluster stay shared), in the
+# order tests/conftest.py gives (longest first): end-to-end runs alone leave a core idle about
+# half the time, so two overlap on two cores.
 TEST_WORKERS ?= 2
 
 test: $(LLAMA)
 	$(VENV)/bin/ruff check src tests bench ray_jobs
 	$(VENV)/bin/mypy  # typed boundaries stay typed (settings: pyproject.toml)
-	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) outputs

@@ -7,15 +7,21 @@ from pathlib import Path
 import pytest
 import torch
 
+# Modules by their time in the suite, longest first (measured: bench/README.md, "The test suite").
+LONGEST_FIRST = ("test_driver.py", "training/test_ddp.py", "test_end_to_end.py", "training/test_fault_tolerance.py",
+                 "teachers/test_vllm.py", "test_job_submit.py", "training/test_influence.py", "test_placement.py")
+
 
 def pytest_collection_modifyitems(config, items):
-    """Modules of end-to-end runs first: under `pytest -n 2 --dist loadfile` (make test) each module
-    runs whole on one worker, in this order, so the many short modules fill the end instead of one
-    long run finishing alone."""
-    def slow(item):
-        return item.get_closest_marker("slow") is not None
-    slow_modules = {item.module.__name__ for item in items if slow(item)}
-    items.sort(key=lambda item: item.module.__name__ not in slow_modules)  # stable: file order otherwise kept
+    """The longest modules first, then the other end-to-end ones, then the rest: `make test` runs
+    `pytest -n 2 --dist loadfile --no-loadscope-reorder`, each module whole on one worker in this
+    order, so the many short modules fill the end instead of one long module finishing alone."""
+    def rank(item):
+        path = item.nodeid.split("::")[0].removeprefix("tests/")
+        if path in LONGEST_FIRST:
+            return LONGEST_FIRST.index(path)
+        return len(LONGEST_FIRST) + (0 if item.get_closest_marker("slow") else 1)
+    items.sort(key=rank)  # stable: file order otherwise kept
 
 
 def free_port() -> int:
@@ -49,6 +55,14 @@ def smollm2_dir():
     from distillation.models import resolve_model
 
     return resolve_model("smollm2-135m-instruct", load_config().data.cache_dir)
+
+
+@pytest.fixture(scope="session")
+def cache_dir():
+    """The default cache (data.cache_dir), where built-in models, text and tasks are kept."""
+    from distillation.config import load_config
+
+    return load_config().data.cache_dir
 
 
 @pytest.fixture(scope="session")
@@ -164,7 +178,8 @@ def tiny_teacher(tmp_path_factory, smollm2_dir):
 def tiny_overrides(model_dir: Path, out: Path, steps: int = 4):
     return [f"teacher.model={model_dir}", "student.num_layers=null", f"run.output_dir={out}", "run.name=e2e",
             "run.progress=false", "data.seq_len=64", "data.max_tokens_per_source=20000", "data.heldout_sequences=2",
-            "data.heldout_fraction=0.2", f"training.max_steps={steps}", "training.batch_size=2", "training.grad_accum=2",
+            "data.heldout_fraction=0.2", "data.readers=1", f"training.max_steps={steps}", "training.batch_size=2",
+            "training.grad_accum=2",
             "training.warmup_steps=1", "distillation.split_heads=4", "distillation.teacher_layer=-1",
             "distillation.student_layer=-1", "teacher.top_k=16", "training.num_threads=1"]
 

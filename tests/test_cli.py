@@ -144,3 +144,56 @@ def test_help_lists_every_config_group_and_option_from_the_config_folders(capsys
     assert {"placement", "experiment", "teacher", "distillation"} <= {g.name for g in groups}
     for group in groups:
         assert f"{group.name}={{{','.join(sorted(o.stem for o in group.glob('*.yaml')))}}}" in out
+
+
+def _task_file(tmp_path, answers=("yes", "no", "yes", "no")):
+    import json
+
+    (tmp_path / "test").mkdir()
+    with open(tmp_path / "test" / "a.jsonl", "w") as out:
+        for i, answer in enumerate(answers):
+            out.write(json.dumps({"q": f"Is {i} even?", "a": answer}) + "\n")
+    path = tmp_path / "parity.yaml"
+    path.write_text(f"""
+task:
+  name: parity
+  test: {{name: parity, kind: jsonl, path: {tmp_path / 'test'}, format: prompt_response, prompt_field: q,
+         response_field: a, prompt_template: "Answer yes or no. {{prompt}}"}}
+  labels: ["yes", "no"]  # quoted: YAML reads a bare yes as true
+  metrics: [accuracy, label_accuracy, exact_match]
+  max_new_tokens: 3
+""")
+    return path
+
+
+def test_eval_scores_a_task_file_on_its_held_out_records_as_the_task_metrics_do(student_dir, tmp_path, capsys):
+    from distillation.data.records import prompt_turns
+    from distillation.tasks import Example
+    from distillation.tasks.metrics import score_task
+
+    assert cli.main(["eval", str(student_dir), "--task", str(_task_file(tmp_path)), "--records", "2"]) == 0
+    out, err = capsys.readouterr()
+    words = out.split()
+    assert words[:3] == ["student", "task", "parity"] and words[-2:] == ["records", "2"] and err == ""
+    examples = [Example(prompt_turns(f"Is {i} even?", "", "Answer yes or no. {prompt}")[:1], a)
+                for i, a in ((0, "yes"), (2, "yes"))]  # 2 of 4 records, spread evenly
+    want = score_task(load_student(student_dir), load_tokenizer(student_dir), examples,
+                      ("accuracy", "label_accuracy", "exact_match"), chat=True, labels=("yes", "no"), max_new_tokens=3)
+    assert dict(zip(words[3:-2:2], words[4:-2:2])) == {k: f"{want[k]:.3f}" for k in ("accuracy", "label_accuracy",
+                                                                                   "exact_match")}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--task", "no_such_task"], "unknown option 'no_such_task' for config group 'task'"),
+    ([], "nothing to score: give --text FILE ... and/or --task TASK"),
+    (["--task", "LABELS"], "record a.jsonl@0 of '.*a.jsonl' answers 'maybe', not one of task.labels \\['yes', 'no'\\]"),
+])
+def test_a_bad_task_is_one_error_line_and_exit_2(student_dir, tmp_path, capsys, args, message):
+    if args[1:] == ["LABELS"]:
+        args = ["--task", str(_task_file(tmp_path, answers=("maybe", "no")))]
+    assert cli.main(["eval", str(student_dir), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.splitlines()) == 1
+    import re
+
+    assert re.search(message, err), err

@@ -3,6 +3,7 @@ the step with a checkpoint and says how to resume, a resumed run that may train 
 the checkpoint it resumed from, a resume whose settings or source text changed refused, a broken
 teacher stopped before training, and a bad record met in training."""
 
+import json
 import os
 import signal
 import subprocess
@@ -63,29 +64,23 @@ def test_ctrl_c_stops_after_the_step_with_a_checkpoint_and_says_how_to_resume(ti
     if who == "driver":  # how it stopped is all that differs: one resume (below) shows the checkpoint is whole
         return
 
-    # The run continues from that checkpoint (and may be given a new length).
-    resumed = subprocess.run([sys.executable, "-m", "distillation.cli", *args, f"run.name={name}", "run.resume=true",
-                              f"training.max_steps={stopped + 2}", "run.progress=false"],
-                             capture_output=True, text=True, cwd=tmp_path, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"steps {stopped + 2}," in resumed.stdout and f"(resumed from step {stopped})" in resumed.stdout
-    terminal = resumed.stdout + resumed.stderr  # Ray's snapshot notice ("... delete the existing folder") stays in the logs
-    assert "delete the existing folder" not in terminal and "PYTHON worker processes" not in terminal, terminal[-3000:]
-    assert not [line for line in terminal.splitlines() if any(n in line for n in RAY_NOISE)], terminal[-3000:]
-
-
-def test_a_second_ctrl_c_stops_at_once(tiny_teacher, tmp_path):
-    args = [o for o in tiny_overrides(tiny_teacher, tmp_path, steps=400) if not o.startswith("run.name")]
-    process = _start(args + ["run.name=twice"], tmp_path, start_new_session=True)
-    _wait_for_steps(tmp_path / "twice", process, 1)
-    os.killpg(process.pid, signal.SIGINT)
+    # The run continues from that checkpoint (a resume that finishes, with a new length, is
+    # test_resume_trains_longer_...'s); two Ctrl-C in quick succession then stop it at once.
+    resumed = _start(args + [f"run.name={name}", "run.resume=true"], tmp_path, start_new_session=True)
+    _wait_for_steps(run_dir, resumed, stopped + 1)
+    os.killpg(resumed.pid, signal.SIGINT)
     time.sleep(0.1)  # well within one step, so the first cannot have stopped the run gracefully already
-    os.killpg(process.pid, signal.SIGINT)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130, stderr[-3000:]
+    os.killpg(resumed.pid, signal.SIGINT)
+    stdout, stderr = resumed.communicate(timeout=120)
+    assert resumed.returncode == 130, stderr[-3000:]
     assert [line for line in stderr.splitlines() if line.startswith("error:")] == [
         "error: interrupted twice: stopped at once; the last checkpoint written, if any, is kept "
         "(run.resume=true continues from it)"]
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps[:stopped] == list(range(1, stopped + 1)) and steps[stopped] == stopped + 1  # it went on from there
+    terminal = stdout + stderr  # Ray's snapshot notice ("... delete the existing folder") stays in the logs
+    assert "delete the existing folder" not in terminal and "PYTHON worker processes" not in terminal, terminal[-3000:]
+    assert not [line for line in terminal.splitlines() if any(n in line for n in RAY_NOISE)], terminal[-3000:]
 
 
 def test_resume_trains_longer_scores_the_checkpoint_it_resumed_from_and_refuses_changed_settings_or_text(

@@ -90,14 +90,53 @@ def _check_exports(student, student_dir: Path, exports: dict, tmp_path: Path) ->
     llm.close()
 
 
-def test_the_sampled_teacher_signal_trains_end_to_end(tiny_teacher, ray_cluster, tmp_path):
-    """The hidden signal (the default) is the first test's run; top-k is test_vllm's."""
+def _chats(folder: Path, count: int = 60) -> Path:
+    """A JSONL of real conversations: a question about a topic of Python's reference docs, answered
+    with the topic's first words."""
+    from pydoc_data.topics import topics
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "chats.jsonl", "w") as out:
+        for name, text in sorted(topics.items())[:count]:
+            answer = " ".join(text.split()[:8])
+            out.write(json.dumps({"messages": [{"role": "user", "content": f"What is '{name}' about?"},
+                                               {"role": "assistant", "content": answer}]}) + "\n")
+    return folder
+
+
+def test_chat_records_train_end_to_end_on_the_sampled_signal_with_the_loss_on_the_answers(tiny_teacher, ray_cluster,
+                                                                                           tmp_path):
+    """Conversations, packed, through the mixture, the teacher pool (the sampled signal: the hidden
+    one is the first test's, top-k test_vllm's) and the trainer. The held-out score counts exactly the
+    answers' tokens and their EOS, as the tokenizer itself splits them, of every held-out record."""
+    from distillation.data.sources import split_of
+    from distillation.models import load_tokenizer
     from distillation.run import run
 
+    chats = _chats(tmp_path / "chats")
     overrides = [o for o in tiny_overrides(tiny_teacher, tmp_path, steps=2) if not o.startswith("run.name")]
-    summary = run(load_config(overrides + ["run.name=sampled", "teacher.signal=sampled", "teacher.draws=6"]))
+    source = f"{{name: chats, kind: jsonl, path: {chats}, format: messages}}"
+    summary = run(load_config(overrides + [
+        "run.name=sampled", "teacher.signal=sampled", "teacher.draws=6", "data.pack_documents=true",
+        f"data.sources=[{source}]", "data.heldout_sequences=100", "training.eval_every=2",
+        "task.name=topics", f"task.test={source}", "task.metrics=[rouge_l,exact_match]", "task.records=3",
+        "task.max_new_tokens=3"]))
     assert summary["steps"] == 2 and summary["teacher"]["signal"] == "sampled"
     assert summary["last"]["logits_kl"] != 0  # an unbiased estimate: any sign on one batch, never exactly zero
+    # the task scored before and after training, by the teacher, and by rank 0 at step 2
+    held = summary["heldout"]
+    for who in ("student_before", "student_after", "teacher"):
+        assert held[who]["task"]["examples"] == 3 and 0 <= held[who]["task"]["rouge_l"] <= 1
+    assert {"task_rouge_l", "task_exact_match"} <= set(summary["last"])
+
+    tokenizer = load_tokenizer(tiny_teacher)
+    answers, offset = [], 0
+    for line in open(chats / "chats.jsonl", "rb"):
+        if split_of(f"chats/chats.jsonl@{offset}", 0.2) == "heldout":
+            answers.append(json.loads(line)["messages"][1]["content"])
+        offset += len(line)
+    want = sum(len(tokenizer(a, add_special_tokens=False)["input_ids"]) + 1 for a in answers)  # + <|im_end|>
+    assert len(answers) >= 5 and summary["heldout"]["student_after"]["tokens"] == want
 
 
 def test_precomputed_cache_replays_the_whole_run_without_a_teacher_model(tiny_teacher, ray_cluster, tmp_path):
@@ -200,6 +239,7 @@ def test_a_corpus_of_300k_documents_streams_lazily_and_held_out_text_never_reach
     assert summary["steps"] == 3 and summary["data"]["units"] == {"big": len(spec.units)} and len(spec.units) >= 60
     assert summary["data"]["units_read"] <= 2 * cfg.data.shuffle_units  # the block in use and the next one
     assert 0 < summary["peak_rss_mb"]["mixture"] < 1000 and 0 < summary["peak_rss_mb"]["driver"]
+    assert summary["heldout"]["teacher"] is None and summary["teacher"] is None  # CE only: no teacher loaded anywhere
     trained, held = set(), set()
     for entry in read_jsonl(Path(summary["ledger"])):
         for _, source, unit, row in entry["samples"]:

@@ -19,7 +19,7 @@ def usage() -> str:
     groups = sorted(p for p in config_dir().iterdir() if p.is_dir())
     listed = " ".join(f"{g.name}={{{','.join(sorted(o.stem for o in g.glob('*.yaml')))}}}" for g in groups)
     return ("usage: distill [--cfg] [group=option ...] [key=value ...]\n"
-            "       distill eval STUDENT [--teacher MODEL] --text FILE [FILE ...] [--seq-len N]\n"
+            "       distill eval STUDENT [--teacher MODEL] [--text FILE ...] [--seq-len N] [--task TASK]\n"
             "       distill export STUDENT OUT [--format hf|packed|gguf] [--gguf-type tq2_0|tq1_0|f16]\n"
             "       distill generate STUDENT PROMPT [--max-new-tokens N] [--sample] [--raw]\n\n"
             f"Groups: {listed}.\nAny value: e.g. training.max_steps=200. --cfg prints the resolved configuration "
@@ -83,11 +83,13 @@ def main(argv: Optional[List[str]] = None, command: str = "distill") -> int:
     return 0
 
 
-EVAL_USAGE = "%(prog)s STUDENT [--teacher MODEL] --text FILE [FILE ...] [--seq-len N]"
+EVAL_USAGE = "%(prog)s STUDENT [--teacher MODEL] [--text FILE [FILE ...]] [--seq-len N] [--task TASK [--records N]]"
 EVAL_DESCRIPTION = (
     "Next-token loss (nats/token) and bits per byte of a saved student, and optionally of a teacher, on UTF-8 "
     "text files: one line per file and model. Each file is one document, cut into rows as the training data "
-    "is and scored by the same function as the run summary's held-out loss. Runs in this process, no Ray.")
+    "is and scored by the same function as the run summary's held-out loss. With --task, also the task's metrics on "
+    "its held-out records (TASK: a configs/task option such as shakespeare_genre, or a task YAML file). Runs in "
+    "this process, no Ray.")
 
 
 class _UsageError(Exception):
@@ -106,9 +108,11 @@ def eval_parser(prog: str = "distill eval") -> argparse.ArgumentParser:
     parser.add_argument("student", metavar="STUDENT", help="a saved student folder (e.g. RUN_DIR/student)")
     parser.add_argument("--teacher", metavar="MODEL",
                         help="also score this model: a built-in name (smollm2-135m-instruct), a local folder or a hub name")
-    parser.add_argument("--text", metavar="FILE", nargs="+", required=True, help="UTF-8 text files")
+    parser.add_argument("--text", metavar="FILE", nargs="+", default=[], help="UTF-8 text files")
     parser.add_argument("--seq-len", metavar="N", type=int, default=DataConfig().seq_len,
                         help="tokens per row (default %(default)s, as training's data.seq_len)")
+    parser.add_argument("--task", metavar="TASK", help="a task: a configs/task option or a task YAML file")
+    parser.add_argument("--records", metavar="N", type=int, help="held-out records to score (default: task.records)")
     return parser
 
 
@@ -142,9 +146,10 @@ def _one_line(exc: BaseException) -> str:
 
 
 def evaluate_files(student: str, texts: List[str], teacher: Optional[str], seq_len: int,
-                   emit=print) -> List[dict]:
-    """Score `student` (then `teacher`) on every file; `emit` gets each output line as it is ready.
-    Every input is checked (files read, folders resolved, tokenizers loaded) before any model is."""
+                   emit=print, task: Optional[str] = None, records: Optional[int] = None) -> List[dict]:
+    """Score `student` (then `teacher`) on every file and on `task`; `emit` gets each output line as
+    it is ready. Every input is checked (files read, folders resolved, tokenizers loaded, the task's
+    records read) before any model is."""
     from distillation.config.schema import DataConfig, StudentConfig
     from distillation.errors import DistillError
     from distillation.models import load_causal_lm, load_tokenizer, resolve_model
@@ -153,6 +158,10 @@ def evaluate_files(student: str, texts: List[str], teacher: Optional[str], seq_l
 
     if seq_len < 2:
         raise DistillError(f"--seq-len must be at least 2, not {seq_len}")
+    if not texts and not task:
+        raise DistillError("nothing to score: give --text FILE ... and/or --task TASK")
+    if records is not None and records < 1:
+        raise DistillError(f"--records must be at least 1, not {records}")
     docs = [(name, _read_text(name)) for name in texts]
     student_dir = Path(student).expanduser()
     if not (student_dir / "config.json").is_file():
@@ -171,9 +180,10 @@ def evaluate_files(student: str, texts: List[str], teacher: Optional[str], seq_l
                              else student_tokenizer)
     except (OSError, ValueError) as exc:
         raise DistillError(f"cannot load the tokenizer in '{tokenizer_dir}': {_one_line(exc)}") from None
+    probe = _task_probe(task, records, str(tokenizer_dir)) if task else None
 
     set_compile(StudentConfig().compile)
-    width = max(len(name) for name, _ in docs)
+    width = max([len(name) for name, _ in docs] + [len(f"task {probe.name}") if probe else 0])
     results = []
 
     def score(label: str, model, tokenizer) -> None:
@@ -185,6 +195,11 @@ def evaluate_files(student: str, texts: List[str], teacher: Optional[str], seq_l
             results.append({"model": label, "file": name, **r})
             emit(f"{label:<7}  {name:<{width}}  nats/token {r['loss']:.3f}  bits/byte {r['bits_per_byte']:.3f}  "
                  f"tokens {r['tokens']:,}")
+        if probe is not None:
+            scores = probe.score(model)
+            results.append({"model": label, "task": probe.name, **scores})
+            emit(f"{label:<7}  {'task ' + probe.name:<{width}}  " + "  ".join(
+                f"{k} {v:.3f}" for k, v in scores.items() if k != "examples") + f"  records {int(scores['examples'])}")
 
     try:
         model = load_student(student_dir)
@@ -201,6 +216,21 @@ def evaluate_files(student: str, texts: List[str], teacher: Optional[str], seq_l
     return results
 
 
+def _task_probe(task: str, records: Optional[int], tokenizer: str):
+    from dataclasses import replace
+
+    from distillation.config.loader import load_task
+    from distillation.config.schema import DataConfig
+    from distillation.tasks.probe import task_probe
+
+    config, chat_template = load_task(task)
+    if records is not None:
+        config = replace(config, records=records)
+    probe = task_probe(config, DataConfig(chat_template=chat_template), tokenizer)
+    assert probe is not None  # load_task refuses a task without a name
+    return probe
+
+
 def eval_main(args: List[str], prog: str = "distill eval") -> int:
     from distillation.errors import DistillError
 
@@ -215,7 +245,7 @@ def eval_main(args: List[str], prog: str = "distill eval") -> int:
         hf_logging.disable_progress_bar()  # stdout and stderr hold the result lines and errors only
         try:
             evaluate_files(opts.student, opts.text, opts.teacher, opts.seq_len,
-                           emit=lambda line: print(line, flush=True))
+                           emit=lambda line: print(line, flush=True), task=opts.task, records=opts.records)
         finally:
             if bars:
                 hf_logging.enable_progress_bar()

@@ -15,10 +15,12 @@ from omegaconf import DictConfig, OmegaConf
 from distillation.config import Config, to_yaml
 from distillation.config.schema import DistillationConfig, RunConfig, StudentConfig, TeacherConfig
 from distillation.data.corpus import open_sources
+from distillation.data.records import uses_chat_template
 from distillation.data.sources import SourceSpec, changed_files
 from distillation.errors import DistillError
 from distillation.losses import QKV
 from distillation.storage import check_storage, check_writable, exists, join, read_text, run_storage, train_location
+from distillation.tasks.probe import TaskProbe, task_probe
 from distillation.teachers.resolve import ResolvedTeacher, check_cache, resolve_teacher
 from distillation.training.plan import needs_teacher
 
@@ -41,6 +43,7 @@ class Preflight:
     resumed: Optional[dict]  # the latest checkpoint's train state when resuming
     resumed_checkpoint: Optional[Any]  # a ray.train.Checkpoint: read it with as_directory() (storage may be remote)
     sources: Dict[str, SourceSpec]  # opened and checked, not read
+    task: Optional[TaskProbe] = None  # the task's held-out examples (task.name set)
 
 
 def preflight(cfg: Config) -> Preflight:
@@ -53,6 +56,8 @@ def preflight(cfg: Config) -> Preflight:
         check_cache(cfg.teacher, cfg.distillation.temperature, teacher, cfg.data.cache_dir)
     check_shapes(cfg.teacher, cfg.student, cfg.distillation, cfg.data.seq_len, teacher)
     check_exports(cfg.student, cfg.teacher.trust_remote_code, teacher)
+    if any(s.format != "text" for s in cfg.data.sources):  # records: the template they render with exists
+        uses_chat_template(teacher.tokenizer, cfg.data.chat_template)
     if cfg.run.storage_path:
         check_storage(cfg.run.storage_path)
     run_dir = run_folder(cfg.run, to_yaml(cfg))
@@ -68,7 +73,8 @@ def preflight(cfg: Config) -> Preflight:
     sources = open_sources(cfg.data)
     if resumed:
         check_same_data(resumed["data"], sources, saved_stamps(cfg.run.storage_path, run_dir))
-    return Preflight(teacher, uses_teacher, run_dir, resumed, checkpoint, sources)
+    task = task_probe(cfg.task, cfg.data, teacher.ref)
+    return Preflight(teacher, uses_teacher, run_dir, resumed, checkpoint, sources, task)
 
 
 STAMPS_FILE = "sources.json"  # every unit's file, size and modification time at the run's start

@@ -20,12 +20,13 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import ray
 
 from distillation.cluster import check_placement, init_ray, peak_rss_mb
 from distillation.config import Config, to_yaml
+from distillation.config.schema import TeacherConfig
 from distillation.console import RayLinesToFile, quiet_ray, say, session_log_dir
 from distillation.data.corpus import Corpus, prepare_corpus
 from distillation.data.sources import unit_stamps
@@ -109,13 +110,13 @@ def prepare(cfg: Config, pre: Preflight) -> Prepared:
         + f"; held-out {len(corpus.heldout.rows)} rows; probe {len(corpus.probe.rows)} rows; "
         f"rows {corpus.fill:.0%} real tokens (the units read so far)")
     jobs: List[Job] = [(partial(starting_student, student_spec(cfg, pre.teacher.student_ref), pre.resumed_checkpoint), None)]
-    if cfg.teacher.kind != "cached":  # a cached teacher's point is not loading the model, so it is not scored here
+    if scores_teacher(cfg.teacher, pre.uses_teacher):
         check = (partial(check_output_head, model_dir=pre.teacher.ref, input_ids=corpus.heldout.rows[:1],
                          vocab_size=pre.teacher.vocab_size) if pre.uses_teacher and cfg.teacher.signal == "hidden"
                  else None)
         jobs.append((partial(load_causal_lm, pre.teacher.ref, "float32", cfg.teacher.trust_remote_code), check))
     student_before, *teacher = score_on_worker(cfg.training, jobs, corpus.heldout, corpus.heldout_bytes,
-                                               cfg.run.stall_timeout_s)
+                                               cfg.run.stall_timeout_s, pre.task)
     teacher_eval = teacher[0] if teacher else None
     say(f"teacher {cfg.teacher.model} ({cfg.teacher.kind}{'' if pre.uses_teacher else ', not needed by this loss'}); "
         f"student: BitNet, subln={cfg.student.subln}, {student_before['parameters'] / 1e6:.1f}M "
@@ -130,6 +131,13 @@ def prepare(cfg: Config, pre: Preflight) -> Prepared:
             + (f", teacher {teacher_eval['loss']:.3f}" if teacher_eval else ""))
     _make_run_folder(cfg, pre.run_dir, pre.resumed["step"] if pre.resumed else None, pre.sources)
     return Prepared(corpus, student_before, teacher_eval)
+
+
+def scores_teacher(t: TeacherConfig, uses_teacher: bool) -> bool:
+    """Whether the teacher is loaded to score the held-out rows: `teacher.score_heldout`, by default
+    when the loss uses it and it is not a cache (a cache's point, like CE-only stage 2's, is not
+    loading the model)."""
+    return t.score_heldout if t.score_heldout is not None else uses_teacher and t.kind != "cached"
 
 
 def _make_run_folder(cfg: Config, run_dir: Path, resumed_step: Optional[int], sources: dict) -> None:
@@ -180,9 +188,8 @@ def create_mixture(cfg: Config, corpus: Corpus, run_name: str, resume_state: Opt
                             validate_weights([s.weight for s in cfg.data.sources], names), t.seed,
                             samples_per_step(t.batch_size, t.grad_accum, t.num_workers), updates,
                             cfg.influence.delay_steps, corpus.fingerprints(), cfg.data.shuffle_units).state()
-    return start_mixture(run_name, MixtureSpec(state, corpus.specs, corpus.recipe,
-                                                 {n: (p.rows, p.lengths, p.positions) for n, p in corpus.pool.items()},
-                                                 cfg.data.readers, cfg.data.reader_cpus))
+    return start_mixture(run_name, MixtureSpec(state, corpus.specs, corpus.recipe, corpus.pool, cfg.data.readers,
+                                                 cfg.data.reader_cpus))
 
 
 def train(cfg: Config, pre: Preflight, prep: Prepared):
@@ -202,8 +209,7 @@ def train(cfg: Config, pre: Preflight, prep: Prepared):
             say(f"teacher pool up: {handle.describe.remote().result()}")
         corpus = prep.corpus
         spec = worker_spec(cfg, pre.teacher, actor_name(run_dir.name), board_name(run_dir.name), teacher_app,
-                           (corpus.probe.rows, corpus.probe.lengths),
-                           {n: (p.rows, p.lengths) for n, p in corpus.heldout_by_source.items() if len(p.rows)})
+                           corpus.probe, {n: p for n, p in corpus.heldout_by_source.items() if len(p.rows)}, pre.task)
         result = _fit(cfg, run_dir, spec, pre.resumed["step"] if pre.resumed else 0, interrupts, mixture)
         mixture_history = ray.get(mixture.history.remote())
         prep.mixture_stats = ray.get(mixture.retained.remote())
@@ -299,6 +305,7 @@ def _follow(board, thread, start_step: int, max_steps: int, run_dir: Path, progr
     from tqdm import tqdm
 
     rows: List[dict] = []  # the metrics rows so far
+    task: Dict[str, str] = {}  # the latest task metrics (rows at training.eval_every carry them)
     ledger, last_step, warned, stopping = 0, start_step, False, False
     last_progress = time.monotonic()
     bar = tqdm(total=max_steps, initial=start_step, desc="distill", unit="step", disable=not progress,
@@ -330,8 +337,9 @@ def _follow(board, thread, start_step: int, max_steps: int, run_dir: Path, progr
                 append_jsonl(run_dir / "metrics.jsonl", new)
                 last = new[-1]
                 bar.update(last["step"] - bar.n)
+                task.update({k.removeprefix("task_"): f"{v:.3f}" for r in new for k, v in r.items() if k.startswith("task_")})
                 bar.set_postfix(**{k: f"{last[k]:.3g}" for k in LOSS_COMPONENTS if last.get(k)},
-                                tok_s=f"{last['tokens_per_s']:.0f}", wait_s=f"{last['data_wait_s']:.1f}")
+                                tok_s=f"{last['tokens_per_s']:.0f}", wait_s=f"{last['data_wait_s']:.1f}", **task)
                 warning = dominance_warning(last)
                 if warning and not warned:
                     warned = True
@@ -362,7 +370,7 @@ def finish(cfg: Config, pre: Preflight, prep: Prepared, result, mixture_history,
         final_dir = _export_student(Path(folder), run_dir / "student", pre.teacher.model_dir)
     exports = export_formats(final_dir, run_dir, cfg.student.export)
     student_after, = score_on_worker(cfg.training, [(partial(checkpoint_student, result.checkpoint), None)],
-                                     prep.corpus.heldout, prep.corpus.heldout_bytes, cfg.run.stall_timeout_s)
+                                     prep.corpus.heldout, prep.corpus.heldout_bytes, cfg.run.stall_timeout_s, pre.task)
     all_rows = read_jsonl(run_dir / "metrics.jsonl")
     if all_rows:
         plot_losses(all_rows, run_dir / "loss.png")
@@ -419,6 +427,17 @@ def _scored(result: dict) -> str:
     return f"{result['loss']:.3f}  {result['bits_per_byte']:.3f}"
 
 
+def _task_lines(h: dict) -> List[str]:
+    """The task's metrics for the student before and after, and the teacher, where scored."""
+    if "task" not in h["student_before"]:
+        return []
+    rows = [(who, h[key]["task"]) for who, key in (("student before", "student_before"), ("student after", "student_after"),
+                                                    ("teacher", "teacher")) if h[key] and "task" in h[key]]
+    names = [k for k in rows[0][1] if k != "examples"]
+    return [f"task metrics on {int(rows[0][1]['examples'])} held-out records ({', '.join(names)}):",
+            *(f"  {who:<15} " + "  ".join(f"{m[k]:.3f}" for k in names) for who, m in rows)]
+
+
 def print_summary(s: dict) -> None:
     h = s["heldout"]
     first, last = s["first"], s["last"]
@@ -432,7 +451,8 @@ def print_summary(s: dict) -> None:
         "held-out next-token loss (nats/token, bits/byte):",
         f"  student before  {_scored(h['student_before'])}",
         f"  student after   {_scored(h['student_after'])}",
-        f"  teacher         {_scored(h['teacher']) if h['teacher'] else '(cached teacher: not loaded)'}",
+        f"  teacher         {_scored(h['teacher']) if h['teacher'] else '(not loaded; teacher.score_heldout=true scores it)'}",
+        *_task_lines(h),
         "mixture weights (start -> end): " + ", ".join(
             f"{a:.2f} -> {b:.2f}" for a, b in zip(s["mixture"][0]["weights"], s["mixture"][-1]["weights"])),
         *(f"warning: {w}" for w in s["warnings"]),

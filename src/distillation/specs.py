@@ -14,19 +14,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
-import numpy as np
-
 from distillation.config.loader import to_yaml
 from distillation.config.schema import Config, DistillationConfig, InfluenceConfig, TrainingConfig
 from distillation.data.steps import samples_per_step
 
 if TYPE_CHECKING:  # named in annotations only: a process that unpickles a spec imports no model code for it
+    from distillation.data.packing import Packed
     from distillation.data.rows import RowRecipe
     from distillation.data.sources import SourceSpec
     from distillation.models import ModelSource
+    from distillation.tasks.probe import TaskProbe
     from distillation.teachers.resolve import ResolvedTeacher
-
-Rows = Tuple[np.ndarray, np.ndarray]  # token rows and their real lengths
 
 
 @dataclass(frozen=True)
@@ -100,9 +98,10 @@ class WorkerSpec:
     board: Optional[str]  # the named metrics board (metrics, ledger, stop requests)
     teacher_model: ModelSource  # for the frozen output head of the hidden-state signal
     vocab_size: int  # the shared real vocabulary (vocab.check_vocab)
-    probe: Rows  # influence probe rows
+    probe: Packed  # influence probe rows
     config_yaml: str  # the run's configuration, written into every checkpoint
-    eval: Dict[str, Rows] = field(default_factory=dict)  # held-out rows per source
+    eval: Dict[str, Packed] = field(default_factory=dict)  # held-out rows per source
+    task: Optional[TaskProbe] = None  # scored with the held-out rows (training.eval_every)
 
     @property
     def rows_per_step(self) -> int:  # on one rank
@@ -126,7 +125,7 @@ class MixtureSpec:
     plan_state: dict  # MixturePlan.state(): a new plan's, or a checkpoint's on resume
     sources: Dict[str, SourceSpec]  # opened sources (their units)
     recipe: RowRecipe  # how its readers cut units into rows
-    pool: Dict[str, Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]]  # rows, lengths, positions per source
+    pool: Dict[str, Packed]  # training rows per source that influence estimates draw from
     readers: int  # unit reader actors it owns
     reader_cpus: float  # CPUs each books
 
@@ -159,7 +158,7 @@ def replica_spec(cfg: Config, teacher: ResolvedTeacher) -> ReplicaSpec:
 
 
 def worker_spec(cfg: Config, teacher: ResolvedTeacher, mixture: str, board: Optional[str], app_name: Optional[str],
-                probe: Rows, eval_rows: Dict[str, Rows]) -> WorkerSpec:
+                probe: Packed, eval_rows: Dict[str, Packed], task: Optional[TaskProbe] = None) -> WorkerSpec:
     d = cfg.data
     return WorkerSpec(training=cfg.training, distillation=cfg.distillation, influence=cfg.influence,
                       student=student_spec(cfg, teacher.student_ref), compile=cfg.student.compile,
@@ -168,4 +167,4 @@ def worker_spec(cfg: Config, teacher: ResolvedTeacher, mixture: str, board: Opti
                       feed=FeedSpec(mixture, app_name, d.teacher_batch_size, d.teacher_max_in_flight,
                                     d.teacher_max_attempts),
                       board=board, teacher_model=teacher.ref, vocab_size=teacher.vocab_size, probe=probe,
-                      config_yaml=to_yaml(cfg), eval=eval_rows)
+                      config_yaml=to_yaml(cfg), eval=eval_rows, task=task)

@@ -63,7 +63,8 @@ def test_a_block_is_its_units_rows_in_the_plans_order_and_the_next_block_is_read
     reader = Reader()
     cache = _cache(reader, packed=True)
     key = cache.plan.cursor(0)
-    rows, lengths, unit, row, positions = _get(cache, key)[0]
+    packed, unit, row = _get(cache, key)[0]
+    rows, lengths, positions = packed.rows, packed.lengths, packed.positions
     units = cache.plan.block_units(key).tolist()
     parts = [_train_rows(cache.specs[0], cache.specs[0].units[u]) for u in units]
     order = cache.plan.block_order(key, sum(len(p.rows) for p in parts))
@@ -90,9 +91,11 @@ def test_the_cache_keeps_the_most_recently_used_blocks_up_to_its_bound_and_reads
     reads = len(reader.started)
     again = _get(cache, second)[0]
     assert len(reader.started) > reads and len(cache.blocks) == 2 and first not in cache.blocks
-    assert cache.rows(second) == len(again[0])
-    for column_before, column_now in zip(before, _get(cache, first)[0]):  # read again: the same rows, same order
-        np.testing.assert_array_equal(column_before, column_now)
+    assert cache.rows(second) == len(again.unit)
+    now = _get(cache, first)[0]
+    for column_before, column_now in zip((*before.packed[:2], before.packed.positions, before.unit, before.row),
+                                         (*now.packed[:2], now.packed.positions, now.unit, now.row)):
+        np.testing.assert_array_equal(column_before, column_now)  # read again: the same rows, same order
 
 
 def test_two_calls_for_one_block_share_its_read():
@@ -116,7 +119,7 @@ def test_a_failed_read_is_not_remembered_and_the_next_call_reads_again():
     with pytest.raises(OSError, match="connection reset"):
         _get(cache, key)
     assert key not in cache.reading and key not in cache.blocks and cache.bad_record is None
-    rows = _get(cache, key)[0][0]
+    rows = _get(cache, key)[0].packed.rows
     assert reader.started.count(uid) == 2 and cache.rows(key) == len(rows) > 0
 
 

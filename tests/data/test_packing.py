@@ -3,6 +3,7 @@ the next-token labels and mask."""
 
 
 import numpy as np
+import pytest
 import torch
 
 from distillation.data.packing import document_spans, next_token_labels, pack, pack_documents, segment_ids, token_mask
@@ -57,3 +58,22 @@ def test_packed_labels_never_cross_a_document_boundary():
                                torch.as_tensor(packed.positions))
     assert labels.tolist() == [[2, 3, 4, 5, IGNORE_INDEX, 11, 12, IGNORE_INDEX],
                                [21, 22, 23, IGNORE_INDEX] + [IGNORE_INDEX] * 4]
+
+
+def test_records_are_never_cut_and_carry_their_labelled_tokens_beside_text_which_is_all_labelled():
+    record, mask = np.arange(30, 35), np.array([False, False, True, True, True])  # prompt 30 31, response 32-34
+    text = np.arange(1, 5)
+    rows = pack([text, record], pad_id=0, seq_len=6, masks=[None, mask])
+    assert rows.labelled.tolist() == [[True] * 4 + [False] * 2, [False, False, True, True, True, False]]
+    packed = pack_documents([text, record, np.arange(40, 42)], pad_id=0, seq_len=6, masks=[None, mask, None])
+    # the record does not fit after the text (2 free positions): it starts the next row, whole
+    assert packed.rows.tolist() == [[1, 2, 3, 4, 0, 0], [30, 31, 32, 33, 34, 0], [40, 41, 0, 0, 0, 0]]
+    assert packed.labelled[1].tolist() == [False, False, True, True, True, False]
+    labels = next_token_labels(torch.as_tensor(packed.rows), torch.as_tensor(packed.lengths),
+                               torch.as_tensor(packed.positions), torch.as_tensor(packed.labelled))
+    # only the response is predicted (31 -> 32 is the first label); text rows keep every label
+    assert labels[1].tolist() == [IGNORE_INDEX, 32, 33, 34, IGNORE_INDEX, IGNORE_INDEX]
+    assert labels[0].tolist() == [2, 3, 4, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]
+    assert pack([text], pad_id=0, seq_len=6).labelled is None  # no records: no column, as before
+    with pytest.raises(ValueError, match="a record of 5 tokens cannot fill a row of 4"):
+        pack_documents([record], pad_id=0, seq_len=4, masks=[mask])

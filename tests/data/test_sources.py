@@ -45,15 +45,16 @@ def test_text_source_reads_files_and_rejects_a_missing_folder(tmp_path):
 
 
 def test_long_files_are_cut_into_pieces_at_line_ends_that_rejoin_exactly():
-    from distillation.data.sources import PIECE_CHARS, _pieces
+    from distillation.data.sources import PIECE_CHARS, Document, _pieces
 
     text = "".join(f"line {i} " * (i % 7 + 1) + "\n" for i in range(5000)) + "x" * (PIECE_CHARS + 5)
-    pieces = list(_pieces("play", text))
-    assert "".join(p for _, p in pieces) == text
-    assert all(len(p) <= PIECE_CHARS for _, p in pieces)
-    assert all(p.endswith("\n") for _, p in pieces[:-3])
-    assert len({i for i, _ in pieces}) == len(pieces)
-    assert list(_pieces("short", "one line\n")) == [("short", "one line\n")]
+    pieces = list(_pieces("src", "play", text))
+    assert "".join(p.text for p in pieces) == text
+    assert all(len(p.text) <= PIECE_CHARS for p in pieces)
+    assert all(p.text.endswith("\n") for p in pieces[:-3])
+    assert len({p.doc_id for p in pieces}) == len(pieces)
+    assert [p.ends for p in pieces] == [False] * (len(pieces) - 1) + [True]  # EOS follows the last piece only
+    assert list(_pieces("src", "short", "one line\n")) == [Document("src", "short", "one line\n")]
 
 
 def test_jsonl_parquet_and_saved_datasets_read_the_same_documents(tmp_path):
@@ -71,13 +72,59 @@ def test_jsonl_parquet_and_saved_datasets_read_the_same_documents(tmp_path):
         assert len({d.doc_id for d in docs}) == 3
 
 
+CHATS = [[{"role": "user", "content": "Is it good?"}, {"role": "assistant", "content": "positive"}],
+         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "And this?"},
+          {"role": "assistant", "content": "negative"}]]
+PAIRS = {"question": ["2 + 2?", "Capital of France?"], "answer": ["4", "Paris"]}
+
+
+def test_chat_and_prompt_response_records_read_alike_from_jsonl_parquet_and_saved_datasets(tmp_path):
+    import datasets
+
+    from distillation.data.sources import Fields
+
+    chat = Fields("messages", messages="conversation")
+    pairs = Fields("prompt_response", prompt="question", response="answer", prompt_template="Q: {prompt}\nA: ")
+    want = {"chat": sorted(tuple((m["role"], m["content"]) for m in c) for c in CHATS),
+            "pairs": sorted((("prompt", f"Q: {q}\nA: "), ("response", a)) for q, a in zip(*PAIRS.values()))}
+    columns = {"chat": {"conversation": CHATS}, "pairs": PAIRS}
+    for name, fields in (("chat", chat), ("pairs", pairs)):
+        records = [dict(zip(columns[name], values)) for values in zip(*columns[name].values())]
+        (tmp_path / name / "j").mkdir(parents=True)
+        (tmp_path / name / "j" / "a.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+        (tmp_path / name / "p").mkdir()
+        pq.write_table(pa.Table.from_pylist(records), tmp_path / name / "p" / "a.parquet")
+        datasets.Dataset.from_list(records).save_to_disk(str(tmp_path / name / "d"))
+        for kind, path in (("jsonl", "j"), ("parquet", "p"), ("hf_disk", "d")):
+            spec = open_source(name, kind, str(tmp_path / name / path), "unused", fields=fields)
+            docs = [d for u in spec.units for d in read_unit(spec, u)]
+            assert sorted(d.turns for d in docs) == want[name] and all(d.text == "" for d in docs), (name, kind)
+    with pytest.raises(DistillError, match="format 'messages' needs records"):
+        open_source("x", "python_docs", None, "unused", fields=chat)
+
+
+@pytest.mark.parametrize("record, fields, message", [
+    ({"prompt": "hi"}, ("prompt_response",), "a.jsonl:1: no field 'response' \\(data.sources\\[\\].response_field\\)"),
+    ({"prompt": "hi", "response": " "}, ("prompt_response",), "a.jsonl:1: the response \\('response'\\) is empty"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, ("messages",), "a.jsonl:1: the conversation has no assistant turn"),
+    ({"messages": "hi"}, ("messages",), "a.jsonl:1: messages must be a non-empty list"),
+])
+def test_a_record_nothing_can_be_learned_from_is_refused_with_its_file_and_line(tmp_path, record, fields, message):
+    from distillation.data.sources import Fields
+
+    (tmp_path / "a.jsonl").write_text(json.dumps(record) + "\n")
+    with pytest.raises(DistillError, match=message):
+        open_source("mine", "jsonl", str(tmp_path), "unused", fields=Fields(*fields))
+
+
 @pytest.mark.parametrize("kind,content,message", [
     ("jsonl", '{"text": "ok"}\n{broken\n', "a.jsonl:2: not valid JSON"),
-    ("jsonl", '{"body": "no text field"}\n', "expected a string field 'text'"),
+    ("jsonl", '{"body": "no text field"}\n', "a.jsonl:1: no field 'text' \\(data.sources\\[\\].text_field\\); found \\['body'\\]"),
+    ("jsonl", '{"text": 3}\n', "a.jsonl:1: field 'text' is int, expected text"),
     ("jsonl", "", "a.jsonl' holds no records"),
     ("jsonl", "\n\n", "a.jsonl' holds no records"),
     ("parquet", "empty", "a.parquet' holds no rows"),
-    ("parquet", None, "cannot read column 'text'"),
+    ("parquet", None, "cannot read parquet file"),
     ("parquet", "no column", "cannot read column 'text' .*it has columns \\['body'\\]"),
     ("hf_disk", None, "load_from_disk"),
 ])

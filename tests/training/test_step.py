@@ -80,3 +80,111 @@ def test_a_packed_micro_step_equals_the_step_on_its_documents_as_rows_of_their_o
     for g, r in zip(packed_grads, single_grads):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
     assert step(together._replace(positions=None))[0].ce != packed.ce  # the same row without positions differs
+
+
+def _response_rows(seed: int = 0, vocab: int = 97, k: int = 8):
+    """Four rows of records whose responses (the labelled tokens) differ in length, 3 to 13 labels,
+    with a teacher's top-k answer for every position."""
+    from distillation.teachers.schema import PREFIX
+
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (4, 16), generator=generator)
+    lengths = torch.tensor([16, 12, 16, 9])
+    labelled = torch.zeros(4, 16, dtype=torch.bool)
+    for row, first in enumerate((13, 2, 3, 5)):  # the response starts here and runs to the row's end
+        labelled[row, first:lengths[row]] = True
+    teacher = torch.log_softmax(torch.randn(4, 16, vocab, generator=generator) * 3, -1)
+    top = teacher.topk(k, -1)
+    return {"input_ids": ids, "length": lengths, "labelled": labelled, PREFIX + "topk_ids": top.indices,
+            PREFIX + "topk_logprobs": top.values, PREFIX + "tail_mass": 1 - top.values.exp().sum(-1),
+            PREFIX + "temperature": torch.ones(4)}
+
+
+def _half(batch: dict, rows) -> dict:
+    return {key: value[rows] for key, value in batch.items()}
+
+
+WEIGHTS_CE_KL = dict(ce_weight=1.0, logits_weight=10.0, attention_weight=0.0, temperature=1.0, temperature_squared=True,
+                     split_heads=4, attention_temperature=1.0, attention_normalization="reference", chunk_tokens=7)
+
+
+def _grads(model, batches, n_labels, grad_scale):
+    from distillation.losses import LossWeights
+    from distillation.training.step import micro_step
+
+    model.zero_grad()
+    for batch in batches:
+        micro_step(model, batch, LossWeights(**WEIGHTS_CE_KL), 97, grad_scale=grad_scale, n_labels=n_labels)
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def test_two_micro_batches_with_different_label_counts_give_the_full_batchs_gradient():
+    """Labels on responses only: the halves hold 3 + 10 and 13 + 4 labels. Dividing by the step's
+    labels per micro-batch gives the full batch's gradient; a mean per micro-batch does not."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_llama_config
+    from distillation.losses import IGNORE_INDEX
+    from distillation.training.step import batch_labels, labels_per_micro_batch
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_llama_config(vocab_size=97))
+    batch = _response_rows()
+    halves = [_half(batch, slice(0, 2)), _half(batch, slice(2, 4))]
+    counts = [int((batch_labels(h)[3] != IGNORE_INDEX).sum()) for h in halves]
+    assert counts == [3 + 10, 13 + 4] and labels_per_micro_batch(halves, world=1) == sum(counts) / 2
+    full = _grads(model, [batch], None, 1.0)
+    accumulated = _grads(model, halves, labels_per_micro_batch(halves, world=1), 0.5)
+    for g, r in zip(accumulated, full):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-7)
+    per_micro_mean = _grads(model, halves, None, 0.5)
+    assert not all(torch.allclose(g, r, rtol=1e-3) for g, r in zip(per_micro_mean, full))
+
+
+def _two_ranks(rank: int, port: int, full: list):
+    import os
+
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_llama_config
+    from distillation.training.parallel import gradient_sync
+    from distillation.training.step import labels_per_micro_batch
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.parallel.DistributedDataParallel(AutoModelForCausalLM.from_config(tiny_llama_config(vocab_size=97)))
+        batch = _response_rows()
+        mine = [_half(batch, [rank]), _half(batch, [rank + 2])]  # rank 0: 3 + 13 labels, rank 1: 10 + 4
+        n_labels = labels_per_micro_batch(mine, world=2)
+        assert n_labels == (3 + 13 + 10 + 4) / 4
+        model.zero_grad()
+        for micro, part in enumerate(mine):
+            with gradient_sync(model, sync=micro == 1):
+                _grads_into(model, part, n_labels)
+        for g, r in zip([p.grad for p in model.module.parameters()], full):
+            torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-7)
+    finally:
+        dist.destroy_process_group()
+
+
+def _grads_into(model, batch, n_labels):
+    from distillation.losses import LossWeights
+    from distillation.training.step import micro_step
+
+    micro_step(model, batch, LossWeights(**WEIGHTS_CE_KL), 97, grad_scale=0.5, n_labels=n_labels)
+
+
+def test_two_workers_two_micro_batches_each_give_the_full_batchs_gradient():
+    """As above across two DDP ranks (gloo): the step's label count is summed over the ranks."""
+    import torch.multiprocessing as mp
+    from transformers import AutoModelForCausalLM
+
+    from conftest import free_port, tiny_llama_config
+
+    torch.manual_seed(0)
+    full = _grads(AutoModelForCausalLM.from_config(tiny_llama_config(vocab_size=97)), [_response_rows()], None, 1.0)
+    mp.spawn(_two_ranks, args=(free_port(), full), nprocs=2, join=True)

@@ -23,7 +23,7 @@ from omegaconf.errors import (
     ValidationError,
 )
 
-from distillation.config.schema import Config, freeze
+from distillation.config.schema import Config, SourceConfig, TaskConfig, choices, freeze
 from distillation.errors import DistillError
 
 
@@ -114,6 +114,26 @@ def _check(cfg: DictConfig) -> None:
     if cfg.influence.probe_source not in (None, *names):
         raise DistillError(f"influence.probe_source '{cfg.influence.probe_source}' is not a source; "
                            f"expected one of {', '.join(names)}")
+    for i, source in enumerate([*cfg.data.sources, *([cfg.task.test] if cfg.task.test.kind else [])]):
+        where = f"data.sources[{i}]" if i < len(names) else "task.test"
+        if source.format not in choices(SourceConfig, "format"):
+            raise DistillError(f"bad value for '{where}.format': {source.format!r}; expected one of "
+                               f"{', '.join(choices(SourceConfig, 'format'))}")
+    _check_task(cfg.task)
+
+
+def _check_task(task: DictConfig) -> None:
+    from distillation.tasks import METRICS
+
+    if task.name is None:
+        return
+    if not task.test.kind or task.test.format == "text":
+        raise DistillError(f"task '{task.name}' needs task.test: a source of prompt_response or messages records")
+    unknown = [m for m in task.metrics if m not in METRICS]
+    if unknown or not task.metrics:
+        raise DistillError(f"task.metrics {list(task.metrics)}: expected some of {', '.join(METRICS)}")
+    if "label_accuracy" in task.metrics and len(task.labels) < 2:
+        raise DistillError("task.metrics has label_accuracy, which needs task.labels: two or more label words")
 
 
 def load_config(overrides: Optional[List[str]] = None) -> Config:
@@ -141,6 +161,27 @@ def load_config(overrides: Optional[List[str]] = None) -> Config:
     _check(cfg)
     assert isinstance(typed, Config)
     return freeze(typed)
+
+
+def load_task(name_or_path: str) -> Tuple[TaskConfig, str]:
+    """(the task, data.chat_template) of a task YAML: a `configs/task/` option or a file of the same
+    shape (its `task` section and optional `data.chat_template`; interpolations resolve within it)."""
+    path = Path(name_or_path).expanduser()
+    if not path.is_file():
+        cfg = load_config([f"task={name_or_path}"])
+        return cfg.task, cfg.data.chat_template
+    try:
+        loaded = OmegaConf.load(path)
+        merged = OmegaConf.merge(OmegaConf.structured(Config), {k: v for k, v in loaded.items() if k != "defaults"})
+        OmegaConf.resolve(merged)
+    except OmegaConfBaseException as exc:
+        raise DistillError(f"task file '{path}': {_explain(exc, [])}") from None
+    _check_task(merged.task)
+    if merged.task.name is None:
+        raise DistillError(f"task file '{path}' sets no task.name")
+    typed = OmegaConf.to_object(merged)
+    assert isinstance(typed, Config)
+    return freeze(typed.task), typed.data.chat_template
 
 
 def to_yaml(cfg: Config) -> str:

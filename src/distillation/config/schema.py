@@ -83,6 +83,9 @@ class TeacherConfig(Frozen):
     gpu_memory_utilization: float = 0.8  # vLLM teacher on GPU: its share of the GPU (prompt-logprob buffers are not in it)
     tensor_parallel_size: int = positive(1)  # vLLM teacher: GPUs per engine (set teacher.num_gpus to match)
     vllm_url: Optional[str] = None  # vLLM teacher: an external OpenAI-compatible server instead of an engine
+    # Load the teacher (fp32) to score the held-out rows and the task: None, when the loss uses it and
+    # it is not a cache (a CE-only stage 2 loads no teacher anywhere); true or false to insist.
+    score_heldout: Optional[bool] = None
 
 
 @dataclass
@@ -121,11 +124,19 @@ class SourceConfig(Frozen):
     name: str = MISSING
     # shakespeare | python_stdlib | python_docs (built in, offline) | text (.txt/.md/... files under `path`)
     # | jsonl | parquet (files under `path`) | hf_disk (datasets.save_to_disk folder) | hf_hub (a hub name)
+    # | shakespeare_genre | stdlib_docstring (built-in prompt/response tasks, split train | test)
     kind: str = MISSING
     path: Optional[str] = None
     weight: float = 1.0  # relative: the weights are normalised to sum to one
-    text_field: str = "text"  # jsonl / parquet / datasets: the column holding the text
-    split: str = "train"  # datasets: which split
+    split: str = "train"  # datasets and built-in tasks: which split
+    # jsonl / parquet / datasets records: text (one document per record) | messages (a chat: a list of
+    # {role, content}) | prompt_response; the loss learns only the responses (data/records.py)
+    format: str = one_of("text", "messages", "prompt_response")
+    text_field: str = "text"  # the field (column) of each format
+    messages_field: str = "messages"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    prompt_template: str = "{prompt}\n"  # prompt_response: the prompt as the model reads it
 
 
 @dataclass
@@ -136,6 +147,9 @@ class DataConfig(Frozen):
     # row, with attention, positions, labels and attention relations kept inside each document
     # (data/packing.py). Held-out and probe rows stay one document per row either way.
     pack_documents: bool = False
+    # How records are rendered: auto (the tokenizer's chat template where it has one, else plainly) |
+    # tokenizer (its template; an error without one) | plain (data/records.py)
+    chat_template: str = one_of("auto", "tokenizer", "plain")
     # Optional: read only each source's first units (canonical order) up to about this many tokens.
     # Off by default: sources are read lazily, unit by unit, as the run consumes them.
     max_tokens_per_source: Optional[int] = None
@@ -200,6 +214,21 @@ class TrainingConfig(Frozen):
 
 
 @dataclass
+class TaskConfig(Frozen):
+    """A task the run is scored on (tasks/metrics.py): before and after training, every
+    `training.eval_every` steps and by `distill eval --task`. A task YAML (configs/task/) sets this,
+    the training source and the paper's loss preset: `distill task=shakespeare_genre`."""
+    name: Optional[str] = None  # None: no task metrics
+    # Its held-out records (format prompt_response or messages). Unset: kind "" (a default that
+    # `task.test={...}` merges into: OmegaConf cannot merge a mapping into a None node).
+    test: SourceConfig = field(default_factory=lambda: SourceConfig(name="", kind=""))
+    labels: List[str] = field(default_factory=list)  # a classification task's label words
+    metrics: List[str] = field(default_factory=list)  # accuracy | label_accuracy | rouge_l | exact_match
+    records: int = positive(64)  # held-out records scored each time (spread over the test source's first units)
+    max_new_tokens: int = positive(16)  # the longest greedy answer
+
+
+@dataclass
 class RunConfig(Frozen):
     name: Optional[str] = None  # default: distill-<timestamp>
     output_dir: str = "outputs"  # the local run folder: metrics, ledger, plots, summary (and, by default, all else)
@@ -227,4 +256,5 @@ class Config(Frozen):
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     influence: InfluenceConfig = field(default_factory=InfluenceConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
     run: RunConfig = field(default_factory=RunConfig)

@@ -9,12 +9,13 @@ Ray object refs it awaits; a test can pass asyncio futures.
 
 import asyncio
 from collections import OrderedDict
-from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Awaitable, Callable, Dict, List, NamedTuple, Optional, Sequence
 
 import numpy as np
 import ray
 
 from distillation.data.mixture import BlockKey, MixturePlan
+from distillation.data.packing import Packed, concat
 from distillation.data.sources import SourceSpec, Unit
 from distillation.errors import DistillError
 
@@ -23,9 +24,15 @@ from distillation.errors import DistillError
 Cut = Callable[[Any, SourceSpec, Unit], Awaitable[dict]]
 
 
+class Block(NamedTuple):
+    """A block's training rows in its seeded order, and where each came from (for the ledger)."""
+    packed: Packed  # every column the rows have (positions for packed rows, labelled with records)
+    unit: np.ndarray  # [N] int64: the unit's index in its source
+    row: np.ndarray  # [N] int64: the row's index in its unit
+
+
 class BlockCache:
-    """An LRU of at most `capacity` blocks of shuffled row columns (rows, lengths, unit, row in unit,
-    and positions for packed rows), with the row count of every block read (one int each, which a
+    """An LRU of at most `capacity` blocks of shuffled rows (`Block`), with the row count of every block read (one int each, which a
     replay of the plan needs) and the next block of a source read ahead when its current one is read.
 
     `plan` is the live plan (its cursors say which block is a source's current one), `specs` the
@@ -35,7 +42,7 @@ class BlockCache:
                  capacity: Optional[int] = None):
         self.plan, self.specs, self.recipe, self.cut = plan, list(specs), recipe, cut
         self.capacity = capacity or 2 * len(self.specs) + 2  # the current and the next block per source
-        self.blocks: "OrderedDict[BlockKey, tuple]" = OrderedDict()  # LRU of shuffled row columns
+        self.blocks: "OrderedDict[BlockKey, Block]" = OrderedDict()  # LRU of shuffled rows
         self.reading: Dict[BlockKey, list] = {}  # blocks being read: what awaits their units' rows
         self.block_rows: Dict[BlockKey, int] = {}
         self.units_read = 0
@@ -51,22 +58,22 @@ class BlockCache:
             self.units_read += len(units)
             self.reading[key] = [self.cut(self.recipe, spec, spec.units[u]) for u in units]
 
-    async def get(self, key: BlockKey) -> tuple:
-        """The block's shuffled columns, read (or waited for) if not cached."""
+    async def get(self, key: BlockKey) -> Block:
+        """The block's shuffled rows, read (or waited for) if not cached."""
         if key in self.blocks:
             self.blocks.move_to_end(key)
             return self.blocks[key]
         parts = await self._read(key)
         if key in self.blocks:  # another call finished the same read while this one awaited it
             return self.blocks[key]
-        columns = self._shuffled(key, parts)
-        self.blocks[key] = columns
-        self.block_rows[key] = len(columns[0])
+        block = self._shuffled(key, parts)
+        self.blocks[key] = block
+        self.block_rows[key] = len(block.unit)
         while len(self.blocks) > self.capacity:
             self.blocks.popitem(last=False)
         if key == self.plan.cursor(key[0]):  # the source's current block: read its next one ahead
             self.start_reading(self.plan.next_block(key))
-        return columns
+        return block
 
     async def _read(self, key: BlockKey) -> list:
         """The training rows of the block's units, in the block's unit order."""
@@ -83,14 +90,11 @@ class BlockCache:
             if self.reading.get(key) is pending:
                 del self.reading[key]
 
-    def _shuffled(self, key: BlockKey, parts: List) -> tuple:
-        """rows, lengths, unit, row in unit[, positions]: the units' rows together, in the block's seeded order."""
+    def _shuffled(self, key: BlockKey, parts: List[Packed]) -> Block:
+        """The units' rows together, in the block's seeded order."""
         units = self.plan.block_units(key)
-        columns: Tuple[np.ndarray, ...] = (
-            np.concatenate([p.rows for p in parts]), np.concatenate([p.lengths for p in parts]),
-            np.concatenate([np.full(len(p.rows), u, np.int64) for u, p in zip(units, parts)]),
-            np.concatenate([np.arange(len(p.rows), dtype=np.int64) for p in parts]))
-        if self.recipe.pack_documents:
-            columns += (np.concatenate([p.positions for p in parts]),)
-        order = self.plan.block_order(key, len(columns[0]))
-        return tuple(c[order] for c in columns)
+        block = Block(concat(parts, self.recipe.seq_len),
+                      np.concatenate([np.full(len(p.rows), u, np.int64) for u, p in zip(units, parts)]),
+                      np.concatenate([np.arange(len(p.rows), dtype=np.int64) for p in parts]))
+        order = self.plan.block_order(key, len(block.unit))
+        return Block(block.packed.take(order), block.unit[order], block.row[order])

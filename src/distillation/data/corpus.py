@@ -12,11 +12,11 @@ from typing import Any, Callable, Dict, List
 
 import numpy as np
 
-from distillation.config.schema import DataConfig, InfluenceConfig
+from distillation.config.schema import DataConfig, InfluenceConfig, SourceConfig
 from distillation.data.mixture import validate_weights
-from distillation.data.packing import Packed, predicted_bytes
+from distillation.data.packing import Packed, concat, predicted_bytes
 from distillation.data.rows import SPLITS, RowRecipe
-from distillation.data.sources import SourceSpec, Unit, open_source
+from distillation.data.sources import Fields, SourceSpec, Unit, open_source
 from distillation.errors import DistillError, get_or_raise
 from distillation.models import ModelSource
 
@@ -47,18 +47,7 @@ def spread(packed: Packed, count: int) -> Packed:
     of a document can be unrepresentative (a licence header, say)."""
     if len(packed.rows) <= count:
         return packed
-    index = np.linspace(0, len(packed.rows) - 1, count).round().astype(int)
-    return Packed(packed.rows[index], packed.lengths[index], packed.dropped_tokens,
-                  None if packed.positions is None else packed.positions[index])
-
-
-def concat(parts: List[Packed], seq_len: int) -> Packed:
-    parts = [p for p in parts if len(p.rows)]
-    if not parts:
-        return Packed(np.zeros((0, seq_len), np.int32), np.zeros(0, np.int32), 0)
-    return Packed(np.concatenate([p.rows for p in parts]), np.concatenate([p.lengths for p in parts]),
-                  sum(p.dropped_tokens for p in parts),
-                  None if parts[0].positions is None else np.concatenate([p.positions for p in parts]))
+    return packed.take(np.linspace(0, len(packed.rows) - 1, count).round().astype(int))
 
 
 def fill_ratio(parts: List[Packed]) -> float:
@@ -70,12 +59,17 @@ def open_sources(d: DataConfig) -> Dict[str, SourceSpec]:
     """Every source opened and checked (paths, formats, fields, weights) in the driver, from metadata,
     before anything starts."""
     validate_weights([s.weight for s in d.sources], [s.name for s in d.sources])
-    return {s.name: open_source(s.name, s.kind, s.path, d.cache_dir, s.text_field, s.split, d.max_tokens_per_source)
-            for s in d.sources}
+    return {s.name: open_source(s.name, s.kind, s.path, d.cache_dir, split=s.split, max_tokens=d.max_tokens_per_source,
+                                fields=source_fields(s)) for s in d.sources}
+
+
+def source_fields(s: SourceConfig) -> Fields:
+    return Fields(s.format, s.text_field, s.messages_field, s.prompt_field, s.response_field, s.prompt_template)
 
 
 def row_recipe(d: DataConfig, tokenizer: ModelSource) -> RowRecipe:
-    return RowRecipe(tokenizer, d.seq_len, d.heldout_fraction, d.probe_fraction, d.pack_documents)
+    return RowRecipe(tokenizer, d.seq_len, d.heldout_fraction, d.probe_fraction, d.pack_documents,
+                     records=any(s.format != "text" for s in d.sources), chat_template=d.chat_template)
 
 
 def _sample(spec: SourceSpec, recipe: RowRecipe, wanted: Dict[str, int], cut: Cut) -> Dict[str, Packed]:

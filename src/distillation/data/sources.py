@@ -9,6 +9,9 @@ starts, whatever the corpus's size. It is then read lazily, one *unit* at a time
 UNIT_BYTES), a group of small built-in files. A unit is what the mixture shuffles and resumes by, so
 nothing ever holds a source whole.
 
+A record is a document's text, or (`format: messages | prompt_response`) a conversation that
+data/records.py renders with the loss on its responses; records are never cut into pieces.
+
 A document's id hash assigns it to one split: held-out (evaluation), probe (the influence target set)
 or training, so neither evaluation nor probe text is ever trained on, wherever it sits.
 
@@ -17,16 +20,19 @@ granularity and report neither the row group nor the line of a record, and exact
 that is the same on every read, errors need the file and line.
 """
 
+import dataclasses
 import hashlib
 import json
 import sys
 import sysconfig
 import tarfile
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 from distillation.assets import fetch
+from distillation.data.records import Turns, check_turns, prompt_turns
 from distillation.errors import DistillError
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".json", ".jsonl", ".csv")
@@ -37,13 +43,53 @@ STDLIB_UNIT_FILES = 16  # small built-in files are read in groups
 # Text is cut into pieces of at most this many characters (at line ends) before anything is held
 # out, so a source of a few long works (28 plays) still gets a held-out share near the fraction.
 PIECE_CHARS = 16_000
+TASK_KINDS = ("shakespeare_genre", "stdlib_docstring")  # built-in prompt/response tasks (tasks/builtin.py), split train | test
 
 
 @dataclass(frozen=True)
 class Document:
     source: str
     doc_id: str
-    text: str
+    text: str  # "" for a conversation
+    turns: Optional[Turns] = None  # a prompt/response or chat record (data/records.py)
+    ends: bool = True  # the text's last piece (EOS follows it)
+
+
+@dataclass(frozen=True)
+class Fields:
+    """Which fields of a record hold what (`data.sources[]`: format and its field names)."""
+    format: str = "text"  # text | messages | prompt_response
+    text: str = "text"
+    messages: str = "messages"
+    prompt: str = "prompt"
+    response: str = "response"
+    prompt_template: str = "{prompt}\n"
+
+    @property
+    def columns(self) -> Tuple[str, ...]:
+        return {"text": (self.text,), "messages": (self.messages,)}.get(self.format, (self.prompt, self.response))
+
+    def value(self, record: Any, where) -> Union[str, Turns]:
+        """The record's text or turns; a one-line error naming it (`where()`) when fields are missing or empty."""
+        missing = [c for c in self.columns if not isinstance(record, dict) or c not in record]
+        if missing:
+            found = sorted(record) if isinstance(record, dict) else type(record).__name__
+            raise DistillError(f"{where()}: no field '{missing[0]}' (data.sources[].{self._option(missing[0])}); "
+                               f"found {found}")
+        if self.format == "messages":
+            return check_turns(record[self.messages], where())
+        for column in self.columns:
+            if not isinstance(record[column], str):
+                raise DistillError(f"{where()}: field '{column}' is {type(record[column]).__name__}, expected text")
+        if self.format == "text":
+            return record[self.text]
+        if not record[self.response].strip():
+            raise DistillError(f"{where()}: the response ('{self.response}') is empty, so nothing to learn")
+        return prompt_turns(record[self.prompt], record[self.response], self.prompt_template)
+
+    def _option(self, column: str) -> str:
+        return next(f"{name}_field" for name in ("text", "messages", "prompt", "response")
+                    if getattr(self, name) == column)
 
 
 @dataclass(frozen=True)
@@ -68,7 +114,7 @@ class SourceSpec:
     kind: str
     units: Tuple[Unit, ...]  # in canonical order (by a hash of the unit id)
     fingerprint: str  # sha256 of every unit's id, size and file modification time
-    text_field: str = "text"
+    fields: Fields = Fields()
     split: str = "train"
     cache_dir: str = ""
 
@@ -99,7 +145,7 @@ def _rel(root: Path, file: Path) -> str:
     return file.name if root.is_file() else file.relative_to(root).as_posix()
 
 
-def _byte_ranges(path: Optional[str], kind: str, field: str = "text") -> List[Unit]:
+def _byte_ranges(path: Optional[str], kind: str, fields: Fields = Fields()) -> List[Unit]:
     root, files = _files(path, (".jsonl", ".json") if kind == "jsonl" else TEXT_SUFFIXES, kind)
     units = []
     for file in files:
@@ -110,7 +156,7 @@ def _byte_ranges(path: Optional[str], kind: str, field: str = "text") -> List[Un
         except OSError as exc:
             raise DistillError(f"cannot read {kind} file '{file}': {exc.strerror or exc}") from None
         if kind == "jsonl":
-            _check_first_record(file, head, field)
+            _check_first_record(file, head, fields)
         rel = _rel(root, file)
         for start in range(0, max(size, 1), UNIT_BYTES):
             end = min(size, start + UNIT_BYTES)
@@ -119,7 +165,7 @@ def _byte_ranges(path: Optional[str], kind: str, field: str = "text") -> List[Un
     return units
 
 
-def _check_first_record(file: Path, head: bytes, field: str) -> None:
+def _check_first_record(file: Path, head: bytes, fields: Fields) -> None:
     """The first record now (the rest when its unit is read: a whole-corpus scan would take as long
     as the corpus is big)."""
     lines = head.split(b"\n")
@@ -127,10 +173,10 @@ def _check_first_record(file: Path, head: bytes, field: str) -> None:
     if number is None:
         raise DistillError(f"jsonl file '{file}' holds no records; remove it or fill it")
     if number < len(lines) - 1 or len(head) < 1 << 16:  # the whole line is in `head`
-        _json_text(lines[number], field, lambda: f"{file}:{number + 1}")
+        _json_record(lines[number], fields, lambda: f"{file}:{number + 1}")
 
 
-def _parquet_units(path: Optional[str], field: str) -> List[Unit]:
+def _parquet_units(path: Optional[str], fields: Fields) -> List[Unit]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -141,11 +187,17 @@ def _parquet_units(path: Optional[str], field: str) -> List[Unit]:
             meta = pq.ParquetFile(file)
             schema = meta.schema_arrow
         except Exception as exc:  # pyarrow raises several types for a file that is not Parquet
-            raise DistillError(f"cannot read column '{field}' of parquet file '{file}': {exc}") from None
-        if field not in schema.names:
-            raise DistillError(f"cannot read column '{field}' of parquet file '{file}': it has columns {schema.names}")
-        if not (pa.types.is_string(schema.field(field).type) or pa.types.is_large_string(schema.field(field).type)):
-            raise DistillError(f"parquet file '{file}': column '{field}' is {schema.field(field).type}, expected text")
+            raise DistillError(f"cannot read parquet file '{file}': {exc}") from None
+        for field in fields.columns:
+            if field not in schema.names:
+                raise DistillError(f"cannot read column '{field}' of parquet file '{file}': it has columns {schema.names}")
+            kind = schema.field(field).type
+            if field == fields.messages and fields.format == "messages":
+                if not (pa.types.is_list(kind) or pa.types.is_large_list(kind)):
+                    raise DistillError(f"parquet file '{file}': column '{field}' is {kind}, expected a list of "
+                                       f"{{role, content}}")
+            elif not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+                raise DistillError(f"parquet file '{file}': column '{field}' is {kind}, expected text")
         if meta.metadata.num_rows == 0:
             raise DistillError(f"parquet file '{file}' holds no rows; remove it or fill it")
         first = 0
@@ -158,7 +210,7 @@ def _parquet_units(path: Optional[str], field: str) -> List[Unit]:
     return units
 
 
-def _open_dataset(path: Optional[str], field: str, split: str, on_disk: bool):
+def _open_dataset(path: Optional[str], fields: Fields, split: str, on_disk: bool):
     import datasets
 
     try:
@@ -170,14 +222,15 @@ def _open_dataset(path: Optional[str], field: str, split: str, on_disk: bool):
         if split not in data:
             raise DistillError(f"dataset '{path}' has splits {sorted(data)}, not '{split}' (data.sources[].split)")
         data = data[split]
-    if field not in data.column_names:
-        raise DistillError(f"dataset '{path}' has columns {data.column_names}, not '{field}' "
-                           f"(data.sources[].text_field)")
+    for field in fields.columns:
+        if field not in data.column_names:
+            raise DistillError(f"dataset '{path}' has columns {data.column_names}, not '{field}' "
+                               f"(data.sources[].{fields._option(field)})")
     return data
 
 
-def _dataset_units(path: Optional[str], field: str, split: str, on_disk: bool) -> List[Unit]:
-    data = _open_dataset(path, field, split, on_disk)
+def _dataset_units(path: Optional[str], fields: Fields, split: str, on_disk: bool) -> List[Unit]:
+    data = _open_dataset(path, fields, split, on_disk)
     assert path is not None  # datasets cannot open None: _open_dataset raised
     per_row = max(1, data.data.nbytes // max(1, len(data)))
     # the dataset's own content fingerprint in the unit ids: a re-saved dataset is another source
@@ -205,6 +258,12 @@ def _stdlib_units() -> List[Unit]:
     groups = [tuple(rels[i:i + STDLIB_UNIT_FILES]) for i in range(0, len(rels), STDLIB_UNIT_FILES)]
     return [Unit(f"stdlib-{g[0]}", str(root), size=sum((root / r).stat().st_size for r in g), members=g)
             for g in groups]
+
+
+def _task_units(task: str, split: str, cache_dir: str, fields: Fields) -> List[Unit]:
+    from distillation.tasks.builtin import task_file
+
+    return _byte_ranges(str(task_file(task, split, cache_dir)), "jsonl", fields)
 
 
 def _stamp(kind: str, unit: Unit) -> int:
@@ -235,16 +294,25 @@ def changed_files(saved: Dict[str, list], spec: "SourceSpec", most: int = 3) -> 
 
 
 def open_source(name: str, kind: str, path: Optional[str], cache_dir: str, text_field: str = "text",
-                split: str = "train", max_tokens: Optional[int] = None) -> SourceSpec:
+                split: str = "train", max_tokens: Optional[int] = None, fields: Optional[Fields] = None) -> SourceSpec:
     """List and check a source's units; `max_tokens` keeps the first units (canonical order) up to
-    about that many tokens (BYTES_PER_TOKEN each)."""
-    listers = {"shakespeare": lambda: _shakespeare_units(cache_dir), "python_stdlib": _stdlib_units,
+    about that many tokens (BYTES_PER_TOKEN each). `fields`: a record source's format and field
+    names (default: text in `text_field`)."""
+    fields = fields or Fields(text=text_field)
+    if kind in TASK_KINDS and fields.format == "text":  # a built-in task's records are prompt/response pairs
+        fields = dataclasses.replace(fields, format="prompt_response")
+    if fields.format != "text" and kind not in ("jsonl", "parquet", "hf_disk", "hf_hub", *TASK_KINDS):
+        raise DistillError(f"source '{name}': format '{fields.format}' needs records (kind jsonl, parquet, hf_disk "
+                           f"or hf_hub), not kind '{kind}'")
+    listers: Dict[str, Callable[[], List[Unit]]] = {
+               "shakespeare": lambda: _shakespeare_units(cache_dir), "python_stdlib": _stdlib_units,
                "python_docs": lambda: [Unit("topics", "pydoc_data.topics", size=1)],
                "text": lambda: _byte_ranges(path, "text"),
-               "jsonl": lambda: _byte_ranges(path, "jsonl", text_field),
-               "parquet": lambda: _parquet_units(path, text_field),
-               "hf_disk": lambda: _dataset_units(path, text_field, split, on_disk=True),
-               "hf_hub": lambda: _dataset_units(path, text_field, split, on_disk=False)}
+               "jsonl": lambda: _byte_ranges(path, "jsonl", fields),
+               **{task: partial(_task_units, task, split, cache_dir, fields) for task in TASK_KINDS},
+               "parquet": lambda: _parquet_units(path, fields),
+               "hf_disk": lambda: _dataset_units(path, fields, split, on_disk=True),
+               "hf_hub": lambda: _dataset_units(path, fields, split, on_disk=False)}
     if kind not in listers:
         raise DistillError(f"unknown source kind '{kind}' for source '{name}'; expected one of {', '.join(listers)}")
     units = sorted(listers[kind](), key=lambda u: _hash(u.uid))
@@ -256,20 +324,17 @@ def open_source(name: str, kind: str, path: Optional[str], cache_dir: str, text_
             kept.append(unit)
             taken += unit.size
         units = kept
-    return SourceSpec(name, kind, tuple(units), _fingerprint(kind, units), text_field, split, cache_dir)
+    return SourceSpec(name, kind, tuple(units), _fingerprint(kind, units), fields, split, cache_dir)
 
 
 # -- reading one unit -------------------------------------------------------------------------------
-def _json_text(line: bytes, field: str, where) -> str:
-    """The record's text; `where()` names the line, computed only for an error."""
+def _json_record(line: bytes, fields: Fields, where) -> Union[str, Turns]:
+    """The record's text or turns; `where()` names the line, computed only for an error."""
     try:
         record = json.loads(line)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DistillError(f"{where()}: not valid JSON ({getattr(exc, 'msg', exc)})") from None
-    if not isinstance(record, dict) or not isinstance(record.get(field), str):
-        found = sorted(record) if isinstance(record, dict) else type(record).__name__
-        raise DistillError(f"{where()}: expected a string field '{field}' (data.sources[].text_field); found {found}")
-    return record[field]
+    return fields.value(record, where)
 
 
 def _line_place(path: str, offset: int) -> str:
@@ -299,11 +364,11 @@ def _lines(unit: Unit) -> Iterator[Tuple[int, int, bytes]]:
             position += len(line)
 
 
-def _read_jsonl(unit: Unit, field: str) -> Iterator[tuple]:
+def _read_jsonl(unit: Unit, fields: Fields) -> Iterator[tuple]:
     for offset, number, line in _lines(unit):
         if line.strip():
             where = (lambda: f"{unit.path}:{number}") if unit.start == 0 else (lambda: _line_place(unit.path, offset))
-            yield f"{unit.file}@{offset}", _json_text(line, field, where)
+            yield f"{unit.file}@{offset}", _json_record(line, fields, where)
 
 
 def _read_text(unit: Unit) -> Iterator[tuple]:
@@ -316,23 +381,20 @@ def _read_text(unit: Unit) -> Iterator[tuple]:
                            f"{lines[0][0] + exc.start})") from None
 
 
-def _read_parquet(unit: Unit, field: str) -> Iterator[tuple]:
+def _read_parquet(unit: Unit, fields: Fields) -> Iterator[tuple]:
     import pyarrow.parquet as pq
 
-    column = pq.ParquetFile(unit.path).read_row_group(unit.part, columns=[field]).column(field).to_pylist()
-    for row, text in enumerate(column, unit.start):
-        if not isinstance(text, str):
-            raise DistillError(f"{unit.path} row {row}: column '{field}' is {type(text).__name__}, expected text")
-        yield f"{unit.file}:{row}", text
+    records = pq.ParquetFile(unit.path).read_row_group(unit.part, columns=list(fields.columns)).to_pylist()
+    for row, record in enumerate(records, unit.start):
+        yield f"{unit.file}:{row}", fields.value(record, lambda: f"{unit.path} row {row}")
 
 
 def _read_dataset(spec: SourceSpec, unit: Unit) -> Iterator[tuple]:
-    data = _open_dataset(unit.path, spec.text_field, spec.split, on_disk=spec.kind == "hf_disk")
-    for row, text in enumerate(data[unit.start:unit.stop][spec.text_field], unit.start):
-        if not isinstance(text, str):
-            raise DistillError(f"dataset '{unit.path}' row {row}: '{spec.text_field}' is {type(text).__name__}, "
-                               f"expected text")
-        yield f"{spec.split}:{row}", text
+    data = _open_dataset(unit.path, spec.fields, spec.split, on_disk=spec.kind == "hf_disk")
+    columns = data[unit.start:unit.stop]
+    for i, row in enumerate(range(unit.start, unit.stop)):
+        record = {c: columns[c][i] for c in spec.fields.columns}
+        yield f"{spec.split}:{row}", spec.fields.value(record, lambda: f"dataset '{unit.path}' row {row}")
 
 
 def _read_members(spec: SourceSpec, unit: Unit) -> Iterator[tuple]:
@@ -351,31 +413,35 @@ def _read_members(spec: SourceSpec, unit: Unit) -> Iterator[tuple]:
         yield from topics.items()
 
 
-def _pieces(doc_id: str, text: str) -> Iterator[tuple]:
-    start, part = 0, 0
+def _pieces(source: str, doc_id: str, record: Union[str, Turns]) -> Iterator[Document]:
+    if not isinstance(record, str):  # a conversation is one document, never cut
+        yield Document(source, doc_id, "", record)
+        return
+    start, part, text = 0, 0, record
     while start < len(text):
         end = len(text) if len(text) - start <= PIECE_CHARS else text.rfind("\n", start, start + PIECE_CHARS) + 1
         if end <= start:  # one line longer than a piece
             end = start + PIECE_CHARS
-        yield (doc_id if start == 0 and end == len(text) else f"{doc_id}#{part}"), text[start:end]
+        if text[start:end].strip():
+            piece_id = doc_id if start == 0 and end == len(text) else f"{doc_id}#{part}"
+            yield Document(source, piece_id, text[start:end], ends=end == len(text))
         start, part = end, part + 1
 
 
 def read_unit(spec: SourceSpec, unit: Unit) -> List[Document]:
     """The unit's documents (pieces of at most PIECE_CHARS), in file order."""
-    if spec.kind == "jsonl":
-        records = _read_jsonl(unit, spec.text_field)
+    if spec.kind == "jsonl" or spec.kind in TASK_KINDS:
+        records = _read_jsonl(unit, spec.fields)
     elif spec.kind == "text":
         records = _read_text(unit)
     elif spec.kind == "parquet":
-        records = _read_parquet(unit, spec.text_field)
+        records = _read_parquet(unit, spec.fields)
     elif spec.kind in ("hf_disk", "hf_hub"):
         records = _read_dataset(spec, unit)
     else:
         records = _read_members(spec, unit)
     try:
-        return [Document(spec.name, piece_id, piece) for doc_id, text in records
-                for piece_id, piece in _pieces(doc_id, text) if piece.strip()]
+        return [doc for doc_id, record in records for doc in _pieces(spec.name, doc_id, record)]
     except OSError as exc:
         raise DistillError(f"cannot read {spec.kind} unit '{unit.uid}' of '{unit.path}': {exc.strerror or exc}") from None
 

@@ -49,12 +49,14 @@ def bitdistill_loss(student_logits: torch.Tensor, labels: torch.Tensor, weights:
                     targets: Optional[Targets] = None,
                     teacher_qkv: Optional[Mapping[str, torch.Tensor]] = None,
                     student_qkv: Optional[Mapping[str, torch.Tensor]] = None,
-                    mask: Optional[torch.Tensor] = None, segments: Optional[torch.Tensor] = None) -> LossOutput:
+                    mask: Optional[torch.Tensor] = None, segments: Optional[torch.Tensor] = None,
+                    n_labels: Optional[float] = None) -> LossOutput:
     """`mask` [B, T] marks real (non-padding) tokens for the attention relations, `segments` [B, T]
-    the document of each token in packed rows (labels already end at document boundaries)."""
+    the document of each token in packed rows (labels already end at document boundaries);
+    `n_labels` what CE and L_LD's means divide by (default: the labelled tokens of `labels`)."""
     total, ce, kl = logit_losses(student_logits, labels, targets if weights.logits_weight > 0 else None,
                                  weights.temperature, weights.temperature_squared, weights.ce_weight,
-                                 weights.logits_weight, weights.chunk_tokens)
+                                 weights.logits_weight, weights.chunk_tokens, n_labels)
     attn = total.new_zeros(())
     if weights.uses_attention:
         if teacher_qkv is None or student_qkv is None:

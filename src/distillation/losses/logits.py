@@ -17,10 +17,10 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from distillation.data.packing import IGNORE_INDEX  # where labels are made (torch-free, for the data processes)
 from distillation.losses.chunking import attach_grad
 from distillation.losses.targets import DenseTargets, HiddenTargets, SampledTargets, SparseTargets, Targets
 
-IGNORE_INDEX = -100
 DEFAULT_CHUNK_TOKENS = 512
 
 
@@ -71,12 +71,14 @@ def logits_kl(student_logits: torch.Tensor, targets: Targets, labels: torch.Tens
 
 def logit_losses(student_logits: torch.Tensor, labels: torch.Tensor, targets: Optional[Targets] = None,
                  temperature: float = 1.0, temperature_squared: bool = True, ce_weight: float = 1.0,
-                 kl_weight: float = 1.0, chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+                 kl_weight: float = 1.0, chunk_tokens: int = DEFAULT_CHUNK_TOKENS, n_labels: Optional[float] = None
                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(ce_weight * CE + kl_weight * L_LD, CE, L_LD), chunked over tokens.
 
     Only the weighted total carries a gradient (the components are for logging); it equals the
-    gradient of the unchunked losses.
+    gradient of the unchunked losses. The means divide by `n_labels`, by default this batch's
+    labelled tokens; training passes the optimizer step's labelled tokens per micro-batch, so that
+    every token of a step weighs the same however the labels fall (training/step.py).
     """
     if kl_weight and targets is None:
         raise ValueError("kl_weight > 0 needs teacher targets")
@@ -89,7 +91,7 @@ def logit_losses(student_logits: torch.Tensor, labels: torch.Tensor, targets: Op
     vocab = student_logits.shape[-1]
     flat, flat_labels = student_logits.reshape(-1, vocab), labels.reshape(-1)
     flat_targets = targets.flat() if targets is not None else None
-    n_labels = (flat_labels != IGNORE_INDEX).sum().clamp(min=1).float()
+    denominator = (flat_labels != IGNORE_INDEX).sum().clamp(min=1).float() if n_labels is None else max(n_labels, 1.0)
     want_grad = flat.requires_grad and torch.is_grad_enabled()
     grad = torch.empty_like(flat) if want_grad else None
     ce_sum = flat.new_zeros((), dtype=torch.float32)
@@ -97,7 +99,7 @@ def logit_losses(student_logits: torch.Tensor, labels: torch.Tensor, targets: Op
     for start in range(0, flat.shape[0], chunk_tokens):
         rows = slice(start, start + chunk_tokens)
         x = flat[rows].detach().float()
-        row_weight = (flat_labels[rows] != IGNORE_INDEX).float() / n_labels  # masked mean, per row
+        row_weight = (flat_labels[rows] != IGNORE_INDEX).float() / denominator  # masked mean, per row
         chunk_grad: Optional[torch.Tensor] = None
         if grad is not None:  # i.e. want_grad; fp32 logits: accumulate straight into the buffer; else in an fp32 chunk
             chunk_grad = grad[rows].zero_() if grad.dtype == torch.float32 else torch.zeros_like(x)

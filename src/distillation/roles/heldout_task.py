@@ -7,7 +7,7 @@ Each job is a loader (a picklable function returning the model, built on the tas
 optional check of the loaded model that runs when its held-out loss is finite (training/evaluate.py).
 """
 
-from typing import List, cast
+from typing import List, Optional, cast
 
 import ray
 
@@ -15,6 +15,7 @@ from distillation.config.schema import TrainingConfig
 from distillation.data.packing import Packed
 from distillation.errors import DistillError, get_or_raise
 from distillation.roles.train_worker import worker_bundle
+from distillation.tasks.probe import TaskProbe
 from distillation.training.evaluate import Job, score_models
 
 
@@ -27,20 +28,21 @@ def worker_options(t: TrainingConfig) -> dict:
     return {**options, "resources": bundle}
 
 
-def _score(jobs: List[Job], packed: Packed, num_bytes: int, threads: int) -> List[dict]:
+def _score(jobs: List[Job], packed: Packed, num_bytes: int, threads: int, task: Optional[TaskProbe]) -> List[dict]:
     import torch
 
     torch.set_num_threads(threads)
-    return score_models(jobs, packed, num_bytes, "cuda" if ray.get_gpu_ids() else "cpu")
+    return score_models(jobs, packed, num_bytes, "cuda" if ray.get_gpu_ids() else "cpu", task)
 
 
-def score_on_worker(t: TrainingConfig, jobs: List[Job], packed: Packed, num_bytes: int, timeout_s: float) -> List[dict]:
-    """Each job's held-out loss, tokens, bits/byte and parameter count, in one task; a task the
+def score_on_worker(t: TrainingConfig, jobs: List[Job], packed: Packed, num_bytes: int, timeout_s: float,
+                    task: Optional[TaskProbe] = None) -> List[dict]:
+    """Each job's held-out loss, tokens, bits/byte and parameter count (and `task`'s metrics), in one task; a task the
     cluster cannot place within `timeout_s` (run.stall_timeout_s) is an error, not a silent wait.
     `max_calls=1`: the process that held the models exits with the task, so their memory goes too."""
     options = worker_options(t)
     ref = ray.remote(max_retries=0, max_calls=1)(_score).options(**options).remote(
-        jobs, packed, num_bytes, t.num_threads)
+        jobs, packed, num_bytes, t.num_threads, task)
     ready, _ = ray.wait([ref], timeout=timeout_s)
     if not ready:
         ray.cancel(ref, force=True)

@@ -6,13 +6,14 @@ earlier draws again (data/replay.py)."""
 
 import asyncio
 import copy
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import ray
 
 from distillation.data.block_cache import BlockCache
 from distillation.data.mixture import Address, MixturePlan
+from distillation.data.packing import Packed
 from distillation.data.replay import WINDOW_SAMPLES, ReleasePolicy, ReplayWindow
 from distillation.roles.unit_reader import Readers
 from distillation.specs import MixtureSpec
@@ -78,19 +79,25 @@ class Mixture:
         return self._rows(ids, picked, blocks)
 
     def _rows(self, ids: np.ndarray, picked: List[Address], blocks: dict) -> dict:
-        columns: List[List[Any]] = [[], [], [], [], []]  # rows, lengths, unit, row in unit, positions (packed rows only)
-        for source, epoch, block, index in picked:
-            for column, values in zip(columns, blocks[(source, epoch, block)]):
-                column.append(values[index])
-        lengths = np.array(columns[1], dtype=np.int32)
+        """The picked rows as the trainer's columns: input_ids, length (positions for packed rows,
+        labelled with records), and sample_id, source, unit, row for the ledger."""
+        chosen = [(blocks[p[:3]], p[3]) for p in picked]
+        seq_len = self.recipe.seq_len
+        lengths = np.array([b.packed.lengths[i] for b, i in chosen], dtype=np.int32)
         self.served[0] += int(lengths.sum())
-        self.served[1] += len(lengths) * self.recipe.seq_len
-        empty = np.zeros((0, self.recipe.seq_len), np.int32)
+        self.served[1] += len(lengths) * seq_len
+
+        def stacked(column: str, dtype: type) -> np.ndarray:
+            values = [getattr(b.packed, column)[i] for b, i in chosen]
+            return np.stack(values) if values else np.zeros((0, seq_len), dtype)
         rows = {"sample_id": ids, "source": np.array([p[0] for p in picked], dtype=np.int32),
-                "unit": np.array(columns[2], dtype=np.int64), "row": np.array(columns[3], dtype=np.int64),
-                "input_ids": np.stack(columns[0]) if picked else empty, "length": lengths}
+                "unit": np.array([b.unit[i] for b, i in chosen], dtype=np.int64),
+                "row": np.array([b.row[i] for b, i in chosen], dtype=np.int64),
+                "input_ids": stacked("rows", np.int32), "length": lengths}
         if self.recipe.pack_documents:
-            rows["positions"] = np.stack(columns[4]) if picked else empty
+            rows["positions"] = stacked("positions", np.int32)
+        if self.recipe.records:
+            rows["labelled"] = stacked("labelled", bool)
         return rows
 
     async def set_weights(self, computed_at: int, weights: List[float], scores: Sequence[float] = ()) -> bool:
@@ -125,15 +132,14 @@ class Mixture:
     def weights_at(self, step: int) -> np.ndarray:
         return self.plan.weights_at(step)
 
-    def influence_batches(self, step: int, batch_size: int) -> Dict[str, tuple]:
+    def influence_batches(self, step: int, batch_size: int) -> Dict[str, Packed]:
         """`batch_size` rows per source for the influence estimate at `step` from the sources' pools,
         seeded by step (not drawn from the plan, so estimating influence never changes what the
         trainer sees)."""
         rng = np.random.default_rng([self.plan.seed, step, 1])
         out = {}
-        for name, columns in zip(self.plan.names, self.pool):  # rows, lengths, positions (None: unpacked)
-            pick = rng.choice(len(columns[0]), size=min(batch_size, len(columns[0])), replace=False)
-            out[name] = tuple(None if c is None else c[pick] for c in columns)
+        for name, pool in zip(self.plan.names, self.pool):
+            out[name] = pool.take(rng.choice(len(pool.rows), size=min(batch_size, len(pool.rows)), replace=False))
         return out
 
 

@@ -14,24 +14,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distillation.data.packing import Packed, next_token_labels, pack, predicted_bytes
+from distillation.data.packing import Packed, pack, packed_labels, predicted_bytes
 from distillation.errors import DistillError
 from distillation.losses import IGNORE_INDEX
 
 if TYPE_CHECKING:
     from distillation.specs import StudentSpec
+    from distillation.tasks.probe import TaskProbe
 
 
 @torch.inference_mode()
 def heldout_loss(model: nn.Module, packed: Packed, num_bytes: int, batch_size: int = 4) -> dict:
-    """`num_bytes`: UTF-8 bytes of the predicted tokens (positions 1 .. length-1 of every row)."""
+    """`num_bytes`: UTF-8 bytes of the predicted tokens (`predicted_bytes`); with records, only
+    the responses are scored."""
     model.eval()
     device = next(model.parameters()).device  # rows come as numpy; the model may live on a GPU
     total_nats, total_tokens = 0.0, 0
     for start in range(0, len(packed.rows), batch_size):
-        ids = torch.as_tensor(packed.rows[start:start + batch_size], dtype=torch.long, device=device)
-        labels = next_token_labels(ids, torch.as_tensor(packed.lengths[start:start + batch_size], device=device))
-        logits = model(input_ids=ids).logits.float()
+        ids, labels, _ = packed_labels(packed.take(slice(start, start + batch_size)), device=device)
+        logits = model(input_ids=ids).logits.float()  # held-out rows hold one document each: no positions
         total_nats += F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
                                       reduction="sum").item()
         total_tokens += int((labels != IGNORE_INDEX).sum())
@@ -82,13 +83,16 @@ def checkpoint_student(checkpoint) -> nn.Module:
 Job = Tuple[Callable[[], nn.Module], Optional[Callable[[nn.Module], None]]]  # (load() -> model, check(model) or None)
 
 
-def score_models(jobs: List[Job], packed: Packed, num_bytes: int, device: str) -> List[dict]:
+def score_models(jobs: List[Job], packed: Packed, num_bytes: int, device: str,
+                 task: Optional["TaskProbe"] = None) -> List[dict]:
     """Each job's model loaded on `device` and scored on `packed` (held-out loss, tokens, bits/byte,
-    parameters), one at a time; a job's check runs when its loss is finite."""
+    parameters) and on `task` if given, one at a time; a job's check runs when its loss is finite."""
     results = []
     for load, check in jobs:
         model = load().to(device)
         result = {**heldout_loss(model, packed, num_bytes), "parameters": sum(p.numel() for p in model.parameters())}
+        if task is not None:
+            result["task"] = task.score(model)
         if check is not None and math.isfinite(result["loss"]):
             check(model)
         results.append(result)

@@ -28,13 +28,14 @@ from distillation.data.packing import next_token_labels
 from distillation.losses import IGNORE_INDEX
 from distillation.models import forward_rows
 
-Batch = Tuple[torch.Tensor, torch.Tensor, *Tuple[Optional[torch.Tensor], ...]]  # ids, lengths[, positions or None]
+Batch = Tuple[torch.Tensor, torch.Tensor, *Tuple[Optional[torch.Tensor], ...]]  # ids, lengths[, positions[, labelled]]
 
 
 def flat_gradient(model: nn.Module, input_ids: torch.Tensor, lengths: torch.Tensor,
-                  positions: Optional[torch.Tensor] = None, sharded: bool = False) -> torch.Tensor:
+                  positions: Optional[torch.Tensor] = None, labelled: Optional[torch.Tensor] = None,
+                  sharded: bool = False) -> torch.Tensor:
     """The gradient of the mean next-token CE over all trainable parameters, as one fp32 vector;
-    `positions` for packed rows (data/packing.py). When `sharded` (FSDP2), this rank's shard of
+    `positions` for packed rows, `labelled` for records (data/packing.py). When `sharded` (FSDP2), this rank's shard of
     it, every rank passing the same rows.
 
     `torch.autograd.grad` leaves `.grad` (and so DDP's gradient hooks) untouched. A sharded student's
@@ -42,7 +43,7 @@ def flat_gradient(model: nn.Module, input_ids: torch.Tensor, lengths: torch.Tens
     that case runs `backward` and clears `.grad` after; the optimizer step has already used it."""
     params: List[torch.Tensor] = [p for p in model.parameters() if p.requires_grad]
     logits = forward_rows(model, input_ids, positions).logits  # right padding: causal attention never sees it
-    labels = next_token_labels(input_ids, lengths, positions)
+    labels = next_token_labels(input_ids, lengths, positions, labelled)
     loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
     if sharded:
         loss.backward()
@@ -58,7 +59,8 @@ def flat_gradient(model: nn.Module, input_ids: torch.Tensor, lengths: torch.Tens
 
 def alignment_scores(model: nn.Module, probe: Batch, batches: Mapping[str, Batch]) -> dict:
     """Cosine of each source batch's gradient with the probe gradient; batches are (ids, lengths) or
-    (ids, lengths, positions). A sharded student's products are summed over its shards (all-reduce)."""
+    (ids, lengths, positions, labelled), either of the last two None. A sharded student's products
+    are summed over its shards (all-reduce)."""
     sharded = any(isinstance(p, DTensor) for p in model.parameters())
     probe_grad = flat_gradient(model, *probe, sharded=sharded)
     scores = {}

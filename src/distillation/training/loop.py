@@ -48,7 +48,7 @@ from distillation.training.parallel import (
     whole_student_state,
 )
 from distillation.training.plan import influence_steps, loss_weights
-from distillation.training.step import NanGuard, lr_lambda, micro_step
+from distillation.training.step import NanGuard, labels_per_micro_batch, lr_lambda, micro_step
 
 
 @dataclass
@@ -121,7 +121,8 @@ def influence_update(w: Worker) -> None:
     names = w.spec.sources
     batches = ray.get(w.mixture.influence_batches.remote(w.step, icfg.batch_size))
 
-    def as_tensors(columns):  # rows, lengths (and positions, or None, for training rows)
+    def as_tensors(packed: Packed):
+        columns = (packed.rows, packed.lengths, packed.positions, packed.labelled)
         return tuple(None if x is None else torch.as_tensor(x).long().to(w.device) for x in columns)
 
     scores = alignment_scores(w.core, as_tensors(w.spec.probe), {n: as_tensors(batches[n]) for n in names})
@@ -154,7 +155,9 @@ def log(w: Worker, window: LogWindow, grad_norm: float, final: bool) -> None:
         row = window.row(w.spec.distillation, step=w.step, tokens=w.tokens, lr=w.scheduler.get_last_lr()[0],
                          grad_norm=grad_norm, nan_skipped=w.guard.skipped)  # timed before evaluation
     if evaluate and (w.rank == 0 or w.sharded):
-        losses = {f"eval_{name}": heldout_loss(w.core, Packed(*rows, 0), 0)["loss"] for name, rows in w.spec.eval.items()}
+        losses = {f"eval_{name}": heldout_loss(w.core, rows, 0)["loss"] for name, rows in w.spec.eval.items()}
+        if w.spec.task is not None:  # the task's metrics, on the same schedule
+            losses.update({f"task_{k}": v for k, v in w.spec.task.score(w.core).items() if k != "examples"})
         w.model.train()
     if not logs:
         return
@@ -199,38 +202,47 @@ def stop_requested(w: Worker) -> bool:
     return bool(flag.item())
 
 
+def step_batches(batches, grad_accum: int):
+    """The trainer's micro-batches grouped by optimizer step (`grad_accum` each)."""
+    group = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == grad_accum:
+            yield group
+            group = []
+
+
 def train_steps(w: Worker, stream) -> None:
     """For each optimizer step its micro-steps over `stream` (this rank's teacher-annotated rows),
-    the optimizer step, the logging window and, on schedule, a checkpoint."""
+    the optimizer step, the logging window and, on schedule, a checkpoint. A step's micro-batches
+    are read first: the loss divides by the step's labelled tokens on every rank."""
     t = w.spec.training
     autocast = (partial(torch.autocast, w.device.type, dtype=torch.bfloat16) if t.autocast == "bf16"
                 else nullcontext)
-    window, micro = LogWindow(), 0
-    ledger: List[tuple] = []  # (sample_id, source, unit, row) of the rows trained since the last optimizer step
+    window = LogWindow()
     with ExitStack() as hooks:
         student_qkv = (hooks.enter_context(capture_qkv(w.core, w.spec.distillation.student_layer))
                        if w.weights.uses_attention else None)
         w.model.train()
         waited_since = time.perf_counter()
-        for batch in read_batches(stream, t.batch_size, w.device):
+        for batches in step_batches(read_batches(stream, t.batch_size, w.device), t.grad_accum):
             data_wait_s = time.perf_counter() - waited_since
-            ledger.extend(zip(*(batch[c].tolist() for c in ("sample_id", "source", "unit", "row"))))
-            sync = (micro + 1) % t.grad_accum == 0
-            with gradient_sync(w.model, sync):  # only the last micro-batch of a step reduces gradients
-                out = micro_step(w.model, batch, w.weights, w.spec.vocab_size, w.head, student_qkv, autocast,
-                                 grad_scale=1.0 / t.grad_accum)
-            micro += 1
-            real = int(batch["length"].sum()) * w.world
-            w.tokens += real
-            window.add(out.as_floats(), real, data_wait_s)
-            if sync:
-                grad_norm = optimizer_step(w, ledger)
-                ledger = []
-                done = w.step >= t.max_steps
-                stop = not done and stop_requested(w)
-                log(w, window, grad_norm, final=done or stop)
-                if done or stop or (t.checkpoint_every and w.step % t.checkpoint_every == 0):
-                    save_checkpoint(w)
-                if done or stop:
-                    break
+            n_labels = labels_per_micro_batch(batches, w.world)
+            ledger: List[tuple] = []  # (sample_id, source, unit, row) of the rows of this step
+            for micro, batch in enumerate(batches):
+                ledger.extend(zip(*(batch[c].tolist() for c in ("sample_id", "source", "unit", "row"))))
+                with gradient_sync(w.model, micro == len(batches) - 1):  # only a step's last micro-batch reduces
+                    out = micro_step(w.model, batch, w.weights, w.spec.vocab_size, w.head, student_qkv, autocast,
+                                     grad_scale=1.0 / t.grad_accum, n_labels=n_labels)
+                real = int(batch["length"].sum()) * w.world
+                w.tokens += real
+                window.add(out.as_floats(), real, data_wait_s if micro == 0 else 0.0)
+            grad_norm = optimizer_step(w, ledger)
+            done = w.step >= t.max_steps
+            stop = not done and stop_requested(w)
+            log(w, window, grad_norm, final=done or stop)
+            if done or stop or (t.checkpoint_every and w.step % t.checkpoint_every == 0):
+                save_checkpoint(w)
+            if done or stop:
+                break
             waited_since = time.perf_counter()

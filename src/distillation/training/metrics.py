@@ -25,6 +25,8 @@ class TrainingGauges:
             ("data_wait_s", "seconds the trainer waited for teacher-annotated data in the window"),
             ("nan_skipped", "optimizer steps skipped for a non-finite gradient"), ("step", "optimizer step"))}
         self.mixture = Gauge("distill_mixture_weight", "sampling weight per source", tag_keys=("source",))
+        self.task = Gauge("distill_task", "the task's metrics on its held-out records (training.eval_every)",
+                          tag_keys=("metric",))
 
     def set(self, row: dict) -> None:
         for component in LOSS_COMPONENTS:
@@ -33,6 +35,8 @@ class TrainingGauges:
             gauge.set(row[key])
         for name, weight in zip(self.sources, row["mixture"]):
             self.mixture.set(weight, tags={"source": name})
+        for key in (k for k in row if k.startswith("task_")):
+            self.task.set(row[key], tags={"metric": key.removeprefix("task_")})
 
 
 class LogWindow:

@@ -3,14 +3,16 @@ loss targets, one micro-step (forward, loss, backward), and the optimizer step w
 
 import math
 from contextlib import nullcontext
-from typing import Callable, Mapping, Optional
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 
 from distillation.config.schema import TrainingConfig
 from distillation.data.packing import next_token_labels, segment_ids, token_mask
 from distillation.errors import DistillError
 from distillation.losses import (
+    IGNORE_INDEX,
     QKV,
     HiddenTargets,
     LossOutput,
@@ -42,21 +44,40 @@ def targets_from_columns(batch: Mapping, head: Optional[OutputHead] = None) -> O
                          tail_mass=batch[PREFIX + "tail_mass"], temperature=temperature)
 
 
+def batch_labels(batch: Mapping) -> tuple:
+    """(input_ids, lengths, positions or None, labels) of a trainer batch: positions for packed rows
+    (data.pack_documents), labels only on responses where rows carry `labelled` (records)."""
+    input_ids, lengths = batch["input_ids"].long(), batch["length"].long()
+    positions = batch["positions"].long() if "positions" in batch else None
+    return input_ids, lengths, positions, next_token_labels(input_ids, lengths, positions, batch.get("labelled"))
+
+
+def labels_per_micro_batch(batches: Sequence[Mapping], world: int) -> float:
+    """The labelled tokens of a whole optimizer step (its micro-batches `batches` on every rank)
+    per micro-batch: what CE and L_LD divide by, so every token of the step weighs the same. With
+    labels on responses only their count differs between micro-batches and ranks, and a mean per
+    micro-batch would weigh a token of a short response more (torchtune normalises the same way)."""
+    count = torch.tensor([float(sum(int((batch_labels(b)[3] != IGNORE_INDEX).sum()) for b in batches))],
+                         dtype=torch.float64, device=batches[0]["input_ids"].device)
+    if world > 1 and dist.is_initialized():
+        dist.all_reduce(count)
+    return count.item() / (len(batches) * world)
+
+
 def micro_step(model, batch: Mapping, weights: LossWeights, vocab_size: int, head: Optional[OutputHead] = None,
                student_qkv: Optional[Mapping] = None, autocast: Callable = nullcontext,
-               grad_scale: float = 1.0) -> LossOutput:
+               grad_scale: float = 1.0, n_labels: Optional[float] = None) -> LossOutput:
     """Forward, loss and backward of one micro-batch; gradients accumulate (scaled by `grad_scale`,
-    1 / grad_accum). `student_qkv` is the dict `models.capture_qkv` fills during the forward pass."""
-    input_ids, lengths = batch["input_ids"].long(), batch["length"].long()
-    positions = batch["positions"].long() if "positions" in batch else None  # packed rows (data.pack_documents)
-    labels = next_token_labels(input_ids, lengths, positions)
+    1 / grad_accum). `student_qkv` is the dict `models.capture_qkv` fills during the forward pass;
+    `n_labels` is `labels_per_micro_batch` of the step (default: this batch's own labels)."""
+    input_ids, lengths, positions, labels = batch_labels(batch)
     teacher_qkv = {key: batch[PREFIX + key] for key in QKV} if weights.uses_attention else None
     with autocast():
         logits = forward_rows(model, input_ids, positions).logits[..., :vocab_size]  # the shared real range (vocab.py)
     targets = targets_from_columns(batch, head) if weights.logits_weight > 0 else None
     out = bitdistill_loss(logits, labels, weights, targets, teacher_qkv, student_qkv,
                           mask=token_mask(lengths, input_ids.shape[1]),
-                          segments=None if positions is None else segment_ids(positions))
+                          segments=None if positions is None else segment_ids(positions), n_labels=n_labels)
     del logits  # the chunked loss keeps only its gradient buffer
     (out.total * grad_scale).backward()
     return out

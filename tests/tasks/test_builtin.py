@@ -1,0 +1,39 @@
+"""The two built-in tasks: real text, held out by whole work or module, read as a prompt/response source."""
+
+import json
+from collections import Counter
+
+from distillation.data.sources import open_source, read_unit
+from distillation.tasks.builtin import GENRE_TEST_WORKS, GENRES, task_file
+
+
+def _records(task, split, cache_dir):
+    return [json.loads(line) for line in open(task_file(task, split, cache_dir))]
+
+
+def test_genre_passages_are_held_out_by_whole_work_with_both_editions_on_one_side_and_every_genre_on_both(cache_dir):
+    train, test = _records("shakespeare_genre", "train", cache_dir), _records("shakespeare_genre", "test", cache_dir)
+    assert {r["work"] for r in train}.isdisjoint({r["work"] for r in test})
+    assert {r["work"] for r in test} == GENRE_TEST_WORKS
+    for split in (train, test):
+        assert set(Counter(r["response"] for r in split)) == set(GENRES)
+    folio = {r["file"] for r in test if r["file"].endswith("_f")}
+    assert "macbeth_gut_f" in folio and "macbeth_gut" in {r["file"] for r in test}  # both editions held out
+    assert all(len(r["prompt"].splitlines()) == 8 for r in train + test)
+    assert not any("Tragedie of" in r["prompt"] or "Persons Represented" in r["prompt"] for r in train + test)
+
+
+def test_docstring_records_are_held_out_by_top_level_module(cache_dir):
+    train, test = _records("stdlib_docstring", "train", cache_dir), _records("stdlib_docstring", "test", cache_dir)
+    top = lambda r: r["module"].split("/")[0].removesuffix(".py")  # noqa: E731
+    assert {top(r) for r in train}.isdisjoint({top(r) for r in test}) and len(test) > 200
+    for r in train[:200]:
+        assert r["prompt"].startswith(("def ", "async def ")) and r["response"] not in r["prompt"]
+        assert r["response"].endswith((".", "!", "?")) and 4 <= len(r["response"].split()) <= 30
+
+
+def test_a_task_kind_is_a_prompt_response_source_of_its_split(cache_dir):
+    spec = open_source("genre", "shakespeare_genre", None, cache_dir, split="test")
+    docs = [d for u in spec.units for d in read_unit(spec, u)]
+    assert len(docs) == len(_records("shakespeare_genre", "test", cache_dir))
+    assert {d.turns[1][1] for d in docs} == set(GENRES) and docs[0].turns[0][0] == "prompt"
