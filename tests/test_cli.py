@@ -186,7 +186,7 @@ def test_eval_scores_a_task_file_on_its_held_out_records_as_the_task_metrics_do(
 @pytest.mark.parametrize("args, message", [
     (["--task", "no_such_task"], "unknown option 'no_such_task' for config group 'task'"),
     ([], "nothing to score: give --text FILE ... and/or --task TASK"),
-    (["--task", "LABELS"], "record a.jsonl@0 of '.*a.jsonl' answers 'maybe', not one of task.labels \\['yes', 'no'\\]"),
+    (["--task", "LABELS"], "a.jsonl:1: the answer 'maybe' is not one of task.labels \\['yes', 'no'\\]"),
 ])
 def test_a_bad_task_is_one_error_line_and_exit_2(student_dir, tmp_path, capsys, args, message):
     if args[1:] == ["LABELS"]:

@@ -27,7 +27,7 @@ def precompute(cfg: Config) -> dict:
     if not cfg.teacher.cache_dir:
         raise DistillError("missing required config value 'teacher.cache_dir' (where to write the cache)")
     teacher = resolve_teacher(cfg.teacher, cfg.student, cfg.distillation, cfg.data.cache_dir)
-    specs = open_sources(cfg.data)
+    specs = open_sources(cfg.data, cfg.task.labels)
     signature = cache_signature(cfg.teacher, cfg.distillation.temperature, teacher, cfg.data.cache_dir)
     cache = TeacherCache(cfg.teacher.cache_dir, signature, create=True)
     init_ray(cfg.run)

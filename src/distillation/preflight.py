@@ -70,7 +70,7 @@ def preflight(cfg: Config) -> Preflight:
     if cfg.run.resume and resumed and cfg.training.max_steps < resumed["step"]:
         raise DistillError(f"training.max_steps={cfg.training.max_steps} is below the step the run resumes from "
                            f"({resumed['step']}); a resumed run can only train as long or longer")
-    sources = open_sources(cfg.data)
+    sources = open_sources(cfg.data, cfg.task.labels)
     if resumed:
         check_same_data(resumed["data"], sources, saved_stamps(cfg.run.storage_path, run_dir))
     task = task_probe(cfg.task, cfg.data, teacher.ref)

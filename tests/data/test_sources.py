@@ -108,13 +108,16 @@ def test_chat_and_prompt_response_records_read_alike_from_jsonl_parquet_and_save
     ({"prompt": "hi", "response": " "}, ("prompt_response",), "a.jsonl:1: the response \\('response'\\) is empty"),
     ({"messages": [{"role": "user", "content": "hi"}]}, ("messages",), "a.jsonl:1: the conversation has no assistant turn"),
     ({"messages": "hi"}, ("messages",), "a.jsonl:1: messages must be a non-empty list"),
+    ({"prompt": "hi", "response": "maybe"}, ("prompt_response",), "a.jsonl:1: the answer 'maybe' is not one of task.labels"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "so-so"}]}, ("messages",),
+     "a.jsonl:1: the answer 'so-so' is not one of task.labels \\['yes', 'no'\\]"),
 ])
 def test_a_record_nothing_can_be_learned_from_is_refused_with_its_file_and_line(tmp_path, record, fields, message):
     from distillation.data.sources import Fields
 
     (tmp_path / "a.jsonl").write_text(json.dumps(record) + "\n")
     with pytest.raises(DistillError, match=message):
-        open_source("mine", "jsonl", str(tmp_path), "unused", fields=Fields(*fields))
+        open_source("mine", "jsonl", str(tmp_path), "unused", fields=Fields(*fields, labels=("yes", "no")))
 
 
 @pytest.mark.parametrize("kind,content,message", [

@@ -8,7 +8,7 @@ do not grow with the corpus.
 """
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Sequence
 
 import numpy as np
 
@@ -55,16 +55,17 @@ def fill_ratio(parts: List[Packed]) -> float:
     return sum(int(p.lengths.sum()) for p in parts) / max(1, sum(p.rows.size for p in parts))
 
 
-def open_sources(d: DataConfig) -> Dict[str, SourceSpec]:
+def open_sources(d: DataConfig, labels: Sequence[str] = ()) -> Dict[str, SourceSpec]:
     """Every source opened and checked (paths, formats, fields, weights) in the driver, from metadata,
-    before anything starts."""
+    before anything starts. `labels`: a classification task's, which every record's answer must be."""
     validate_weights([s.weight for s in d.sources], [s.name for s in d.sources])
     return {s.name: open_source(s.name, s.kind, s.path, d.cache_dir, split=s.split, max_tokens=d.max_tokens_per_source,
-                                fields=source_fields(s)) for s in d.sources}
+                                fields=source_fields(s, labels)) for s in d.sources}
 
 
-def source_fields(s: SourceConfig) -> Fields:
-    return Fields(s.format, s.text_field, s.messages_field, s.prompt_field, s.response_field, s.prompt_template)
+def source_fields(s: SourceConfig, labels: Sequence[str] = ()) -> Fields:
+    return Fields(s.format, s.text_field, s.messages_field, s.prompt_field, s.response_field, s.prompt_template,
+                  tuple(labels) if s.format != "text" else ())
 
 
 def row_recipe(d: DataConfig, tokenizer: ModelSource) -> RowRecipe:

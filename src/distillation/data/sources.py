@@ -64,6 +64,7 @@ class Fields:
     prompt: str = "prompt"
     response: str = "response"
     prompt_template: str = "{prompt}\n"
+    labels: Tuple[str, ...] = ()  # a classification task's label words: every answer must be one
 
     @property
     def columns(self) -> Tuple[str, ...]:
@@ -77,7 +78,7 @@ class Fields:
             raise DistillError(f"{where()}: no field '{missing[0]}' (data.sources[].{self._option(missing[0])}); "
                                f"found {found}")
         if self.format == "messages":
-            return check_turns(record[self.messages], where())
+            return self._labelled(check_turns(record[self.messages], where()), where)
         for column in self.columns:
             if not isinstance(record[column], str):
                 raise DistillError(f"{where()}: field '{column}' is {type(record[column]).__name__}, expected text")
@@ -85,7 +86,13 @@ class Fields:
             return record[self.text]
         if not record[self.response].strip():
             raise DistillError(f"{where()}: the response ('{self.response}') is empty, so nothing to learn")
-        return prompt_turns(record[self.prompt], record[self.response], self.prompt_template)
+        return self._labelled(prompt_turns(record[self.prompt], record[self.response], self.prompt_template), where)
+
+    def _labelled(self, turns: Turns, where) -> Turns:
+        answer = turns[-1][1].strip() if turns[-1][0] in ("assistant", "response") else None
+        if self.labels and answer not in self.labels:
+            raise DistillError(f"{where()}: the answer {answer!r} is not one of task.labels {list(self.labels)}")
+        return turns
 
     def _option(self, column: str) -> str:
         return next(f"{name}_field" for name in ("text", "messages", "prompt", "response")
