@@ -217,5 +217,5 @@ def jsonl_mixture_inputs(root: Path, tokenizer_dir: Path, names=("a", "b"), file
     pool = {}
     for name, spec in specs.items():
         first = recipe.cut(spec, spec.units[0])["train"]
-        pool[name] = (first.rows[:4], first.lengths[:4])
+        pool[name] = first.take(slice(0, 4))
     return specs, recipe, pool

@@ -104,31 +104,52 @@ def _chats(folder: Path, count: int = 60) -> Path:
     return folder
 
 
-def test_chat_records_train_end_to_end_on_the_sampled_signal_with_the_loss_on_the_answers(tiny_teacher, ray_cluster,
-                                                                                           tmp_path):
-    """Conversations, packed, through the mixture, the teacher pool (the sampled signal: the hidden
-    one is the first test's, top-k test_vllm's) and the trainer. The held-out score counts exactly the
-    answers' tokens and their EOS, as the tokenizer itself splits them, of every held-out record."""
+def test_the_three_stages_run_as_one_recipe_on_chat_records_with_the_loss_on_the_answers(tiny_teacher, ray_cluster,
+                                                                                        tmp_path):
+    """recipe.stages: the teacher fine-tuned in full precision on conversations, the converted student
+    pre-trained on plain text, then distilled from that teacher on the conversations, packed, through
+    the mixture, the teacher pool (the sampled signal: the hidden one is the first test's, top-k
+    test_vllm's) and the trainer. The held-out score counts exactly the answers' tokens and their EOS,
+    as the tokenizer itself splits them, of every held-out record; the task is scored throughout. A
+    second call finds every stage done."""
     from distillation.data.sources import split_of
     from distillation.models import load_tokenizer
+    from distillation.recipe import run_recipe
     from distillation.run import run
 
     chats = _chats(tmp_path / "chats")
+    text = jsonl_corpus(tmp_path / "text", files=2, docs_per_file=40)
     overrides = [o for o in tiny_overrides(tiny_teacher, tmp_path, steps=2) if not o.startswith("run.name")]
     source = f"{{name: chats, kind: jsonl, path: {chats}, format: messages}}"
-    summary = run(load_config(overrides + [
-        "run.name=sampled", "teacher.signal=sampled", "teacher.draws=6", "data.pack_documents=true",
+    cfg = load_config(overrides + [
+        "run.name=recipe", "teacher.signal=sampled", "teacher.draws=6", "data.pack_documents=true",
         f"data.sources=[{source}]", "data.heldout_sequences=100", "training.eval_every=2",
         "task.name=topics", f"task.test={source}", "task.metrics=[rouge_l,exact_match]", "task.records=3",
-        "task.max_new_tokens=3"]))
+        "task.max_new_tokens=3", "recipe.stages=[teacher_sft,pretrain,distill]", "recipe.teacher_sft_steps=2",
+        "recipe.pretrain_steps=2", f"recipe.pretrain_sources=[{{name: text, kind: jsonl, path: {text}}}]"])
+    report = run_recipe(cfg, run)
+    root = tmp_path / "recipe"
+    assert list(report["stages"]) == ["teacher_sft", "pretrain", "distill"]
+    assert json.loads((root / "recipe.json").read_text())["stages"] == report["stages"]
+
+    # Stage 0: the teacher itself, full precision, a folder plain transformers (and teacher.model) reads.
+    teacher_dir = root / "teacher_sft" / "student"
+    assert "bitnet" not in json.loads((teacher_dir / "config.json").read_text())
+    sft = json.loads((root / "teacher_sft" / "summary.json").read_text())
+    assert sft["steps"] == 2 and sft["teacher"] is None and "task" in sft["heldout"]["student_after"]  # FP-SFT's score
+    # Stage 2: CE on plain text, no teacher loaded; stage 3: from stage 2's student and stage 0's teacher.
+    pretrain = json.loads((root / "pretrain" / "summary.json").read_text())
+    assert pretrain["steps"] == 2 and pretrain["teacher"] is None and pretrain["heldout"]["teacher"] is None
+    distill_yaml = (root / "distill" / "config.yaml").read_text()
+    assert f"model: {teacher_dir}" in distill_yaml and f"checkpoint_path: {root / 'pretrain' / 'student'}" in distill_yaml
+
+    summary = json.loads((root / "distill" / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["teacher"]["signal"] == "sampled"
     assert summary["last"]["logits_kl"] != 0  # an unbiased estimate: any sign on one batch, never exactly zero
-    # the task scored before and after training, by the teacher, and by rank 0 at step 2
-    held = summary["heldout"]
+    held = summary["heldout"]  # the task scored before and after training, by the teacher, and at step 2
     for who in ("student_before", "student_after", "teacher"):
         assert held[who]["task"]["examples"] == 3 and 0 <= held[who]["task"]["rouge_l"] <= 1
     assert {"task_rouge_l", "task_exact_match"} <= set(summary["last"])
-
     tokenizer = load_tokenizer(tiny_teacher)
     answers, offset = [], 0
     for line in open(chats / "chats.jsonl", "rb"):
@@ -136,7 +157,11 @@ def test_chat_records_train_end_to_end_on_the_sampled_signal_with_the_loss_on_th
             answers.append(json.loads(line)["messages"][1]["content"])
         offset += len(line)
     want = sum(len(tokenizer(a, add_special_tokens=False)["input_ids"]) + 1 for a in answers)  # + <|im_end|>
-    assert len(answers) >= 5 and summary["heldout"]["student_after"]["tokens"] == want
+    assert len(answers) >= 5 and held["student_after"]["tokens"] == want
+
+    def no_run(stage_cfg):
+        raise AssertionError(f"stage {stage_cfg.run.name} ran again")
+    assert run_recipe(cfg, no_run)["stages"] == report["stages"]  # every stage done: nothing runs
 
 
 def test_precomputed_cache_replays_the_whole_run_without_a_teacher_model(tiny_teacher, ray_cluster, tmp_path):

@@ -67,6 +67,11 @@ def main(argv: Optional[List[str]] = None, command: str = "distill") -> int:
                 from distillation.precompute import precompute
 
                 precompute(cfg)
+            elif cfg.recipe.stages:
+                from distillation.recipe import run_recipe
+                from distillation.run import run
+
+                run_recipe(cfg, lambda stage: run(stage, ray_lines))
             else:
                 from distillation.run import run
 

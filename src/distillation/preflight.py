@@ -187,8 +187,13 @@ def check_exports(student: StudentConfig, trust_remote_code: bool, teacher: Reso
     from distillation.student.export import FORMATS, export_problem
     from distillation.student.gguf_export import read_tokenizer_json
 
+    if not student.ternary and student.num_layers is not None:
+        raise DistillError("student.ternary=false trains the model itself: student.num_layers must be null")
     if not student.export:
         return
+    if not student.ternary and set(student.export) - {"hf"}:
+        raise DistillError(f"student.export={list(student.export)}: a full-precision model (student.ternary=false) "
+                           f"is written only as hf (its student/ folder)")
     unknown = [f for f in student.export if f not in FORMATS]
     if unknown:
         raise DistillError(f"student.export={list(student.export)}: {unknown[0]!r} is not one of {', '.join(FORMATS)}")

@@ -36,6 +36,7 @@ class StudentSpec:
     subln: str
     num_layers: Optional[int]
     trust_remote_code: bool
+    ternary: bool = True  # false: `init_from` trained as it is, in full precision (stage 0)
 
 
 @dataclass(frozen=True)
@@ -133,7 +134,7 @@ class MixtureSpec:
 def student_spec(cfg: Config, init_from: Optional[ModelSource]) -> StudentSpec:
     """`init_from`: the driver's pin of `student.init_from` (None for a saved student)."""
     s = cfg.student
-    return StudentSpec(s.checkpoint_path, init_from, s.subln, s.num_layers, cfg.teacher.trust_remote_code)
+    return StudentSpec(s.checkpoint_path, init_from, s.subln, s.num_layers, cfg.teacher.trust_remote_code, s.ternary)
 
 
 def scorer_spec(cfg: Config, teacher: ResolvedTeacher) -> ScorerSpec:

@@ -9,6 +9,7 @@ import ray
 
 from conftest import jsonl_mixture_inputs
 from distillation.data.mixture import MixturePlan, uniforms, validate_weights
+from distillation.data.packing import Packed
 from distillation.errors import DistillError
 from distillation.roles.mixture import Mixture
 from distillation.specs import MixtureSpec
@@ -175,7 +176,7 @@ def test_the_mixture_keeps_draws_back_to_the_checkpoint_two_before_the_latest_an
     for _ in range(3):
         ray.get(mixture.state_at.remote(300))
         assert ray.get(mixture.retained.remote())["start"] == 200
-    pool = {n: (np.zeros((1, 64), np.int32), np.full(1, 2, np.int32)) for n in "ab"}
+    pool = {n: Packed(np.zeros((1, 64), np.int32), np.full(1, 2, np.int32), 0) for n in "ab"}
     resumed = Mixture.remote(MixtureSpec(ray.get(mixture.state_at.remote(300)), specs, recipe, pool, 2, 0.0))  # a resumed run
     np.testing.assert_array_equal(ray.get(resumed.draw.remote(np.arange(300, 400)))["input_ids"],
                                   ray.get(reference.draw.remote(np.arange(300, 400)))["input_ids"])

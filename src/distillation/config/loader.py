@@ -114,12 +114,17 @@ def _check(cfg: DictConfig) -> None:
     if cfg.influence.probe_source not in (None, *names):
         raise DistillError(f"influence.probe_source '{cfg.influence.probe_source}' is not a source; "
                            f"expected one of {', '.join(names)}")
-    for i, source in enumerate([*cfg.data.sources, *([cfg.task.test] if cfg.task.test.kind else [])]):
-        where = f"data.sources[{i}]" if i < len(names) else "task.test"
+    extra = [("task.test", cfg.task.test)] if cfg.task.test.kind else []
+    extra += [(f"recipe.pretrain_sources[{i}]", s) for i, s in enumerate(cfg.recipe.pretrain_sources)]
+    for where, source in [(f"data.sources[{i}]", s) for i, s in enumerate(cfg.data.sources)] + extra:
         if source.format not in choices(SourceConfig, "format"):
             raise DistillError(f"bad value for '{where}.format': {source.format!r}; expected one of "
                                f"{', '.join(choices(SourceConfig, 'format'))}")
     _check_task(cfg.task)
+    if cfg.recipe.stages:
+        from distillation.recipe import check_stages
+
+        check_stages(list(cfg.recipe.stages))
 
 
 def _check_task(task: DictConfig) -> None:

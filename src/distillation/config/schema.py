@@ -91,6 +91,10 @@ class TeacherConfig(Frozen):
 @dataclass
 class StudentConfig(Frozen):
     init_from: str = "${teacher.model}"  # the full-precision model converted in stage 1
+    # false: train `init_from` itself in full precision (the paper's stage 0, FP16-SFT of the teacher on
+    # the task, usually with distillation=ce_only); its student/ is a plain transformers model that
+    # teacher.model can name
+    ternary: bool = True
     checkpoint_path: Optional[str] = None  # start from a saved BitNet student instead
     subln: str = one_of("paper", "allnorm", "none")  # paper (before o_proj and down_proj) | allnorm (before every BitLinear) | none
     num_layers: Optional[int] = None  # keep only the first N decoder layers (a smaller student)
@@ -229,6 +233,21 @@ class TaskConfig(Frozen):
 
 
 @dataclass
+class RecipeConfig(Frozen):
+    """The BitDistill stages as one command (recipe.py), each a run of its own under
+    `run.output_dir/run.name/`: teacher_sft fine-tunes the teacher in full precision on data.sources
+    (CE only; the paper's FP16-SFT), pretrain continues pre-training the converted student with CE on
+    `pretrain_sources` (stage 2), distill distils the (fine-tuned) teacher into that student on
+    data.sources (stage 3, this config's loss). Each stage's output is the next one's input; a stage
+    whose student exists is skipped, one that stopped resumes."""
+    stages: List[str] = field(default_factory=list)  # of teacher_sft, pretrain, distill, in that order; []: one run
+    teacher_sft_steps: int = positive(60)
+    teacher_sft_lr: float = 1.0e-4  # full-precision fine-tuning wants a smaller step than a ternary student
+    pretrain_steps: int = positive(60)
+    pretrain_sources: List[SourceConfig] = field(default_factory=list)  # stage 2's general text ([]: data.sources)
+
+
+@dataclass
 class RunConfig(Frozen):
     name: Optional[str] = None  # default: distill-<timestamp>
     output_dir: str = "outputs"  # the local run folder: metrics, ledger, plots, summary (and, by default, all else)
@@ -257,4 +276,5 @@ class Config(Frozen):
     training: TrainingConfig = field(default_factory=TrainingConfig)
     influence: InfluenceConfig = field(default_factory=InfluenceConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
+    recipe: RecipeConfig = field(default_factory=RecipeConfig)
     run: RunConfig = field(default_factory=RunConfig)

@@ -19,13 +19,17 @@ from safetensors.torch import load_file
 from torch import nn
 
 from distillation.errors import DistillError
-from distillation.student.bitnet import BITNET_CONFIG_KEY, convert_to_bitnet
+from distillation.student.bitnet import BITNET_CONFIG_KEY, convert_to_bitnet, is_bitnet_student
 from distillation.student.layout import base_config, from_disk_names, renames_for, saved_config, to_disk_names
 
 
 def save_student(model: nn.Module, out_dir: Path, tokenizer=None, state_dict: Optional[dict] = None) -> Path:
     """`state_dict`: the weights to write, when `model`'s own are not whole (a sharded student's, from
-    training/parallel.py)."""
+    training/parallel.py). A full-precision model (student.ternary=false) is written as transformers
+    writes it."""
+    if not is_bitnet_student(model):
+        state = state_dict if state_dict is not None else model.state_dict()
+        return write_dense(out_dir, model.config, state, tokenizer, getattr(model, "generation_config", None))
     settings = getattr(model.config, BITNET_CONFIG_KEY)
     state = state_dict if state_dict is not None else model.state_dict()
     return write_student(out_dir, model.config, settings["subln"], "online", state, tokenizer,
@@ -36,6 +40,19 @@ def write_student(out_dir: Path, config, subln: str, weights: str, state: Dict[s
                   generation_config=None, copy_from: Optional[Path] = None) -> Path:
     """Write `state` (in-memory names) under `out_dir` in the transformers layout for `weights`
     (online | packed); `copy_from`: a folder whose tokenizer files come along."""
+    saved, layout = saved_config(config, subln, weights)
+    return _write(out_dir, saved, to_disk_names(state, layout.renames), getattr(config, "tie_word_embeddings", False),
+                  tokenizer, generation_config, copy_from)
+
+
+def write_dense(out_dir: Path, config, state: Dict[str, torch.Tensor], tokenizer=None, generation_config=None) -> Path:
+    """A full-precision model in transformers' own layout (what `from_pretrained` and teacher.model read)."""
+    return _write(out_dir, config.to_dict(), state, getattr(config, "tie_word_embeddings", False), tokenizer,
+                  generation_config)
+
+
+def _write(out_dir: Path, saved: dict, state: Dict[str, torch.Tensor], tied: bool, tokenizer=None,
+           generation_config=None, copy_from: Optional[Path] = None) -> Path:
     from huggingface_hub import save_torch_state_dict
 
     from distillation.models import TOKENIZER_FILES
@@ -43,14 +60,13 @@ def write_student(out_dir: Path, config, subln: str, weights: str, state: Dict[s
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise DistillError(f"refusing to overwrite existing checkpoint {out_dir}")
-    saved, layout = saved_config(config, subln, weights)
-    if getattr(config, "tie_word_embeddings", False):
+    if tied:
         state = {k: v for k, v in state.items() if k != "lm_head.weight"}  # stored once, as the embedding
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         (staging / "config.json").write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
-        save_torch_state_dict(to_disk_names(state, layout.renames), staging)
+        save_torch_state_dict(state, staging)
         if generation_config is not None:
             generation_config.save_pretrained(staging)
         if tokenizer is not None:
@@ -83,8 +99,9 @@ def _read_state(path: Path) -> dict:
     return state
 
 
-def read_student_config(path: Union[str, Path]) -> dict:
-    """A student folder's config.json as a dict; a folder that is not a student is a DistillError."""
+def read_student_config(path: Union[str, Path], dense: bool = False) -> dict:
+    """A student folder's config.json as a dict; a folder that is not a student (or, if `dense`, a
+    full-precision model) is a DistillError."""
     path = Path(path).expanduser()
     if not (path / "config.json").is_file():
         raise DistillError(f"student checkpoint '{path}' does not exist or has no config.json")
@@ -92,7 +109,7 @@ def read_student_config(path: Union[str, Path]) -> dict:
         saved = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as exc:
         raise DistillError(f"student checkpoint '{path}' has an unreadable config.json: {exc}") from None
-    if not isinstance(saved.get(BITNET_CONFIG_KEY), dict):
+    if not isinstance(saved.get(BITNET_CONFIG_KEY), dict) and not (dense and "model_type" in saved):
         raise DistillError(f"'{path}' is not a BitNet student checkpoint (config.json has no '{BITNET_CONFIG_KEY}')")
     return saved
 
@@ -104,7 +121,9 @@ def load_student(path: Union[str, Path], dtype: Optional[torch.dtype] = None) ->
     from transformers import AutoModelForCausalLM
 
     path = Path(path).expanduser()
-    saved = read_student_config(path)
+    saved = read_student_config(path, dense=True)
+    if BITNET_CONFIG_KEY not in saved:  # a full-precision model trained here (student.ternary=false)
+        return _load_dense(path, saved, dtype)
     settings = saved[BITNET_CONFIG_KEY]
     config = base_config(saved)
     state = from_disk_names(_read_state(path), renames_for(saved))
@@ -126,4 +145,21 @@ def load_student(path: Union[str, Path], dtype: Optional[torch.dtype] = None) ->
                            f"missing {sorted(missing)[:5]}, unexpected {sorted(result.unexpected_keys)[:5]}")
     model.tie_weights()
     getattr(model.config, BITNET_CONFIG_KEY)["weights"] = settings.get("weights", "online")
+    return model.to(dtype) if dtype is not None else model
+
+
+def _load_dense(path: Path, saved: dict, dtype: Optional[torch.dtype]) -> nn.Module:
+    """A full-precision folder, every weight loaded strictly (from_pretrained would warn and go on)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(**saved)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config)
+    result = model.load_state_dict(_read_state(path), strict=False, assign=True)
+    missing = set(result.missing_keys) - ({"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set())
+    if missing or result.unexpected_keys:
+        raise DistillError(f"model checkpoint '{path}' does not match its config: "
+                           f"missing {sorted(missing)[:5]}, unexpected {sorted(result.unexpected_keys)[:5]}")
+    model.tie_weights()
     return model.to(dtype) if dtype is not None else model
