@@ -9,6 +9,8 @@
     data      the data side at scale: streamed 1x/10x/100x JSONL and Parquet corpora, teacher cache replay
     inference the student where users run it: packed runtime and llama.cpp (memory, prefill, decode),
               and the bits/byte of every export format
+    tasks     the paper's Table 1 in miniature: FP-SFT, BitNet-SFT, BitDistill on each task's held-out
+              records, 3 seeds, and the loss ablation on one task
     cost      Table C: bytes/token and KL error per teacher-target form, and the loss's peak memory
               against the naive version (bench_targets.py and bench_losses.py, each in its own process)
 
@@ -44,7 +46,7 @@ def _script(name: str, args) -> str:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in ("quality", "mixture", "pipeline", "sweep", "gpu", "data", "cost",
-                                                                    "inference"):
+                                                                    "inference", "tasks"):
         print(__doc__)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     table, rest = argv[0], argv[1:]
@@ -71,6 +73,10 @@ def main(argv=None) -> int:
         result = run_table(rest)
     elif table == "inference":
         from bench.bench_inference import main as run_table
+
+        result = run_table(rest)
+    elif table == "tasks":
+        from bench.bench_tasks import main as run_table
 
         result = run_table(rest)
     elif table == "pipeline":

@@ -37,3 +37,19 @@ def test_a_task_kind_is_a_prompt_response_source_of_its_split(cache_dir):
     docs = [d for u in spec.units for d in read_unit(spec, u)]
     assert len(docs) == len(_records("shakespeare_genre", "test", cache_dir))
     assert {d.turns[1][1] for d in docs} == set(GENRES) and docs[0].turns[0][0] == "prompt"
+
+
+def test_every_built_in_record_fits_its_tasks_rows_under_smollm2s_chat_template(cache_dir, smollm2_dir):
+    """Both tasks run at data.seq_len=256 (the miniature teacher's context too): a record that did not
+    fit would stop a run as a bad record."""
+    from distillation.config import load_config
+    from distillation.data.records import prompt_turns, render
+    from distillation.models import load_tokenizer
+
+    tokenizer = load_tokenizer(smollm2_dir)
+    for task in ("shakespeare_genre", "stdlib_docstring"):
+        cfg = load_config([f"task={task}"])
+        template = cfg.data.sources[0].prompt_template
+        longest = max(len(render(tokenizer, prompt_turns(r["prompt"], r["response"], template), True)[0])
+                      for split in ("train", "test") for r in _records(task, split, cache_dir))
+        assert longest <= cfg.data.seq_len == 256, (task, longest)

@@ -4,8 +4,8 @@ records (`prompt`, `response`) under `<cache_dir>/tasks/<task>/<split>.jsonl`.
 - `shakespeare_genre`: an eight-line passage of a work -> its First Folio category (comedy, tragedy,
   history) or poem. Held out by whole work, both editions of a play (modern and Folio spelling) on
   the same side, each category with works on both sides.
-- `stdlib_docstring`: a standard-library function's code, docstring removed -> the docstring's first
-  sentence. Held out by whole top-level module (`json`, `email`, ...), chosen by a hash of its name.
+- `stdlib_docstring`: a standard-library function's first lines of code (docstring removed) -> the
+  docstring's first sentence. Held out by whole top-level module (`json`, `email`, ...), chosen by a hash of its name.
 
 A source of kind `shakespeare_genre` or `stdlib_docstring` (data/sources.py) reads these files; the
 same task on a hub dataset is a `jsonl`/`parquet`/`hf_hub` source with `format: prompt_response`.
@@ -25,7 +25,7 @@ from filelock import FileLock
 
 from distillation.assets import cache_root, fetch
 
-VERSION = 1  # bump when a builder's output changes: the files are rebuilt under a new folder
+VERSION = 2  # bump when a builder's output changes: the files are rebuilt under a new folder
 SPLITS = ("train", "test")
 
 # The First Folio's categories (Pericles, not in it, with the comedies), and the poems. Each work:
@@ -72,7 +72,9 @@ PASSAGES_PER_FILE = 60  # evenly spread, so long works do not outvote the rest
 GENRE_PROMPT = "Which kind of work is this passage from: comedy, tragedy, history or poem?\n\n{prompt}"
 
 DOCSTRING_TEST_SHARE = 0.2  # of top-level modules, by name hash
-FUNCTION_LINES = 30  # longer functions are cut to their first lines (the signature and what follows)
+# Longer functions are cut to their first lines (the signature and what follows), whole lines within
+# FUNCTION_CHARS, so every record fits a 256-token row (the miniature teacher's context) with its answer.
+FUNCTION_LINES, FUNCTION_CHARS = 12, 320
 DOCSTRING_PROMPT = "Write the first sentence of this Python function's docstring.\n\n{prompt}"
 _SENTENCE = re.compile(r"^(.+?[.!?])(\s|$)", re.S)
 
@@ -153,12 +155,20 @@ def stdlib_docstring(cache_dir: str) -> Dict[str, List[dict]]:
                 continue
             docstring = ast.get_docstring(node)
             sentence = _first_sentence(docstring or "")
-            if not 4 <= len(sentence.split()) <= 30:
+            if not (4 <= len(sentence.split()) <= 30 and len(sentence) <= 160 and sentence[0].isalpha()
+                    and ">>>" not in sentence):  # a sentence of prose, not a doctest
                 continue
             body = node.body[0]  # the docstring: its lines are left out of the prompt
             code = lines[node.lineno - 1:body.lineno - 1] + lines[body.end_lineno:node.end_lineno]
             indent = min(len(x) - len(x.lstrip()) for x in code if x.strip())
-            prompt = "\n".join(x[indent:] for x in code[:FUNCTION_LINES]).strip()
+            kept: List[str] = []
+            for line in (x[indent:] for x in code[:FUNCTION_LINES]):
+                if sum(len(k) + 1 for k in kept) + len(line) > FUNCTION_CHARS:
+                    break
+                kept.append(line)
+            prompt = "\n".join(kept).strip()
+            if not prompt:  # a first line longer than FUNCTION_CHARS
+                continue
             records["test" if _module_is_test(top) else "train"].append(
                 {"prompt": prompt, "response": sentence, "module": rel})
     return records
