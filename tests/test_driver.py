@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_model_dir, tiny_overrides
+from conftest import in_background, tiny_model_dir, tiny_overrides, wait_for
 from distillation.config import load_config
 
 pytestmark = pytest.mark.slow
@@ -68,10 +68,17 @@ def test_ctrl_c_stops_after_the_step_with_a_checkpoint_and_says_how_to_resume(ti
     # test_resume_trains_longer_...'s); two Ctrl-C in quick succession then stop it at once.
     resumed = _start(args + [f"run.name={name}", "run.resume=true"], tmp_path, start_new_session=True)
     _wait_for_steps(run_dir, resumed, stopped + 1)
+    said: list = []
+    reader = in_background(lambda: said.extend(resumed.stdout))  # the driver's lines, as they come
     os.killpg(resumed.pid, signal.SIGINT)
-    time.sleep(0.1)  # well within one step, so the first cannot have stopped the run gracefully already
+    # Two signals that reach a blocked driver before Python runs its handler count once (CPython
+    # coalesces them): the second is sent once the first is acknowledged, well within the step.
+    wait_for(lambda: any("interrupt: stopping after the current step" in line for line in said), 60,
+             "the first Ctrl-C to be acknowledged")
     os.killpg(resumed.pid, signal.SIGINT)
-    stdout, stderr = resumed.communicate(timeout=120)
+    resumed.wait(timeout=120)
+    reader.join(timeout=10)
+    stdout, stderr = "".join(said), resumed.stderr.read()
     assert resumed.returncode == 130, stderr[-3000:]
     assert [line for line in stderr.splitlines() if line.startswith("error:")] == [
         "error: interrupted twice: stopped at once; the last checkpoint written, if any, is kept "

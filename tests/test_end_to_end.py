@@ -107,26 +107,26 @@ def _chats(folder: Path, count: int = 60) -> Path:
 def test_the_three_stages_run_as_one_recipe_on_chat_records_with_the_loss_on_the_answers(tiny_teacher, ray_cluster,
                                                                                         tmp_path):
     """recipe.stages: the teacher fine-tuned in full precision on conversations, the converted student
-    pre-trained on plain text, then distilled from that teacher on the conversations, packed, through
-    the mixture, the teacher pool (the sampled signal: the hidden one is the first test's, top-k
-    test_vllm's) and the trainer. The held-out score counts exactly the answers' tokens and their EOS,
+    pre-trained on 300k plain-text documents (read lazily), then distilled from that teacher on the
+    conversations, through the mixture, the teacher pool (the sampled signal: the hidden one is the
+    first test's, top-k test_vllm's) and the trainer. The held-out score counts exactly the answers' tokens and their EOS,
     as the tokenizer itself splits them, of every held-out record; the task is scored throughout. A
     second call finds every stage done."""
     from distillation.data.sources import split_of
     from distillation.models import load_tokenizer
-    from distillation.recipe import run_recipe
+    from distillation.recipe import run_recipe, stage_configs
     from distillation.run import run
 
     chats = _chats(tmp_path / "chats")
-    text = jsonl_corpus(tmp_path / "text", files=2, docs_per_file=40)
-    overrides = [o for o in tiny_overrides(tiny_teacher, tmp_path, steps=2) if not o.startswith("run.name")]
+    corpus = jsonl_corpus(tmp_path / "corpus", files=60, docs_per_file=5_000)  # stage 2's: 300k documents, ~75 MB
+    overrides = [o for o in tiny_overrides(tiny_teacher, tmp_path, steps=2) if not o.startswith(("run.name", "data.max"))]
     source = f"{{name: chats, kind: jsonl, path: {chats}, format: messages}}"
     cfg = load_config(overrides + [
-        "run.name=recipe", "teacher.signal=sampled", "teacher.draws=6", "data.pack_documents=true",
-        f"data.sources=[{source}]", "data.heldout_sequences=100", "training.eval_every=2",
+        "run.name=recipe", "teacher.signal=sampled", "teacher.draws=6",
+        f"data.sources=[{source}]", "data.heldout_sequences=100", "data.probe_fraction=0.1", "training.eval_every=2",
         "task.name=topics", f"task.test={source}", "task.metrics=[rouge_l,exact_match]", "task.records=3",
         "task.max_new_tokens=3", "recipe.stages=[teacher_sft,pretrain,distill]", "recipe.teacher_sft_steps=2",
-        "recipe.pretrain_steps=2", f"recipe.pretrain_sources=[{{name: text, kind: jsonl, path: {text}}}]"])
+        "recipe.pretrain_steps=3", f"recipe.pretrain_sources=[{{name: big, kind: jsonl, path: {corpus}}}]"])
     report = run_recipe(cfg, run)
     root = tmp_path / "recipe"
     assert list(report["stages"]) == ["teacher_sft", "pretrain", "distill"]
@@ -139,7 +139,8 @@ def test_the_three_stages_run_as_one_recipe_on_chat_records_with_the_loss_on_the
     assert sft["steps"] == 2 and sft["teacher"] is None and "task" in sft["heldout"]["student_after"]  # FP-SFT's score
     # Stage 2: CE on plain text, no teacher loaded; stage 3: from stage 2's student and stage 0's teacher.
     pretrain = json.loads((root / "pretrain" / "summary.json").read_text())
-    assert pretrain["steps"] == 2 and pretrain["teacher"] is None and pretrain["heldout"]["teacher"] is None
+    assert pretrain["steps"] == 3 and pretrain["teacher"] is None and pretrain["heldout"]["teacher"] is None
+    _streamed_lazily(pretrain, stage_configs(cfg, root, {"teacher_sft": str(teacher_dir)})["pretrain"], tiny_teacher)
     distill_yaml = (root / "distill" / "config.yaml").read_text()
     assert f"model: {teacher_dir}" in distill_yaml and f"checkpoint_path: {root / 'pretrain' / 'student'}" in distill_yaml
 
@@ -162,6 +163,26 @@ def test_the_three_stages_run_as_one_recipe_on_chat_records_with_the_loss_on_the
     def no_run(stage_cfg):
         raise AssertionError(f"stage {stage_cfg.run.name} ran again")
     assert run_recipe(cfg, no_run)["stages"] == report["stages"]  # every stage done: nothing runs
+
+
+def _streamed_lazily(summary: dict, cfg, tokenizer_dir: Path) -> None:
+    """Far more documents than the old in-memory path took (it capped a source at 400k tokens): the
+    run read only the units its steps drew from, and no held-out or probe row was ever trained on."""
+    from distillation.data.corpus import open_sources, row_recipe
+    from distillation.training.metrics import read_jsonl
+
+    spec, recipe = open_sources(cfg.data)["big"], row_recipe(cfg.data, str(tokenizer_dir))
+    assert summary["data"]["units"] == {"big": len(spec.units)} and len(spec.units) >= 60
+    assert summary["data"]["units_read"] <= 2 * cfg.data.shuffle_units  # the block in use and the next one
+    assert 0 < summary["peak_rss_mb"]["mixture"] < 1000 and 0 < summary["peak_rss_mb"]["driver"]
+    trained, held = set(), set()
+    for entry in read_jsonl(Path(summary["ledger"])):
+        for _, source, unit, row in entry["samples"]:
+            parts = recipe.cut(spec, spec.units[unit])
+            trained.add(parts["train"].rows[row].tobytes())
+            held |= {r.tobytes() for name in ("heldout", "probe") for r in parts[name].rows}
+    assert len(trained) == 3 * 2 * 2 and held  # every trained row is a training row of its unit ...
+    assert not trained & held  # ... and none is a held-out or probe row
 
 
 def test_precomputed_cache_replays_the_whole_run_without_a_teacher_model(tiny_teacher, ray_cluster, tmp_path):
@@ -245,34 +266,6 @@ def test_packed_rows_are_precomputed_replayed_and_trained_with_their_documents_k
     cached, missing = cache.lookup(train.rows[:1], train.positions[:1])
     assert not missing and cache.lookup(train.rows[:1])[1] == [0]  # the key is the row and its positions
     np.testing.assert_array_equal(cached.sampled_ids, live.score(train.rows[:1], train.positions[:1]).sampled_ids)
-
-
-def test_a_corpus_of_300k_documents_streams_lazily_and_held_out_text_never_reaches_training(tiny_teacher, ray_cluster,
-                                                                                             tmp_path):
-    """Far more documents than the old in-memory path took (it capped a source at 400k tokens): the
-    run reads only the units its steps draw from, and no held-out or probe row is ever trained on."""
-    from distillation.data.corpus import open_sources, row_recipe
-    from distillation.run import run
-    from distillation.training.metrics import read_jsonl
-
-    corpus = jsonl_corpus(tmp_path / "corpus", files=60, docs_per_file=5_000)  # 300k documents, ~75 MB
-    args = [o for o in tiny_overrides(tiny_teacher, tmp_path, steps=3) if not o.startswith(("run.name", "data.max"))]
-    cfg = load_config(args + ["run.name=big", "distillation=ce_only", "data.probe_fraction=0.1",
-                              f"data.sources=[{{name: big, kind: jsonl, path: {corpus}}}]"])
-    summary = run(cfg)
-    spec, recipe = open_sources(cfg.data)["big"], row_recipe(cfg.data, str(tiny_teacher))
-    assert summary["steps"] == 3 and summary["data"]["units"] == {"big": len(spec.units)} and len(spec.units) >= 60
-    assert summary["data"]["units_read"] <= 2 * cfg.data.shuffle_units  # the block in use and the next one
-    assert 0 < summary["peak_rss_mb"]["mixture"] < 1000 and 0 < summary["peak_rss_mb"]["driver"]
-    assert summary["heldout"]["teacher"] is None and summary["teacher"] is None  # CE only: no teacher loaded anywhere
-    trained, held = set(), set()
-    for entry in read_jsonl(Path(summary["ledger"])):
-        for _, source, unit, row in entry["samples"]:
-            parts = recipe.cut(spec, spec.units[unit])
-            trained.add(parts["train"].rows[row].tobytes())
-            held |= {r.tobytes() for name in ("heldout", "probe") for r in parts[name].rows}
-    assert len(trained) == 3 * 2 * 2 and held  # every trained row is a training row of its unit ...
-    assert not trained & held  # ... and none is a held-out or probe row
 
 
 def _cli(*args, cwd):

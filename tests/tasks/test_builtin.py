@@ -50,6 +50,12 @@ def test_every_built_in_record_fits_its_tasks_rows_under_smollm2s_chat_template(
     for task in ("shakespeare_genre", "stdlib_docstring"):
         cfg = load_config([f"task={task}"])
         template = cfg.data.sources[0].prompt_template
-        longest = max(len(render(tokenizer, prompt_turns(r["prompt"], r["response"], template), True)[0])
-                      for split in ("train", "test") for r in _records(task, split, cache_dir))
-        assert longest <= cfg.data.seq_len == 256, (task, longest)
+        records = [r for split in ("train", "test") for r in _records(task, split, cache_dir)]
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": template.format(prompt=r["prompt"])},
+                                                {"role": "assistant", "content": r["response"]}], tokenize=False)
+                 for r in records]  # the whole conversation, as render tokenizes it (in one batch here)
+        lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        longest = records[max(range(len(records)), key=lengths.__getitem__)]
+        assert max(lengths) == len(render(tokenizer, prompt_turns(longest["prompt"], longest["response"], template),
+                                          True)[0])
+        assert max(lengths) <= cfg.data.seq_len == 256, (task, max(lengths))
