@@ -41,17 +41,16 @@ def test_checkpoint_is_never_overwritten_and_missing_weights_fail(tiny_llama, tm
 
 
 def test_loading_a_nonexistent_or_non_bitnet_checkpoint_fails_clearly(tiny_llama, tmp_path):
-    from distillation.student.checkpoint import read_student_config
 
     with pytest.raises(DistillError, match="does not exist"):
         load_student(tmp_path / "nowhere")
     tiny_llama.save_pretrained(tmp_path / "plain")
     with pytest.raises(DistillError, match="not a BitNet student"):
-        read_student_config(tmp_path / "plain")  # what export and generate ask
+        load_student(tmp_path / "plain")
     (tmp_path / "odd").mkdir()
     (tmp_path / "odd" / "config.json").write_text("{}")
     with pytest.raises(DistillError, match="not a BitNet student"):
-        load_student(tmp_path / "odd")
+        load_student(tmp_path / "odd", dense=True)
 
 
 def test_a_full_precision_model_trained_here_saves_as_transformers_does_and_loads_strictly(tiny_llama, tmp_path):
@@ -69,10 +68,13 @@ def test_a_full_precision_model_trained_here_saves_as_transformers_does_and_load
     ids = torch.randint(0, 128, (2, 9))
     with torch.no_grad():
         want = model(input_ids=ids).logits
-        for loaded in (load_student(tmp_path / "trained"), AutoModelForCausalLM.from_pretrained(tmp_path / "trained")):
+        for loaded in (load_student(tmp_path / "trained", dense=True),
+                       AutoModelForCausalLM.from_pretrained(tmp_path / "trained")):
             torch.testing.assert_close(loaded(input_ids=ids).logits, want, rtol=0, atol=0)
     weights = load_file(tmp_path / "trained" / "model.safetensors")
     weights.pop(next(k for k in weights if k.endswith("down_proj.weight")))
     save_file(weights, tmp_path / "trained" / "model.safetensors")
+    with pytest.raises(DistillError, match="not a BitNet student"):
+        load_student(tmp_path / "trained")  # distill eval, export and generate take students only
     with pytest.raises(DistillError, match="does not match its config: missing \\['model.layers.\\d.mlp.down_proj.weight'\\]"):
-        load_student(tmp_path / "trained")
+        load_student(tmp_path / "trained", dense=True)

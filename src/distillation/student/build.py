@@ -21,7 +21,7 @@ def build_student(spec: StudentSpec) -> nn.Module:
     """A saved student, else stage 1: `init_from` converted to BitNet (or, not `ternary`, as it is:
     stage 0 fine-tunes the teacher in full precision)."""
     if spec.checkpoint_path:
-        return load_student(spec.checkpoint_path)
+        return load_student(spec.checkpoint_path, dense=not spec.ternary)
     if spec.init_from is None:
         raise ValueError("a StudentSpec without checkpoint_path needs init_from")
     model = load_causal_lm(spec.init_from, "float32", spec.trust_remote_code)

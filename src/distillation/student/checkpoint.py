@@ -114,14 +114,16 @@ def read_student_config(path: Union[str, Path], dense: bool = False) -> dict:
     return saved
 
 
-def load_student(path: Union[str, Path], dtype: Optional[torch.dtype] = None) -> nn.Module:
+def load_student(path: Union[str, Path], dtype: Optional[torch.dtype] = None, dense: bool = False) -> nn.Module:
     """Rebuild the student from its config and load every weight; any missing or extra key fails.
-    A packed folder comes back with ternary layers that keep 2 bits per weight (student/packed.py)."""
+    A packed folder comes back with ternary layers that keep 2 bits per weight (student/packed.py).
+    `dense`: a full-precision model trained here (student.ternary=false) is welcome too (training
+    checkpoints); elsewhere (`distill eval`, export, generate) a folder that is not a student is refused."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
     path = Path(path).expanduser()
-    saved = read_student_config(path, dense=True)
+    saved = read_student_config(path, dense=dense)
     if BITNET_CONFIG_KEY not in saved:  # a full-precision model trained here (student.ternary=false)
         return _load_dense(path, saved, dtype)
     settings = saved[BITNET_CONFIG_KEY]

@@ -86,7 +86,7 @@ def load_training_checkpoint(folder: Path) -> tuple:
     check applies; the optimizer built on it is then restored from `saved_optimizer_state(state, tensors)`."""
     folder = Path(folder)
     state = read_state(folder)
-    model = load_student(folder / "student")
+    model = load_student(folder / "student", dense=True)
     try:
         tensors = load_file(str(folder / "optimizer.safetensors"))
         rng = load_file(str(folder / "torch_rng.safetensors"))

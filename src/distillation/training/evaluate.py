@@ -77,7 +77,7 @@ def checkpoint_student(checkpoint) -> nn.Module:
     from distillation.student import load_student
 
     with checkpoint.as_directory() as folder:
-        return load_student(Path(folder) / "student")
+        return load_student(Path(folder) / "student", dense=True)
 
 
 Job = Tuple[Callable[[], nn.Module], Optional[Callable[[nn.Module], None]]]  # (load() -> model, check(model) or None)
