@@ -41,7 +41,6 @@ def test_checkpoint_is_never_overwritten_and_missing_weights_fail(tiny_llama, tm
 
 
 def test_loading_a_nonexistent_or_non_bitnet_checkpoint_fails_clearly(tiny_llama, tmp_path):
-
     with pytest.raises(DistillError, match="does not exist"):
         load_student(tmp_path / "nowhere")
     tiny_llama.save_pretrained(tmp_path / "plain")
