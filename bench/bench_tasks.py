@@ -68,7 +68,7 @@ def one_seed(task: str, seed: int, common: list, args, out: str, log) -> list:
     results = []
     for arm, summary in rows:
         row = {"task": task, "arm": arm, "seed": seed, "tokens": summary["tokens_seen"], **_metrics(summary),
-               "heldout_bpb": summary["heldout"]["student_after"]["bits_per_byte"]}
+               "heldout_nats": summary["heldout"]["student_after"]["loss"]}
         results.append(row)
         log(row)
     return results
@@ -82,14 +82,15 @@ def table(results: list) -> str:
     lines = []
     for task in dict.fromkeys(r["task"] for r in results):
         mine = [r for r in results if r["task"] == task]
-        metrics = [k for k in mine[0] if k not in ("task", "arm", "seed", "tokens", "examples", "heldout_bpb")]
-        lines += [f"| {task}: arm | tokens | " + " | ".join(metrics) + " | held-out bits/byte (responses) |",
+        metrics = [k for k in mine[0] if k not in ("task", "arm", "seed", "tokens", "examples", "heldout_nats")]
+        # nats per response token, not bits per byte: a label word's EOS is a token of no bytes
+        lines += [f"| {task}: arm | tokens | " + " | ".join(metrics) + " | held-out nats/token (responses) |",
                   "|---|---|" + "---|" * (len(metrics) + 1)]
         for arm in dict.fromkeys(r["arm"] for r in mine):
             rows = [r for r in mine if r["arm"] == arm]
             lines.append(f"| {arm} | {statistics.median(r['tokens'] for r in rows):,.0f} | "
                          + " | ".join(_spread([r[m] for r in rows]) for m in metrics)
-                         + f" | {_spread([r['heldout_bpb'] for r in rows])} |")
+                         + f" | {_spread([r['heldout_nats'] for r in rows])} |")
         lines.append("")
     return "\n".join(lines)
 
