@@ -24,7 +24,7 @@ ABLATION = {"BitDistill, logits only": ["distillation.attention_weight=0"],
             "BitDistill, attention only": ["distillation.logits_weight=0"]}
 
 
-def _teacher(name: str, log) -> list:
+def _teacher(name: str) -> list:
     if name != "miniature":
         return [f"teacher.model={name}"]
     from bench.miniature import SETTINGS, build_miniature_teacher
@@ -114,7 +114,7 @@ def main(argv=None) -> dict:
         print(f"{row['task']} {row['arm']} seed {row['seed']}: "
               + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if isinstance(v, float)), flush=True)
 
-    common = _teacher(args.teacher, log) + list(args.overrides)
+    common = _teacher(args.teacher) + list(args.overrides)
     results = []
     with tempfile.TemporaryDirectory() as out:
         for task in args.tasks:

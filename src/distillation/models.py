@@ -116,6 +116,16 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False):
     return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
+_TOKENIZERS: dict = {}  # per process: a reader or a worker loads a model's tokenizer once
+
+
+def cached_tokenizer(model: ModelSource):
+    """`model`'s tokenizer, resolved on this node (no weights fetched) and loaded once per process."""
+    if model not in _TOKENIZERS:
+        _TOKENIZERS[model] = load_tokenizer(local_dir(model, weights=False))
+    return _TOKENIZERS[model]
+
+
 def load_output_head(model: ModelSource, vocab_size: Optional[int] = None, trust_remote_code: bool = False):
     """A frozen fp32 copy of a causal LM's output head (`losses.OutputHead`), read from its
     safetensors files without loading the rest of the model.

@@ -5,9 +5,9 @@ the longest common subsequence worked by hand."""
 import pytest
 import torch
 
-from distillation.data.records import prompt_turns
+from distillation.data.records import prompt_turns, split_record
 from distillation.tasks import Example
-from distillation.tasks.metrics import greedy_answers, label_log_likelihoods, rouge_l, score_task, split_record
+from distillation.tasks.metrics import greedy_answers, label_log_likelihoods, rouge_l, score_task
 
 LABELS = ("positive", "negative")
 EXAMPLES = [Example(prompt_turns(text, "", "Is this review positive or negative? {prompt}")[:1], answer)

@@ -32,8 +32,9 @@ class Block(NamedTuple):
 
 
 class BlockCache:
-    """An LRU of at most `capacity` blocks of shuffled rows (`Block`), with the row count of every block read (one int each, which a
-    replay of the plan needs) and the next block of a source read ahead when its current one is read.
+    """An LRU of at most `capacity` blocks of shuffled rows (`Block`), with the row count of every
+    block read (one int each, which a replay of the plan needs) and the next block of a source read
+    ahead when its current one is read.
 
     `plan` is the live plan (its cursors say which block is a source's current one), `specs` the
     sources in the plan's order, `recipe` the RowRecipe (data/corpus.py) units are cut with."""

@@ -42,10 +42,29 @@ def prompt_turns(prompt: str, response: str, prompt_template: str) -> Turns:
     return (("prompt", prompt_template.format(prompt=prompt)), ("response", response))
 
 
+def split_record(turns: Turns) -> Tuple[Turns, str]:
+    """A record's turns before its last answer, and that answer."""
+    last = max(i for i, (role, _) in enumerate(turns) if role in LEARNED)
+    return turns[:last], turns[last][1]
+
+
+def _messages(turns: Turns) -> List[dict]:
+    return [{"role": CHAT_ROLE.get(role, role), "content": content} for role, content in turns]
+
+
+def generation_prompt(tokenizer, turns: Turns, chat: bool) -> str:
+    """The text a model continues to answer after `turns` (a record's turns before its answer),
+    rendered as `render` renders the record."""
+    if chat:
+        return tokenizer.apply_chat_template(_messages(turns), tokenize=False, add_generation_prompt=True)
+    text, _ = _plain_spans(turns, "")
+    return text if turns[-1][0] == "prompt" else text + "assistant:"  # the answer's tokens bring its space
+
+
 def _chat_spans(tokenizer, turns: Turns) -> Tuple[str, List[Tuple[int, int]]]:
     """The rendered conversation and the [start, stop) characters of each assistant turn, which end
     at its EOS when the template writes one (what follows it, a newline, is no label)."""
-    messages = [{"role": CHAT_ROLE.get(role, role), "content": content} for role, content in turns]
+    messages = _messages(turns)
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     eos = tokenizer.eos_token or ""
     spans = []

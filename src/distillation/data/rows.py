@@ -17,7 +17,6 @@ if TYPE_CHECKING:  # the mixture actor holds a recipe without loading torch; rea
     from distillation.models import ModelSource
 
 SPLITS = ("train", "heldout", "probe")
-_TOKENIZERS: dict = {}  # per worker process: a tokenizer is loaded once and kept for later tasks
 
 
 @dataclass(frozen=True)
@@ -36,11 +35,9 @@ class RowRecipe:
     chat_template: str = "auto"  # data.chat_template
 
     def cut(self, spec: SourceSpec, unit: Unit) -> Dict[str, Packed]:
-        from distillation.models import load_tokenizer, local_dir
+        from distillation.models import cached_tokenizer
 
-        if self.tokenizer not in _TOKENIZERS:
-            _TOKENIZERS[self.tokenizer] = load_tokenizer(local_dir(self.tokenizer, weights=False))
-        tokenizer = _TOKENIZERS[self.tokenizer]
+        tokenizer = cached_tokenizer(self.tokenizer)
         docs = read_unit(spec, unit)
         parts: Dict[str, List[np.ndarray]] = {name: [] for name in SPLITS}
         masks: Dict[str, List[Optional[np.ndarray]]] = {name: [] for name in SPLITS}

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 from distillation.assets import fetch
-from distillation.data.records import Turns, check_turns, prompt_turns
+from distillation.data.records import Turns, check_turns, prompt_turns, split_record
 from distillation.errors import DistillError
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".json", ".jsonl", ".csv")
@@ -89,7 +89,7 @@ class Fields:
         return self._labelled(prompt_turns(record[self.prompt], record[self.response], self.prompt_template), where)
 
     def _labelled(self, turns: Turns, where) -> Turns:
-        answer = turns[-1][1].strip() if turns[-1][0] in ("assistant", "response") else None
+        answer = split_record(turns)[1].strip()
         if self.labels and answer not in self.labels:
             raise DistillError(f"{where()}: the answer {answer!r} is not one of task.labels {list(self.labels)}")
         return turns

@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import TYPE_CHECKING, Dict, Optional, Union
 
 import torch
 from safetensors.torch import load_file
@@ -21,6 +21,9 @@ from torch import nn
 from distillation.errors import DistillError
 from distillation.student.bitnet import BITNET_CONFIG_KEY, convert_to_bitnet, is_bitnet_student
 from distillation.student.layout import base_config, from_disk_names, renames_for, saved_config, to_disk_names
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 def save_student(model: nn.Module, out_dir: Path, tokenizer=None, state_dict: Optional[dict] = None) -> Path:
@@ -138,14 +141,7 @@ def load_student(path: Union[str, Path], dtype: Optional[torch.dtype] = None, de
         from distillation.student.packed import load_packed
 
         load_packed(model, state, scale_is_reciprocal=settings.get("version", 1) < 2)
-    result = model.load_state_dict(state, strict=False, assign=True)
-    missing = set(result.missing_keys)
-    if getattr(config, "tie_word_embeddings", False):
-        missing.discard("lm_head.weight")  # stored once, as the embedding
-    if missing or result.unexpected_keys:
-        raise DistillError(f"student checkpoint '{path}' does not match its config: "
-                           f"missing {sorted(missing)[:5]}, unexpected {sorted(result.unexpected_keys)[:5]}")
-    model.tie_weights()
+    _assign_strictly(model, state, f"student checkpoint '{path}'")
     getattr(model.config, BITNET_CONFIG_KEY)["weights"] = settings.get("weights", "online")
     return model.to(dtype) if dtype is not None else model
 
@@ -155,13 +151,19 @@ def _load_dense(path: Path, saved: dict, dtype: Optional[torch.dtype]) -> nn.Mod
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model(**saved)
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config)
-    result = model.load_state_dict(_read_state(path), strict=False, assign=True)
-    missing = set(result.missing_keys) - ({"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set())
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**saved))
+    _assign_strictly(model, _read_state(path), f"model checkpoint '{path}'")
+    return model.to(dtype) if dtype is not None else model
+
+
+def _assign_strictly(model: "PreTrainedModel", state: Dict[str, torch.Tensor], what: str) -> None:
+    """`state` assigned to `model`'s (meta) parameters; any missing or extra key is an error naming `what`."""
+    result = model.load_state_dict(state, strict=False, assign=True)
+    missing = set(result.missing_keys)
+    if getattr(model.config, "tie_word_embeddings", False):
+        missing.discard("lm_head.weight")  # stored once, as the embedding
     if missing or result.unexpected_keys:
-        raise DistillError(f"model checkpoint '{path}' does not match its config: "
+        raise DistillError(f"{what} does not match its config: "
                            f"missing {sorted(missing)[:5]}, unexpected {sorted(result.unexpected_keys)[:5]}")
     model.tie_weights()
-    return model.to(dtype) if dtype is not None else model

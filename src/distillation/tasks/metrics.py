@@ -9,12 +9,12 @@
 """
 
 import re
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Sequence
 
 import numpy as np
 import torch
 
-from distillation.data.records import Turns, render
+from distillation.data.records import Turns, generation_prompt, render
 from distillation.tasks import GENERATED, Example
 
 
@@ -24,15 +24,7 @@ def normalise(text: str) -> str:
 
 def prompt_ids(tokenizer, prompt: Turns, chat: bool) -> List[int]:
     """The tokens a model continues to answer: the template's generation prompt, or the plain text."""
-    if chat:
-        from distillation.data.records import CHAT_ROLE
-
-        messages = [{"role": CHAT_ROLE.get(r, r), "content": c} for r, c in prompt]
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    else:
-        text = "".join(c if r == "prompt" else f"{r}: {c}\n" for r, c in prompt) + (
-            "" if prompt[-1][0] == "prompt" else "assistant:")
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(generation_prompt(tokenizer, prompt, chat), add_special_tokens=False)["input_ids"]
 
 
 @torch.inference_mode()
@@ -89,9 +81,3 @@ def score_task(model, tokenizer, examples: Sequence[Example], metrics: Sequence[
         picks = [int(np.argmax(label_log_likelihoods(model, tokenizer, e, labels, chat))) for e in examples]
         out["label_accuracy"] = float(np.mean([normalise(labels[p]) == g for p, g in zip(picks, gold)]))
     return out
-
-
-def split_record(turns: Turns) -> Tuple[Turns, str]:
-    """A record's turns before its last answer, and that answer."""
-    last = max(i for i, (role, _) in enumerate(turns) if role in ("assistant", "response"))
-    return turns[:last], turns[last][1]

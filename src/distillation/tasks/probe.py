@@ -24,10 +24,10 @@ class TaskProbe:
 
     def score(self, model) -> Dict[str, float]:
         from distillation.data.records import uses_chat_template
-        from distillation.models import load_tokenizer, local_dir
+        from distillation.models import cached_tokenizer
         from distillation.tasks.metrics import score_task
 
-        tokenizer = load_tokenizer(local_dir(self.tokenizer, weights=False))
+        tokenizer = cached_tokenizer(self.tokenizer)  # every training.eval_every on rank 0: loaded once
         return score_task(model, tokenizer, self.examples, self.metrics, uses_chat_template(tokenizer, self.chat_template),
                           self.labels, self.max_new_tokens)
 
@@ -38,8 +38,8 @@ def task_probe(task: TaskConfig, d: DataConfig, tokenizer) -> Optional[TaskProbe
     if task.name is None:
         return None
     from distillation.data.corpus import source_fields
+    from distillation.data.records import split_record
     from distillation.data.sources import open_source, read_unit
-    from distillation.tasks.metrics import split_record
 
     s = task.test  # a record source (the loader's check)
     spec = open_source(s.name, s.kind, s.path, d.cache_dir, split=s.split, fields=source_fields(s, task.labels))
