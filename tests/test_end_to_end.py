@@ -273,6 +273,9 @@ def _cli(*args, cwd):
                           cwd=cwd, timeout=300)
 
 
+LAST_LAYERS = ["distillation.teacher_layer=-1", "distillation.student_layer=-1"]  # the tiny models have 2
+
+
 @pytest.mark.parametrize("make_args,message", [
     (lambda d, out: [f"student.checkpoint_path={out}/missing"], "does not exist"),
     (lambda d, out: ["training.max_step=3"], "did you mean 'training.max_steps'"),
@@ -291,6 +294,10 @@ def _cli(*args, cwd):
      "source weights must be finite, non-negative"),
     (lambda d, out: [f"data.sources=[{{name: latin1, kind: text, path: {d['latin1']}}}]"], "is not UTF-8"),
     (lambda d, out: [f"data.sources=[{{name: none, kind: jsonl, path: {d['empty']}}}]"], "holds no .jsonl/.json files"),
+    (lambda d, out: [f"teacher.model={d['teacher']}", "student.ternary=false", "student.num_layers=2", *LAST_LAYERS],
+     "student.ternary=false trains the model itself: student.num_layers must be null"),
+    (lambda d, out: [f"teacher.model={d['teacher']}", "student.ternary=false", "student.num_layers=null",
+                     "student.export=[gguf]", *LAST_LAYERS], "a full-precision model (student.ternary=false) is written only as hf"),
 ])
 def test_bad_input_exits_nonzero_with_one_line_and_writes_nothing(tiny_teacher, smollm2_dir, tmp_path, make_args,
                                                                  message, capsys):

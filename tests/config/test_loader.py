@@ -34,6 +34,13 @@ def test_groups_and_values_override_like_hydra():
     (["teacher.kind=onnx"], "expected one of hf, vllm, cached"),
     (["teacher=cached"], "missing required config value 'teacher.cache_dir'"),
     (["max_steps"], "expected key=value"),
+    (["data.sources=[{name: a, kind: jsonl, path: /x, format: chat}]"],
+     "bad value for 'data.sources[0].format': 'chat'; expected one of text, messages, prompt_response"),
+    (["task.name=t", "task.metrics=[accuracy]"], "task 't' needs task.test: a source of prompt_response or messages"),
+    (["task=shakespeare_genre", "task.metrics=[bleu]"], "task.metrics ['bleu']: expected some of accuracy, rouge_l"),
+    (["task=shakespeare_genre", "task.labels=[comedy]"], "label_accuracy, which needs task.labels: two or more"),
+    (["recipe.stages=[distill,teacher_sft]"], "recipe.stages=['distill', 'teacher_sft']: expected some of teacher_sft, "
+                                              "pretrain, distill, in that order"),
 ])
 def test_bad_config_gives_one_line_error_naming_the_problem(overrides, message):
     with pytest.raises(DistillError) as info:

@@ -54,11 +54,11 @@ def test_loading_a_nonexistent_or_non_bitnet_checkpoint_fails_clearly(tiny_llama
 
 def test_a_full_precision_model_trained_here_saves_as_transformers_does_and_loads_strictly(tiny_llama, tmp_path):
     """student.ternary=false (stage 0, the teacher's fine-tuning): no BitNet layers, and a folder
-    plain `from_pretrained` (and so teacher.model) reads as the same model."""
-    from transformers import AutoModelForCausalLM
-
+    plain `from_pretrained` (and so teacher.model) reads as the same model, in a process that cannot
+    import the project."""
     from distillation.specs import StudentSpec
     from distillation.student import build_student
+    from plain_transformers import plain_transformers
 
     tiny_llama.save_pretrained(tmp_path / "base")
     model = build_student(StudentSpec(None, str(tmp_path / "base"), "paper", None, False, ternary=False))
@@ -67,9 +67,11 @@ def test_a_full_precision_model_trained_here_saves_as_transformers_does_and_load
     ids = torch.randint(0, 128, (2, 9))
     with torch.no_grad():
         want = model(input_ids=ids).logits
-        for loaded in (load_student(tmp_path / "trained", dense=True),
-                       AutoModelForCausalLM.from_pretrained(tmp_path / "trained")):
-            torch.testing.assert_close(loaded(input_ids=ids).logits, want, rtol=0, atol=0)
+        torch.testing.assert_close(load_student(tmp_path / "trained", dense=True)(input_ids=ids).logits, want,
+                                   rtol=0, atol=0)
+    plain = plain_transformers([tmp_path / "trained"], ids, tmp_path)[str(tmp_path / "trained")]
+    assert plain["class"] == "LlamaForCausalLM" and plain["linear"] == ["Linear"]
+    torch.testing.assert_close(plain["logits"], want, rtol=0, atol=0)
     weights = load_file(tmp_path / "trained" / "model.safetensors")
     weights.pop(next(k for k in weights if k.endswith("down_proj.weight")))
     save_file(weights, tmp_path / "trained" / "model.safetensors")
