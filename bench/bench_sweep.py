@@ -38,6 +38,20 @@ ARMS = {
                                                         "distillation.attention_weight=1e4"] + SAME_LAYER,
     "hidden tau 1, lr 3e-3": LOGITS + ["teacher.signal=hidden", "distillation.temperature=1", "training.lr=3e-3"],
     "hidden tau 1, lr 3e-4": LOGITS + ["teacher.signal=hidden", "distillation.temperature=1", "training.lr=3e-4"],
+    # Issue 25, one factor at a time from the current defaults (hidden, tau 1, lambda 10, + attention
+    # on the same layer, gamma 1e5, lr 1e-3); WARMUP is a third of the arm's steps.
+    "defaults": [],
+    "defaults, quant warm-up linear": ["student.quant_warmup_steps=WARMUP"],
+    "defaults, quant warm-up sigmoid": ["student.quant_warmup_steps=WARMUP", "student.quant_warmup_schedule=sigmoid"],
+    "sft, quant warm-up linear": ["distillation=ce_only", "student.quant_warmup_steps=WARMUP"],
+    "defaults, lr 3e-3": ["training.lr=3e-3"],
+    "defaults, lr 3e-4": ["training.lr=3e-4"],
+    "defaults, lambda 1": ["distillation.logits_weight=1"],
+    "defaults, lambda 30": ["distillation.logits_weight=30"],
+    "defaults, KD without CE": ["distillation.ce_weight=0"],
+    "defaults, tau 2": ["distillation.temperature=2"],
+    "defaults, gamma 1e4": ["distillation.attention_weight=1e4"],
+    "defaults, gamma 1e6": ["distillation.attention_weight=1e6"],
 }
 DEFAULT_STEPS = 30  # the schema default (experiment=cpu_default)
 
@@ -48,6 +62,7 @@ def run_arm(name: str, overrides: list, seed: int, steps: int, out: str, unseen)
     from distillation.run import run
     from distillation.student import load_student
 
+    overrides = [o.replace("WARMUP", str(steps // 3)) for o in overrides]
     cfg = load_config(overrides + [f"training.seed={seed}", f"training.max_steps={steps}", "run.progress=false",
                                    f"run.output_dir={out}", f"run.name=arm-{abs(hash((name, seed, steps)))}"])
     summary = run(cfg)

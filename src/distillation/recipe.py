@@ -9,7 +9,9 @@ the next one's input (`recipe.stages`; configs/recipe/bitdistill.yaml).
 
 A stage whose `student/` exists is skipped (its summary read back); a stage folder without it is
 resumed from its last checkpoint; each stage is an ordinary run, so it also runs alone (the README
-shows the three commands).
+shows the three commands). With `run.storage_path` each stage keeps its checkpoints and student in
+`<storage_path>/<run.name>/<stage>/`, and the next stage loads them from there: a shared folder, so
+teacher replicas and training workers on any node read the previous stage's student.
 """
 
 import json
@@ -21,6 +23,7 @@ from typing import Callable, Dict, List, Optional
 from distillation.config import Config
 from distillation.console import say
 from distillation.errors import DistillError
+from distillation.storage import join, normalised, write_text
 
 STAGES = ("teacher_sft", "pretrain", "distill")
 
@@ -31,14 +34,29 @@ def check_stages(stages: List[str]) -> None:
         raise DistillError(f"recipe.stages={list(stages)}: expected some of {', '.join(STAGES)}, in that order")
 
 
+def durable_root(cfg: Config, root: Path) -> Path:
+    """Where the stages' students and summaries last: `<run.storage_path>/<recipe name>` when set (a
+    folder every node reads: the next stage's replicas and workers load the student from it), else
+    the local recipe folder."""
+    if not cfg.run.storage_path:
+        return root
+    location = join(normalised(cfg.run.storage_path), root.name)
+    if "://" in location and not location.startswith("file://"):
+        raise DistillError(f"recipe.stages with run.storage_path={cfg.run.storage_path}: each stage loads the "
+                           f"previous stage's student from a folder, so the storage must be a shared file system "
+                           f"path (or file://); run the stages alone with an object store")
+    return Path(location.removeprefix("file://"))
+
+
 def stage_configs(cfg: Config, root: Path, outputs: Dict[str, str]) -> Dict[str, Config]:
     """Each stage's run configuration; `outputs` are the students of the stages done so far (a later
     stage's inputs). Every stage keeps the recipe's cluster, logging and task settings."""
-    r, stages = cfg.recipe, cfg.recipe.stages
+    r, stages, durable = cfg.recipe, cfg.recipe.stages, durable_root(cfg, root)
 
     def stage(name: str, **sections) -> Config:
-        folder = root / name
-        run = replace(cfg.run, output_dir=str(root), name=name, resume=(folder / "config.yaml").is_file())
+        begun = any((base / name / "config.yaml").is_file() for base in (root, durable))  # stopped: resume it
+        run = replace(cfg.run, output_dir=str(root), name=name, resume=begun,
+                      storage_path=str(durable) if cfg.run.storage_path else None)
         return replace(cfg, recipe=replace(r, stages=[]), run=run, **sections)
 
     ce_only = replace(cfg.distillation, logits_weight=0.0, attention_weight=0.0)  # as configs/distillation/ce_only.yaml
@@ -47,7 +65,7 @@ def stage_configs(cfg: Config, root: Path, outputs: Dict[str, str]) -> Dict[str,
         out["teacher_sft"] = stage(
             "teacher_sft", distillation=ce_only,
             student=replace(cfg.student, ternary=False, init_from=cfg.teacher.model, checkpoint_path=None,
-                            num_layers=None, export=[]),
+                            num_layers=None, export=[], quant_warmup_steps=0),
             training=replace(cfg.training, max_steps=r.teacher_sft_steps, lr=r.teacher_sft_lr),
             teacher=replace(cfg.teacher, score_heldout=False))
     teacher = replace(cfg.teacher, model=outputs.get("teacher_sft", cfg.teacher.model))
@@ -58,8 +76,9 @@ def stage_configs(cfg: Config, root: Path, outputs: Dict[str, str]) -> Dict[str,
             task=replace(cfg.task, name=None), student=replace(cfg.student, export=[]),
             training=replace(cfg.training, max_steps=r.pretrain_steps))
     if "distill" in stages:
-        student = (replace(cfg.student, checkpoint_path=outputs["pretrain"]) if "pretrain" in outputs
-                   else cfg.student)
+        # the quantisation warm-up runs once, in the first stage that trains the converted student
+        student = (replace(cfg.student, checkpoint_path=outputs["pretrain"], quant_warmup_steps=0)
+                   if "pretrain" in outputs else cfg.student)
         out["distill"] = stage("distill", teacher=teacher, student=student)
     return out
 
@@ -75,23 +94,25 @@ def run_recipe(cfg: Config, run_stage: Callable[[Config], dict]) -> dict:
     check_stages(cfg.recipe.stages)
     name = cfg.run.name or datetime.now().strftime("recipe-%Y%m%d-%H%M%S")
     root = Path(cfg.run.output_dir).expanduser().resolve() / name
-    if cfg.run.storage_path:
-        raise DistillError("recipe.stages with run.storage_path: run each stage alone on a shared-storage cluster "
-                           "(student.checkpoint_path / teacher.model name the previous stage's student)")
+    durable = durable_root(cfg, root)
     outputs: Dict[str, str] = {}
     report: Dict[str, dict] = {}
     for stage in cfg.recipe.stages:
         stage_cfg = stage_configs(cfg, root, outputs)[stage]
-        summary = _done(root / stage)
+        summary = _done(durable / stage)
         if summary is None:
             say(f"recipe {name}: stage {stage} ({STAGES.index(stage) + 1} of the recipe's {len(STAGES)} kinds)"
                 + (", resumed" if stage_cfg.run.resume else ""))
             summary = run_stage(stage_cfg)
         else:
-            say(f"recipe {name}: stage {stage} is done ({root / stage / 'student'}): skipped")
-        outputs[stage] = str(root / stage / "student")
+            say(f"recipe {name}: stage {stage} is done ({durable / stage / 'student'}): skipped")
+        outputs[stage] = str(durable / stage / "student")
         report[stage] = {"student": outputs[stage], "steps": summary.get("steps"),
                          "heldout": {k: v and {m: v.get(m) for m in ("loss", "bits_per_byte", "task")}
                                      for k, v in summary.get("heldout", {}).items()}}
-        (root / "recipe.json").write_text(json.dumps({"stages": report}, indent=2))
+        text = json.dumps({"stages": report}, indent=2)
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "recipe.json").write_text(text)
+        if durable != root:
+            write_text(str(durable / "recipe.json"), text)
     return {"stages": report, "recipe_dir": str(root)}

@@ -119,7 +119,8 @@ def prepare(cfg: Config, pre: Preflight) -> Prepared:
                                                cfg.run.stall_timeout_s, pre.task)
     teacher_eval = teacher[0] if teacher else None
     say(f"teacher {cfg.teacher.model} ({cfg.teacher.kind}{'' if pre.uses_teacher else ', not needed by this loss'}); "
-        f"student: BitNet, subln={cfg.student.subln}, {student_before['parameters'] / 1e6:.1f}M "
+        f"student: {f'BitNet, subln={cfg.student.subln}' if cfg.student.ternary else 'full precision'}, "
+        f"{student_before['parameters'] / 1e6:.1f}M "
         f"parameters" + (f", resumed at step {pre.resumed['step']}" if pre.resumed else ""))
     if teacher_eval and not math.isfinite(teacher_eval["loss"]):
         raise DistillError(f"teacher {cfg.teacher.model} scores a non-finite held-out loss "

@@ -11,6 +11,7 @@ preflight.py, precompute.py) see the whole `Config`; every process gets the spec
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
@@ -28,6 +29,25 @@ if TYPE_CHECKING:  # named in annotations only: a process that unpickles a spec 
 
 
 @dataclass(frozen=True)
+class QuantRamp:
+    """The warm-up's mix at each optimizer step: a function of the step alone, so every worker, a
+    restarted worker and a resumed run apply the same one."""
+
+    steps: int = 0  # 0: no warm-up, mix 1 from the first step
+    schedule: str = "linear"  # linear | sigmoid (a logistic of slope 10, rescaled to run 0 -> 1)
+
+    def mix(self, done: int) -> float:
+        """The mix for the step after `done` completed ones: 0 for the first, 1 from step steps + 1."""
+        if done >= self.steps:
+            return 1.0
+        t = done / self.steps
+        if self.schedule == "linear":
+            return t
+        ends = 1 / (1 + math.exp(5)), 1 / (1 + math.exp(-5))
+        return (1 / (1 + math.exp(-10 * (t - 0.5))) - ends[0]) / (ends[1] - ends[0])
+
+
+@dataclass(frozen=True)
 class StudentSpec:
     """The starting student, built alike by every worker and the held-out task (student/build.py)."""
 
@@ -37,6 +57,7 @@ class StudentSpec:
     num_layers: Optional[int]
     trust_remote_code: bool
     ternary: bool = True  # false: `init_from` trained as it is, in full precision (stage 0)
+    ramp: QuantRamp = QuantRamp()  # gradual ternarisation (training workers apply it; student/bitnet.py)
 
 
 @dataclass(frozen=True)
@@ -134,7 +155,8 @@ class MixtureSpec:
 def student_spec(cfg: Config, init_from: Optional[ModelSource]) -> StudentSpec:
     """`init_from`: the driver's pin of `student.init_from` (None for a saved student)."""
     s = cfg.student
-    return StudentSpec(s.checkpoint_path, init_from, s.subln, s.num_layers, cfg.teacher.trust_remote_code, s.ternary)
+    return StudentSpec(s.checkpoint_path, init_from, s.subln, s.num_layers, cfg.teacher.trust_remote_code, s.ternary,
+                       QuantRamp(s.quant_warmup_steps, s.quant_warmup_schedule))
 
 
 def scorer_spec(cfg: Config, teacher: ResolvedTeacher) -> ScorerSpec:

@@ -33,7 +33,7 @@ def train_storage(storage_path: Optional[str], run_dir: Path) -> Tuple[str, str]
     """(storage_path, name) for Ray Train's RunConfig from `run.storage_path`: the same on a resumed
     driver, so Ray Train finds the run's latest checkpoint there."""
     if storage_path:
-        return join(_normalised(storage_path), run_dir.name), TRAIN_DIR
+        return join(normalised(storage_path), run_dir.name), TRAIN_DIR
     return str(run_dir / "ray"), TRAIN_DIR
 
 
@@ -43,10 +43,10 @@ def train_location(storage_path: Optional[str], run_dir: Path) -> str:
 
 def run_storage(storage_path: Optional[str], run_dir: Path) -> Optional[str]:
     """The run's folder on `run.storage_path` when it is not the local run folder, else None."""
-    return join(_normalised(storage_path), run_dir.name) if storage_path else None
+    return join(normalised(storage_path), run_dir.name) if storage_path else None
 
 
-def _normalised(path: str) -> str:
+def normalised(path: str) -> str:
     """A URI as given; a plain path made absolute (Ray Train refuses relative paths)."""
     return path if "://" in path else str(Path(path).expanduser().resolve())
 
@@ -70,7 +70,7 @@ def check_storage(storage_path: str) -> None:
     before the run starts (creating nothing that stays)."""
     import uuid
 
-    location = _normalised(storage_path)
+    location = normalised(storage_path)
     what = f"the run's storage (run.storage_path={storage_path})"
     if "://" not in location or location.startswith("file://"):
         folder = Path(location[len("file://"):] if location.startswith("file://") else location).expanduser()

@@ -39,6 +39,13 @@ def test_groups_and_values_override_like_hydra():
     (["task.name=t", "task.metrics=[accuracy]"], "task 't' needs task.test: a source of prompt_response or messages"),
     (["task=shakespeare_genre", "task.metrics=[bleu]"], "task.metrics ['bleu']: expected some of accuracy, rouge_l"),
     (["task=shakespeare_genre", "task.labels=[comedy]"], "label_accuracy, which needs task.labels: two or more"),
+    (["student.quant_warmup_steps=30", "training.max_steps=30"],
+     "student.quant_warmup_steps=30 must be below training.max_steps=30: the student is fully ternary only after"),
+    (["recipe=bitdistill", "student.quant_warmup_steps=80", "recipe.pretrain_steps=50"],
+     "student.quant_warmup_steps=80 must be below recipe.pretrain_steps=50"),
+    (["student.quant_warmup_steps=-1"], "bad value for 'student.quant_warmup_steps': -1; expected 0 or more"),
+    (["student.quant_warmup_steps=5", "student.ternary=false"], "and 0 with student.ternary=false"),
+    (["student.quant_warmup_schedule=cosine"], "expected one of linear, sigmoid"),
     (["recipe.stages=[distill,teacher_sft]"], "recipe.stages=['distill', 'teacher_sft']: expected some of teacher_sft, "
                                               "pretrain, distill, in that order"),
 ])

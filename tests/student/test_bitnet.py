@@ -100,3 +100,62 @@ def test_conversion_keeps_full_precision_outputs_when_quantization_is_off(tiny_l
         unquantized = student(input_ids=ids).logits
     torch.testing.assert_close(unquantized, reference, rtol=1e-5, atol=1e-5)
     assert (quantized - reference).abs().max() > 1e-3  # and with quantization on, it does change
+
+
+def _reference_bitlinear(x, w, b, norm_w, eps, mix):
+    """Float64, from the BitNet b1.58 definitions (absmean ternary weights, per-token absmax int8
+    activations, straight-through), blended as the warm-up blends them; written out here, not
+    taken from transformers or the project."""
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * norm_w  # SubLN (RMSNorm)
+    w_scale = w.abs().mean().clamp(min=1e-5)
+    w_q = (w / w_scale).round().clamp(-1, 1) * w_scale
+    x_scale = x.abs().amax(-1, keepdim=True).clamp(min=1e-5) / 127
+    x_q = (x / x_scale).round().clamp(-128, 127) * x_scale
+    w_mixed = w + mix * (w_q - w).detach()
+    x_mixed = x + mix * (x_q - x).detach()
+    return x_mixed @ w_mixed.T + b
+
+
+@pytest.mark.parametrize("mix", [0.0, 0.3, 0.75, 1.0])
+def test_the_warm_up_blends_the_full_precision_and_ternary_layer_as_the_reference_does(mix):
+    """mix 0 is the full-precision layer (with its SubLN), mix 1 transformers' own AutoBitLinear,
+    and every mix matches a float64 reference, values and gradients."""
+    from distillation.student.bitnet import BitLinear, set_quant_mix
+
+    torch.manual_seed(0)
+    dense = nn.Linear(48, 24)
+    dense.weight.data.mul_(3)
+    layer = BitLinear(48, 24, bias=True, online_quant=True, use_rms_norm=True, rms_norm_eps=1e-6)
+    layer.load_state_dict({**dense.state_dict(), "rms_norm.weight": 1 + 0.1 * torch.randn(48)})
+    set_quant_mix(nn.Sequential(layer), mix)
+    x = torch.randn(3, 5, 48, requires_grad=True)
+    out = layer(x)
+    out.backward(torch.ones_like(out) + torch.arange(24.0) / 24)
+
+    x64 = x.detach().double().requires_grad_()
+    params64 = [p.detach().double().requires_grad_() for p in (layer.weight, layer.bias, layer.rms_norm.weight)]
+    ref = _reference_bitlinear(x64, *params64[:2], params64[2], 1e-6, mix)
+    ref.backward(torch.ones_like(ref) + torch.arange(24.0, dtype=torch.float64) / 24)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-4, atol=1e-4)
+    for p, p64 in zip((layer.weight, layer.bias, layer.rms_norm.weight), params64):
+        torch.testing.assert_close(p.grad.double(), p64.grad, rtol=1e-4, atol=1e-4)
+
+    if mix == 0.0:  # the layer it was converted from, after its SubLN
+        torch.testing.assert_close(out, dense(layer.rms_norm(x)))
+    if mix == 1.0:  # transformers' layer itself, unchanged
+        theirs = AutoBitLinear(48, 24, bias=True, online_quant=True, use_rms_norm=True, rms_norm_eps=1e-6)
+        theirs.load_state_dict(layer.state_dict())
+        torch.testing.assert_close(out, theirs(x))
+
+
+def test_the_ramp_rises_from_zero_to_one_over_the_warm_up_and_is_one_after():
+    from distillation.specs import QuantRamp
+
+    for schedule in ("linear", "sigmoid"):
+        ramp = QuantRamp(8, schedule)
+        mixes = [ramp.mix(done) for done in range(12)]
+        assert mixes[0] == 0.0 and mixes[8:] == [1.0] * 4
+        assert all(a < b for a, b in zip(mixes[:9], mixes[1:9])), (schedule, mixes)  # strictly rising
+    assert QuantRamp(8).mix(2) == 0.25 and QuantRamp(8, "sigmoid").mix(4) == pytest.approx(0.5)
+    assert QuantRamp().mix(0) == 1.0  # no warm-up: ternary from the first step

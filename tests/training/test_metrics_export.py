@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 EXPECTED = {  # Ray prefixes every application metric with ray_
     "ray_distill_loss": {"component": {"loss", "ce", "logits_kl", "attention"}},
     "ray_distill_tokens_per_s": {}, "ray_distill_lr": {}, "ray_distill_grad_norm": {}, "ray_distill_data_wait_s": {},
-    "ray_distill_nan_skipped": {}, "ray_distill_step": {},
+    "ray_distill_nan_skipped": {}, "ray_distill_step": {}, "ray_distill_quant_mix": {},
     "ray_distill_mixture_weight": {"source": {"shakespeare", "python_code", "python_docs"}},
     "ray_distill_teacher_latency_s_count": {}, "ray_distill_teacher_tokens_total": {},
     "ray_distill_teacher_requests_in_flight": {},
@@ -63,5 +63,6 @@ def test_every_documented_metric_is_exported_with_plausible_values(tiny_teacher,
     values = {name: [v for _, v in samples] for name, samples in seen.items()}
     assert max(values["ray_distill_tokens_per_s"]) > 0 and max(values["ray_distill_step"]) >= 2
     assert all(0 <= w <= 1 for w in values["ray_distill_mixture_weight"])
+    assert all(0 <= m <= 1 for m in values["ray_distill_quant_mix"])
     assert max(values["ray_distill_teacher_tokens_total"]) > 0 and max(values["ray_distill_teacher_latency_s_count"]) > 0
     assert all(v == v for v in values["ray_distill_loss"])  # no NaN

@@ -104,6 +104,9 @@ def _check(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value is None or value <= 0:
             raise DistillError(f"bad value for '{key}': {value!r}; expected a positive integer")
+    ramped_in = ("recipe.pretrain_steps", cfg.recipe.pretrain_steps) if "pretrain" in (cfg.recipe.stages or []) else (
+        "training.max_steps", cfg.training.max_steps)  # the recipe ramps once, in stage 2 (recipe.py)
+    _check_quant_warmup(cfg.student, *ramped_in)
     if cfg.teacher.kind == "cached" and not cfg.teacher.cache_dir:
         raise DistillError("missing required config value 'teacher.cache_dir' (needed by teacher=cached)")
     if not cfg.data.sources:
@@ -125,6 +128,17 @@ def _check(cfg: DictConfig) -> None:
         from distillation.recipe import check_stages
 
         check_stages(list(cfg.recipe.stages))
+
+
+def _check_quant_warmup(student: DictConfig, key: str, max_steps: int) -> None:
+    """The warm-up must end inside the run: the saved and exported student is always fully ternary."""
+    steps = student.quant_warmup_steps
+    if steps < 0 or (steps and not student.ternary):
+        raise DistillError(f"bad value for 'student.quant_warmup_steps': {steps}; expected 0 or more, and 0 "
+                           f"with student.ternary=false (nothing is quantised)")
+    if steps and steps >= max_steps:
+        raise DistillError(f"student.quant_warmup_steps={steps} must be below {key}={max_steps}: the student is "
+                           f"fully ternary only after the warm-up, and that is the student a run saves")
 
 
 def _check_task(task: DictConfig) -> None:

@@ -98,6 +98,10 @@ class StudentConfig(Frozen):
     checkpoint_path: Optional[str] = None  # start from a saved BitNet student instead
     subln: str = one_of("paper", "allnorm", "none")  # paper (before o_proj and down_proj) | allnorm (before every BitLinear) | none
     num_layers: Optional[int] = None  # keep only the first N decoder layers (a smaller student)
+    # gradual ternarisation: weights and activations enter as x + mix * (quant(x) - x), mix rising
+    # from 0 at step 1 to 1 after this many optimizer steps (0: ternary from the first step)
+    quant_warmup_steps: int = 0
+    quant_warmup_schedule: str = one_of("linear", "sigmoid")  # how mix rises over the warm-up
     compile: bool = False  # torch.compile the BitNet quantizers (no gain measured on CPU; ~30 s start)
     # written beside the run's student/ when training ends, each checked before the run starts:
     # packed (student-packed/) | gguf (student.gguf, for llama.cpp) | hf (student/ is this format: checked only)

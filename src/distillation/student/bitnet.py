@@ -8,13 +8,18 @@ master weights. SubLN is that layer's optional input RMSNorm, switched on per pl
   none    -> no extra norm
 Keeping the original module names means the full-precision weights map 1:1 onto the student, and
 the settings travel in `config.json` under `bitnet`, so a checkpoint rebuilds itself exactly.
+
+Gradual ternarisation (`student.quant_warmup_steps`): during the warm-up each layer mixes its
+weights and activations as x + mix * (quant(x) - x) (Hugging Face, "Fine-tuning LLMs to 1.58bit",
+2024), mix rising from 0 (the full-precision layer) to 1 (transformers' layer, unchanged).
 """
 
 from typing import TYPE_CHECKING, Optional, cast
 
 import torch
+import torch.nn.functional as F
 from torch import nn
-from transformers.integrations.bitnet import AutoBitLinear, WeightQuant
+from transformers.integrations.bitnet import ActQuant, AutoBitLinear, WeightQuant
 
 from distillation.config.schema import StudentConfig, choices
 
@@ -26,13 +31,37 @@ SUBLN_MODULES = ("o_proj", "down_proj")
 NOT_CONVERTED = ("lm_head",)
 
 
+class BitLinear(AutoBitLinear):
+    """transformers' online AutoBitLinear with the warm-up's mix: at `mix` = 1 (the default, and
+    always once the warm-up is over) exactly its forward; below 1 the quantisation is blended in.
+    Subclassed, not re-implemented: the weights, SubLN and state dict stay transformers' own."""
+
+    mix = 1.0
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if self.mix >= 1.0:
+            return super().forward(input)
+        if self.rms_norm is not None:
+            input = self.rms_norm(input)
+        # straight-through quantisers: the gradient is the full-precision layer's at any mix
+        weight = self.weight + self.mix * (WeightQuant.apply(self.weight) - self.weight)
+        input = input + self.mix * (ActQuant.apply(input) - input)
+        return F.linear(input, weight, self.bias)
+
+
+def set_quant_mix(model: nn.Module, mix: float) -> None:
+    for module in model.modules():
+        if isinstance(module, BitLinear):
+            module.mix = mix
+
+
 def _wants_norm(name: str, subln: str) -> bool:
     return subln == "allnorm" or (subln == "paper" and name.rsplit(".", 1)[-1] in SUBLN_MODULES)
 
 
-def _bitlinear_from(linear: nn.Linear, use_norm: bool, eps: float) -> AutoBitLinear:
+def _bitlinear_from(linear: nn.Linear, use_norm: bool, eps: float) -> BitLinear:
     with torch.device("meta"):  # no throwaway random init; the original parameters are moved in
-        layer = AutoBitLinear(linear.in_features, linear.out_features, bias=linear.bias is not None,
+        layer = BitLinear(linear.in_features, linear.out_features, bias=linear.bias is not None,
                               online_quant=True, use_rms_norm=use_norm, rms_norm_eps=eps)
     layer.weight = linear.weight
     layer.bias = linear.bias

@@ -32,7 +32,7 @@ from distillation.data.steps import samples_before, samples_per_step
 from distillation.losses import LossWeights, OutputHead
 from distillation.models import capture_qkv, load_output_head
 from distillation.specs import WorkerSpec
-from distillation.student import build_student, set_compile
+from distillation.student import build_student, set_compile, set_quant_mix
 from distillation.training.checkpoint import load_training_checkpoint, save_training_checkpoint, saved_optimizer_state
 from distillation.training.evaluate import heldout_loss
 from distillation.training.influence import alignment_scores, move_weights, smooth
@@ -153,7 +153,8 @@ def log(w: Worker, window: LogWindow, grad_norm: float, final: bool) -> None:
     logs = w.rank == 0 and (w.step % t.log_every == 0 or final or evaluate)
     if logs:
         row = window.row(w.spec.distillation, step=w.step, tokens=w.tokens, lr=w.scheduler.get_last_lr()[0],
-                         grad_norm=grad_norm, nan_skipped=w.guard.skipped)  # timed before evaluation
+                         grad_norm=grad_norm, nan_skipped=w.guard.skipped,
+                         quant_mix=w.spec.student.ramp.mix(w.step - 1))  # timed before evaluation
     if evaluate and (w.rank == 0 or w.sharded):
         losses = {f"eval_{name}": heldout_loss(w.core, rows, 0)["loss"] for name, rows in w.spec.eval.items()}
         if w.spec.task is not None:  # the task's metrics, on the same schedule
@@ -228,6 +229,7 @@ def train_steps(w: Worker, stream) -> None:
         for batches in step_batches(read_batches(stream, t.batch_size, w.device), t.grad_accum):
             data_wait_s = time.perf_counter() - waited_since
             n_labels = labels_per_micro_batch(batches, w.world)
+            set_quant_mix(w.core, w.spec.student.ramp.mix(w.step))  # a function of the step: resumes exactly
             ledger: List[tuple] = []  # (sample_id, source, unit, row) of the rows of this step
             for micro, batch in enumerate(batches):
                 ledger.extend(zip(*(batch[c].tolist() for c in ("sample_id", "source", "unit", "row"))))

@@ -23,7 +23,8 @@ class TrainingGauges:
             ("tokens_per_s", "student training tokens per second"), ("lr", "learning rate"),
             ("grad_norm", "gradient norm before clipping"),
             ("data_wait_s", "seconds the trainer waited for teacher-annotated data in the window"),
-            ("nan_skipped", "optimizer steps skipped for a non-finite gradient"), ("step", "optimizer step"))}
+            ("nan_skipped", "optimizer steps skipped for a non-finite gradient"), ("step", "optimizer step"),
+            ("quant_mix", "the quantisation warm-up's mix in the step (1: fully ternary)"))}
         self.mixture = Gauge("distill_mixture_weight", "sampling weight per source", tag_keys=("source",))
         self.task = Gauge("distill_task", "the task's metrics on its held-out records (training.eval_every)",
                           tag_keys=("metric",))
