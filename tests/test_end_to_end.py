@@ -185,49 +185,12 @@ def _streamed_lazily(summary: dict, cfg, tokenizer_dir: Path) -> None:
     assert not trained & held  # ... and none is a held-out or probe row
 
 
-def test_precomputed_cache_replays_the_whole_run_without_a_teacher_model(tiny_teacher, ray_cluster, tmp_path):
-    from distillation.precompute import precompute
-    from distillation.run import run
-
-    cache = ["teacher=cached", f"teacher.cache_dir={tmp_path / 'cache'}", "teacher.signal=sampled"]
-    overrides = tiny_overrides(tiny_teacher, tmp_path) + cache
-    filled = precompute(load_config(overrides))
-    assert filled["planned"] > 4 * 2 * 2 and filled["cached"] == filled["scored"] > 0  # every training row
-    assert precompute(load_config(overrides))["scored"] == 0  # a rerun scores nothing new
-
-    summary = run(load_config([o for o in overrides if not o.startswith("run.name")] + ["run.name=cached"]))
-    assert summary["steps"] == 4
-    assert summary["teacher"]["kind"] == "cached" and summary["teacher"]["misses"] == 0
-    assert summary["teacher"]["hits"] == 4 * 2 * 2
-    assert summary["heldout"]["teacher"] is None  # the driver did not load the teacher either
-
-    # The precompute job scored rows in batches on Ray Data actors; a live teacher scoring one row
-    # alone draws the same sampled targets for it.
-    from distillation.teachers.cache_store import TeacherCache, teacher_signature
-    from distillation.teachers.hf import HFTeacher
-
-    cfg = load_config(overrides)
-    assert cfg.teacher.signal == "sampled"
-    cache = TeacherCache(cfg.teacher.cache_dir, teacher_signature(tiny_teacher, _signal(cfg)),
-                         create=False)
-    live = HFTeacher(tiny_teacher, top_k=cfg.teacher.top_k, temperature=cfg.distillation.temperature, qkv_layer=-1,
-                     dtype=cfg.teacher.dtype, signal="sampled", draws=cfg.teacher.draws)
-    from distillation.data.corpus import open_sources, row_recipe
-
-    recipe = row_recipe(cfg.data, str(tiny_teacher))
-    for spec in open_sources(cfg.data).values():  # the last unit of each source: precompute read them all
-        rows = recipe.cut(spec, spec.units[-1])["train"].rows
-        assert len(rows)
-        row = rows[len(rows) // 2]
-        cached, _ = cache.lookup(row[None])
-        np.testing.assert_array_equal(cached.sampled_ids, live.score(row[None]).sampled_ids)
-
-
-def test_packed_rows_are_precomputed_replayed_and_trained_with_their_documents_kept_apart(tiny_teacher, ray_cluster,
-                                                                                         tmp_path):
-    """data.pack_documents=true end to end: the precompute job scores packed rows, the run draws the
-    same rows (every one found in the cache, whose keys include the positions), fuller than one
-    document per row, and the ledger's rows are packed training rows of their units."""
+def test_packed_rows_are_precomputed_and_the_run_replays_them_without_a_teacher_model(tiny_teacher, ray_cluster,
+                                                                                    tmp_path):
+    """data.pack_documents=true with the cached teacher, end to end: the precompute job scores every
+    packed training row of two sources (a rerun scores none), the run draws the same rows (every one
+    found in the cache, whose keys include the positions) without loading the teacher anywhere, rows
+    are fuller than one document per row, and the ledger's rows are packed training rows of their units."""
     from distillation.data.corpus import fill_ratio, open_sources, row_recipe
     from distillation.precompute import precompute
     from distillation.run import run
@@ -235,13 +198,20 @@ def test_packed_rows_are_precomputed_replayed_and_trained_with_their_documents_k
     from distillation.teachers.hf import HFTeacher
     from distillation.training.metrics import read_jsonl
 
-    corpus = jsonl_corpus(tmp_path / "corpus", files=2, docs_per_file=300)  # documents of 10-100 tokens
+    corpora = [jsonl_corpus(tmp_path / name, files=2, docs_per_file=150, seed=seed)  # documents of 10-100 tokens
+               for seed, name in enumerate(("short", "other"))]
     overrides = [o for o in tiny_overrides(tiny_teacher, tmp_path) if not o.startswith(("run.name", "data.seq_len"))] + [
         "data.seq_len=128", "data.pack_documents=true", "teacher=cached", f"teacher.cache_dir={tmp_path / 'cache'}",
-        f"data.sources=[{{name: short, kind: jsonl, path: {corpus}}}]"]
-    assert precompute(load_config(overrides))["scored"] > 0
+        "teacher.signal=sampled",
+        f"data.sources=[{{name: short, kind: jsonl, path: {corpora[0]}}}, {{name: other, kind: jsonl, path: {corpora[1]}}}]"]
+    filled = precompute(load_config(overrides))
+    assert filled["planned"] > 4 * 2 * 2 and filled["cached"] == filled["scored"] > 0  # every training row
+    assert precompute(load_config(overrides))["scored"] == 0  # a rerun scores nothing new
+
     summary = run(load_config(overrides + ["run.name=packed"]))
-    assert summary["steps"] == 4 and summary["teacher"]["misses"] == 0 and summary["teacher"]["hits"] == 16
+    assert summary["steps"] == 4 and summary["teacher"]["kind"] == "cached"
+    assert summary["teacher"]["misses"] == 0 and summary["teacher"]["hits"] == 4 * 2 * 2
+    assert summary["heldout"]["teacher"] is None  # the driver did not load the teacher either
     assert summary["last"]["attention"] > 0 and summary["last"]["logits_kl"] != 0
 
     cfg = load_config(overrides)
@@ -257,15 +227,19 @@ def test_packed_rows_are_precomputed_replayed_and_trained_with_their_documents_k
     unpacked_fill = fill_ratio([one_per_row.cut(specs[n], specs[n].units[u])["train"] for n, u in units])
     assert summary["data"]["fill_ratio"] > max(0.9, unpacked_fill + 0.3), unpacked_fill
 
+    # The precompute job scored rows in batches on Ray Data actors; a live teacher scoring one row
+    # alone draws the same sampled targets for it (the last unit of each source: precompute read them all).
     cache = TeacherCache(cfg.teacher.cache_dir, teacher_signature(tiny_teacher, _signal(cfg)),
                          create=False)
     live = HFTeacher(tiny_teacher, top_k=cfg.teacher.top_k, temperature=cfg.distillation.temperature, qkv_layer=-1,
                      dtype=cfg.teacher.dtype, signal=cfg.teacher.signal, draws=cfg.teacher.draws)
-    spec = next(iter(specs.values()))
-    train = packed_recipe.cut(spec, spec.units[0])["train"]
-    cached, missing = cache.lookup(train.rows[:1], train.positions[:1])
-    assert not missing and cache.lookup(train.rows[:1])[1] == [0]  # the key is the row and its positions
-    np.testing.assert_array_equal(cached.sampled_ids, live.score(train.rows[:1], train.positions[:1]).sampled_ids)
+    for spec in specs.values():
+        train = packed_recipe.cut(spec, spec.units[-1])["train"]
+        row = next(i for i, p in enumerate(train.positions) if (p == 0).sum() > 1)  # a row of several documents
+        cached, missing = cache.lookup(train.rows[row:row + 1], train.positions[row:row + 1])
+        assert not missing and cache.lookup(train.rows[row:row + 1])[1] == [0]  # the key is the row and its positions
+        np.testing.assert_array_equal(cached.sampled_ids,
+                                      live.score(train.rows[row:row + 1], train.positions[row:row + 1]).sampled_ids)
 
 
 def _cli(*args, cwd):
