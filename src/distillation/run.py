@@ -120,8 +120,10 @@ def prepare(cfg: Config, pre: Preflight) -> Prepared:
     teacher_eval = teacher[0] if teacher else None
     say(f"teacher {cfg.teacher.model} ({cfg.teacher.kind}{'' if pre.uses_teacher else ', not needed by this loss'}); "
         f"student: {f'BitNet, subln={cfg.student.subln}' if cfg.student.ternary else 'full precision'}, "
-        f"{student_before['parameters'] / 1e6:.1f}M "
-        f"parameters" + (f", resumed at step {pre.resumed['step']}" if pre.resumed else ""))
+        f"{student_before['parameters'] / 1e6:.1f}M parameters"
+        + (f", ternary weights ramped in over {cfg.student.quant_warmup_steps} steps ({cfg.student.quant_warmup_schedule})"
+           if cfg.student.quant_warmup_steps else "")
+        + (f", resumed at step {pre.resumed['step']}" if pre.resumed else ""))
     if teacher_eval and not math.isfinite(teacher_eval["loss"]):
         raise DistillError(f"teacher {cfg.teacher.model} scores a non-finite held-out loss "
                            f"({teacher_eval['loss']}): its weights or outputs hold NaN/inf; nothing was trained")
