@@ -120,12 +120,12 @@ def _reference_bitlinear(x, w, b, norm_w, eps, mix):
 def test_the_warm_up_blends_the_full_precision_and_ternary_layer_as_the_reference_does(mix):
     """mix 0 is the full-precision layer (with its SubLN), mix 1 transformers' own AutoBitLinear,
     and every mix matches a float64 reference, values and gradients."""
-    from distillation.student.bitnet import BitLinear, set_quant_mix
+    from distillation.student.bitnet import RampedBitLinear, set_quant_mix
 
     torch.manual_seed(0)
     dense = nn.Linear(48, 24)
     dense.weight.data.mul_(3)
-    layer = BitLinear(48, 24, bias=True, online_quant=True, use_rms_norm=True, rms_norm_eps=1e-6)
+    layer = RampedBitLinear(48, 24, bias=True, online_quant=True, use_rms_norm=True, rms_norm_eps=1e-6)
     layer.load_state_dict({**dense.state_dict(), "rms_norm.weight": 1 + 0.1 * torch.randn(48)})
     set_quant_mix(nn.Sequential(layer), mix)
     x = torch.randn(3, 5, 48, requires_grad=True)

@@ -31,7 +31,7 @@ SUBLN_MODULES = ("o_proj", "down_proj")
 NOT_CONVERTED = ("lm_head",)
 
 
-class BitLinear(AutoBitLinear):
+class RampedBitLinear(AutoBitLinear):
     """transformers' online AutoBitLinear with the warm-up's mix: at `mix` = 1 (the default, and
     always once the warm-up is over) exactly its forward; below 1 the quantisation is blended in.
     Subclassed, not re-implemented: the weights, SubLN and state dict stay transformers' own."""
@@ -51,7 +51,7 @@ class BitLinear(AutoBitLinear):
 
 def set_quant_mix(model: nn.Module, mix: float) -> None:
     for module in model.modules():
-        if isinstance(module, BitLinear):
+        if isinstance(module, RampedBitLinear):
             module.mix = mix
 
 
@@ -59,9 +59,9 @@ def _wants_norm(name: str, subln: str) -> bool:
     return subln == "allnorm" or (subln == "paper" and name.rsplit(".", 1)[-1] in SUBLN_MODULES)
 
 
-def _bitlinear_from(linear: nn.Linear, use_norm: bool, eps: float) -> BitLinear:
+def _bitlinear_from(linear: nn.Linear, use_norm: bool, eps: float) -> RampedBitLinear:
     with torch.device("meta"):  # no throwaway random init; the original parameters are moved in
-        layer = BitLinear(linear.in_features, linear.out_features, bias=linear.bias is not None,
+        layer = RampedBitLinear(linear.in_features, linear.out_features, bias=linear.bias is not None,
                               online_quant=True, use_rms_norm=use_norm, rms_norm_eps=eps)
     layer.weight = linear.weight
     layer.bias = linear.bias
