@@ -229,7 +229,8 @@ def train_steps(w: Worker, stream) -> None:
         for batches in step_batches(read_batches(stream, t.batch_size, w.device), t.grad_accum):
             data_wait_s = time.perf_counter() - waited_since
             n_labels = labels_per_micro_batch(batches, w.world)
-            set_quant_mix(w.core, w.spec.student.ramp.mix(w.step))  # a function of the step: resumes exactly
+            if w.step <= w.spec.student.ramp.steps:  # the warm-up (its last call sets 1, which then stays)
+                set_quant_mix(w.core, w.spec.student.ramp.mix(w.step))  # a function of the step: resumes exactly
             ledger: List[tuple] = []  # (sample_id, source, unit, row) of the rows of this step
             for micro, batch in enumerate(batches):
                 ledger.extend(zip(*(batch[c].tolist() for c in ("sample_id", "source", "unit", "row"))))
