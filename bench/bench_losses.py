@@ -1,8 +1,12 @@
-"""Peak memory and time of the combined BitDistill loss (forward + backward): chunked vs naive.
+"""Peak memory and time of the combined BitDistill loss (forward + backward), the student's output
+head included: naive vs chunked vs fused.
 
-Both versions compute the same L = CE + lambda * L_LD * tau^2 + gamma * L_AD on the same inputs
-(student logits [batch, seq, vocab] fp32, sparse top-k teacher targets, Q/K/V of one layer); the
-naive one builds every (tokens x vocab) fp32 tensor at once. Each repetition runs in a fresh process
+Every version computes the same L = CE + lambda * L_LD * tau^2 + gamma * L_AD on the same inputs
+(the student's final hidden states [batch, seq, 576] fp32 and its output head [vocab, 576], sparse
+top-k teacher targets, Q/K/V of one layer). The naive one builds every (tokens x vocab) fp32 tensor
+at once; the chunked one takes the whole logits from the head and chunks the loss (the step before
+issue 26); the fused one (`losses.HeadInputs`, what training runs) applies the head chunk by chunk,
+so no (tokens x vocab) tensor exists. Each repetition runs in a fresh process
 so peak memory is that run's own: on CPU the rise of the process's peak RSS over its level after
 the inputs exist, on GPU `torch.cuda.max_memory_allocated` above the inputs.
 
@@ -23,13 +27,15 @@ import torch
 from distillation.losses.logits import DEFAULT_CHUNK_TOKENS
 from distillation.training.plan import loss_weights
 
-VARIANTS = ("naive", "chunked")
+VARIANTS = ("naive", "chunked", "fused")
+WIDTH = 576  # SmolLM2-135M's hidden size
 
 
 def _inputs(tokens, vocab, seq, k, device, seed=0):
     g = torch.Generator(device="cpu").manual_seed(seed)
     batch = tokens // seq
-    logits = torch.randn(batch, seq, vocab, generator=g).mul_(3).to(device).requires_grad_()
+    hidden = torch.randn(batch, seq, WIDTH, generator=g).to(device).requires_grad_()
+    head = torch.randn(vocab, WIDTH, generator=g).mul_(0.1).to(device).requires_grad_()
     labels = torch.randint(0, vocab, (batch, seq), generator=g).to(device)
     labels[:, -1] = -100
     ids = torch.empty(batch, seq, k, dtype=torch.long)
@@ -40,16 +46,23 @@ def _inputs(tokens, vocab, seq, k, device, seed=0):
     def qkv(width):
         return {key: torch.randn(batch, seq, width, generator=g).to(device) for key in "qkv"}
 
-    return (logits, labels, ids.to(device), logprobs[..., :k].to(device), logprobs[..., k].exp().to(device),
+    return (hidden, head, labels, ids.to(device), logprobs[..., :k].to(device), logprobs[..., k].exp().to(device),
             qkv(576), qkv(576))
 
 
 def _run_one(variant, tokens, vocab, device, chunk_tokens):
-    from distillation.losses import SparseTargets, attention_relation_loss, bitdistill_loss, cross_entropy, logits_kl
+    from distillation.losses import (
+        HeadInputs,
+        SparseTargets,
+        attention_relation_loss,
+        bitdistill_loss,
+        cross_entropy,
+        logits_kl,
+    )
 
-    logits, labels, ids, logprobs, tail, t_qkv, s_qkv = _inputs(tokens, vocab, 256, 32, device)
-    targets = SparseTargets(ids=ids, logprobs=logprobs, tail_mass=tail, temperature=5.0)
-    w = loss_weights(chunk_tokens=chunk_tokens)
+    hidden, head, labels, ids, logprobs, tail, t_qkv, s_qkv = _inputs(tokens, vocab, 256, 32, device)
+    w = loss_weights(chunk_tokens=chunk_tokens)  # the defaults
+    targets = SparseTargets(ids=ids, logprobs=logprobs, tail_mass=tail, temperature=w.temperature)
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -57,10 +70,13 @@ def _run_one(variant, tokens, vocab, device, chunk_tokens):
     else:
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     start = time.perf_counter()
-    if variant == "chunked":
-        total = bitdistill_loss(logits, labels, w, targets, t_qkv, s_qkv).total
+    if variant == "fused":
+        total = bitdistill_loss(HeadInputs(hidden, head, None, vocab), labels, w, targets, t_qkv, s_qkv).total
+    elif variant == "chunked":
+        total = bitdistill_loss(hidden @ head.T, labels, w, targets, t_qkv, s_qkv).total
     else:
-        total = (w.ce_weight * cross_entropy(logits, labels) + w.logits_weight * logits_kl(logits, targets, labels, 5.0)
+        logits = hidden @ head.T
+        total = (w.ce_weight * cross_entropy(logits, labels) + w.logits_weight * logits_kl(logits, targets, labels, w.temperature)
                  + w.attention_weight * attention_relation_loss(t_qkv, s_qkv, w.split_heads, chunk_sequences=10**6))
     total.backward()
     if device == "cuda":
@@ -69,7 +85,7 @@ def _run_one(variant, tokens, vocab, device, chunk_tokens):
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
     return {"seconds": time.perf_counter() - start, "peak_bytes": peak, "loss": total.item(),
-            "grad_sum": logits.grad.double().abs().sum().item()}
+            "grad_sum": hidden.grad.double().abs().sum().item()}
 
 
 def _spread(values):
@@ -96,25 +112,22 @@ def main():
                                   "--chunk-tokens", str(args.chunk_tokens)],
                                  capture_output=True, text=True, check=True)
             runs[variant].append(json.loads(out.stdout.strip().splitlines()[-1]))
-    naive, chunked = runs["naive"], runs["chunked"]
-    same = all(abs(a["loss"] - b["loss"]) <= 1e-4 * abs(a["loss"]) for a, b in zip(naive, chunked))
-    mem = [n["peak_bytes"] / c["peak_bytes"] for n, c in zip(naive, chunked)]
-    time_ratio = [c["seconds"] / n["seconds"] for n, c in zip(naive, chunked)]
+    naive = runs["naive"]
+    same = all(abs(a["loss"] - b["loss"]) <= 1e-4 * abs(a["loss"]) for v in VARIANTS for a, b in zip(naive, runs[v]))
     device = (torch.cuda.get_device_name() if args.device == "cuda"
               else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
-    print(f"combined loss fwd+bwd, {args.tokens} tokens x vocab {args.vocab}, top-32 targets + Q/K/V, "
-          f"chunks of {args.chunk_tokens} tokens; "
-          f"{args.reps} reps on {device}; same loss: {same}")
-    print(f"{'variant':<8} {'peak MiB (median [min, max])':<32} {'seconds (median [min, max])':<30}")
+    print(f"combined loss fwd+bwd with the student's head, {args.tokens} tokens x vocab {args.vocab}, top-32 "
+          f"targets + Q/K/V, chunks of {args.chunk_tokens} tokens; {args.reps} reps on {device}; same loss: {same}")
+    print(f"{'variant':<8} {'peak MiB (median [min, max])':<30} {'seconds (median [min, max])':<29} "
+          "peak / naive's   time / naive's")
     for variant in VARIANTS:
         p = _spread([r["peak_bytes"] / 2**20 for r in runs[variant]])
         s = _spread([r["seconds"] for r in runs[variant]])
-        print(f"{variant:<8} {p['median']:8.0f} [{p['min']:.0f}, {p['max']:.0f}]{'':<14} "
-              f"{s['median']:6.2f} [{s['min']:.2f}, {s['max']:.2f}]")
-    m, t = _spread(mem), _spread(time_ratio)
-    print(f"peak memory naive/chunked: {m['median']:.1f}x [{m['min']:.1f}, {m['max']:.1f}]   "
-          f"time chunked/naive: {t['median']:.2f}x [{t['min']:.2f}, {t['max']:.2f}]")
-
+        mem = _spread([r["peak_bytes"] / n["peak_bytes"] for n, r in zip(naive, runs[variant])])
+        time_ratio = _spread([r["seconds"] / n["seconds"] for n, r in zip(naive, runs[variant])])
+        print(f"{variant:<8} {p['median']:8.0f} [{p['min']:.0f}, {p['max']:.0f}]{'':<12} "
+              f"{s['median']:6.2f} [{s['min']:.2f}, {s['max']:.2f}]{'':<11} {mem['median']:.2f}x{'':<10} "
+              f"{time_ratio['median']:.2f}x [{time_ratio['min']:.2f}, {time_ratio['max']:.2f}]")
 
 if __name__ == "__main__":
     main()

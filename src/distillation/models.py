@@ -190,6 +190,33 @@ def capture_head_input(model: nn.Module) -> Iterator[Dict[str, torch.Tensor]]:
         handle.remove()
 
 
+def plain_output_head(model: nn.Module) -> Optional[nn.Linear]:
+    """The model's output head where its logits are exactly `head(final hidden states)`: a plain
+    nn.Linear (a ternary student keeps its head in full precision) with no logit scale or soft-capping
+    after it. None otherwise: the loss then takes the model's logits."""
+    head = model.get_output_embeddings()  # type: ignore[operator]  # nn.Module.__getattr__ is typed Tensor | Module
+    config: Any = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if type(head) is not nn.Linear or (getattr(text, "logit_scale", None) or 1.0) != 1.0 \
+            or getattr(text, "final_logit_softcapping", None):
+        return None
+    return head
+
+
+@contextlib.contextmanager
+def output_head_skipped(head: Optional[nn.Linear]) -> Iterator[None]:
+    """While open, the model's forward returns its final hidden states as `.logits` (its head passes
+    them through), so the loss can apply the head one chunk of tokens at a time."""
+    if head is None:
+        yield
+        return
+    setattr(head, "forward", lambda hidden: hidden)  # an instance attribute shadows Linear.forward
+    try:
+        yield
+    finally:
+        delattr(head, "forward")
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return model.get_decoder().layers  # type: ignore[operator]  # nn.Module.__getattr__ is typed Tensor | Module
 

@@ -6,6 +6,7 @@ import torch
 from distillation.losses import (
     IGNORE_INDEX,
     DenseTargets,
+    HeadInputs,
     HiddenTargets,
     OutputHead,
     attention_relation_loss,
@@ -200,6 +201,68 @@ def test_chunked_loss_keeps_the_logits_dtype_for_its_gradient(gen):
     total.backward()
     assert s.grad.dtype == torch.bfloat16 and total.dtype == torch.float32
     assert not ce.requires_grad and not kl.requires_grad
+
+
+def _fused_case(gen, kind, vocab=40, width=16):
+    """Hidden states, a padded student head with a bias, labels and a teacher of each target kind,
+    with its float64 reference loss of the student's logits."""
+    b, n, tau = 2, 5, 2.0
+    hidden = torch.randn(b, n, width, generator=gen)
+    weight, bias = torch.randn(vocab + 8, width, generator=gen) * 0.5, torch.randn(vocab + 8, generator=gen)
+    labels = _labels(b, n, vocab, gen)
+    t = torch.randn(b, n, vocab, generator=gen) * 3
+    targets = {"dense": DenseTargets(t), "topk": sparse_targets(t, 7, tau),
+               "sampled": sampled_targets(t, 12, tau, generator=gen)}.get(kind)
+    if kind == "hidden":
+        t_hidden = torch.randn(b, n, width, generator=gen)
+        t = t_hidden.double() @ weight[:vocab].double().T * 0.9
+        targets = HiddenTargets(hidden=t_hidden, head=OutputHead(weight * 0.9, vocab_size=vocab))
+    kl_ref = {"dense": _ref_dense_kl, "hidden": _ref_dense_kl,
+              "topk": lambda t, s, labels, tau: _ref_sparse_kl(t, s, targets.ids, labels, tau),
+              "sampled": lambda t, s, labels, tau: _ref_sampled_kl(t, s, targets, labels, tau)}[kind]
+
+    def reference(h, w, b_):
+        s = h @ w[:vocab].T + b_[:vocab]
+        return 0.7 * _ref_ce(s, labels) + 10.0 * kl_ref(t, s, labels, tau)
+    return (hidden, weight, bias), labels, targets, tau, vocab, reference
+
+
+@pytest.mark.parametrize("kind", ["dense", "hidden", "topk", "sampled"])
+@pytest.mark.parametrize("chunk", [3, 1000])
+def test_the_loss_fused_with_the_students_head_matches_float64_reference(gen, kind, chunk):
+    """Hidden states and head in, logits one chunk at a time: CE + lambda * KL and the gradients of
+    the hidden states, the head's weight (none past the shared vocabulary) and bias, for every
+    target kind, equal the float64 loss of the full logits."""
+    inputs, labels, targets, tau, vocab, reference = _fused_case(gen, kind)
+    leaves = [x.clone().requires_grad_() for x in inputs]
+    total, ce, kl = logit_losses(HeadInputs(*leaves, vocab_size=vocab), labels, targets, tau, True, 0.7, 10.0, chunk)
+    grads = torch.autograd.grad(total, leaves)
+    ref_leaves = [x.double().requires_grad_() for x in inputs]
+    ref_total = reference(*ref_leaves)
+    ref_grads = torch.autograd.grad(ref_total, ref_leaves)
+    torch.testing.assert_close(total.double(), ref_total, rtol=RTOL, atol=1e-7)
+    for grad, ref in zip(grads, ref_grads):
+        _grad_close(grad, ref)
+    assert (grads[1][vocab:] == 0).all() and (grads[2][vocab:] == 0).all()
+    dense = logit_losses(inputs[0] @ inputs[1][:vocab].T + inputs[2][:vocab], labels, targets, tau, True, 0.7, 10.0, chunk)
+    torch.testing.assert_close(torch.stack([ce, kl]), torch.stack(dense[1:]), rtol=1e-5, atol=1e-6)
+
+
+def test_the_fused_loss_in_bfloat16_keeps_fp32_statistics_and_each_inputs_dtype(gen):
+    """On a GPU the head's matmuls run in the autocast dtype: the loss stays within bf16 rounding of
+    the fp32 one, its value is fp32, and each gradient has its input's dtype."""
+    inputs, labels, targets, tau, vocab, _ = _fused_case(gen, "topk")
+    exact = logit_losses(HeadInputs(*inputs, vocab_size=vocab), labels, targets, tau, True, 0.7, 10.0)[0]
+    leaves = [x.clone().requires_grad_() for x in inputs]
+    total = logit_losses(HeadInputs(*leaves, vocab_size=vocab, dtype=torch.bfloat16), labels, targets, tau, True, 0.7,
+                         10.0)[0]
+    total.backward()
+    assert total.dtype == torch.float32 and all(x.grad.dtype == torch.float32 for x in leaves)
+    torch.testing.assert_close(total, exact, rtol=2e-2, atol=2e-2)
+    teacher_head = OutputHead(inputs[1], vocab_size=vocab)  # the teacher's side: its head in bf16, logits fp32
+    logits = OutputHead(inputs[1], vocab_size=vocab).to("cpu", torch.bfloat16)(inputs[0])
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, teacher_head(inputs[0]), rtol=2e-2, atol=5e-2)
 
 
 def test_identical_teacher_and_student_give_zero_and_different_ones_do_not(gen):

@@ -188,3 +188,73 @@ def test_two_workers_two_micro_batches_each_give_the_full_batchs_gradient():
     torch.manual_seed(0)
     full = _grads(AutoModelForCausalLM.from_config(tiny_llama_config(vocab_size=97)), [_response_rows()], None, 1.0)
     mp.spawn(_two_ranks, args=(free_port(), full), nprocs=2, join=True)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_the_micro_step_applies_the_students_head_inside_the_loss_and_matches_float64(tied):
+    """The step passes the final hidden states and the head to the chunked loss (the forward pass
+    returns no logits): every parameter's gradient, the tied embedding included, equals the float64
+    autograd loss of the model's own logits; a head the loss cannot rebuild is left to the model."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_llama_config
+    from distillation.losses import LossWeights, SparseTargets, cross_entropy, logits_kl
+    from distillation.models import forward_rows
+    from distillation.teachers.schema import PREFIX
+    from distillation.training.step import batch_labels, fused_output_head, micro_step
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_llama_config(vocab_size=104, tie_word_embeddings=tied))
+    assert fused_output_head(model) is model.lm_head
+    batch = _response_rows()
+    out = micro_step(model, batch, LossWeights(**WEIGHTS_CE_KL), 97)
+    ce, kl = out.ce.item(), out.logits_kl.item()
+    reference = copy.deepcopy(model).double()
+    reference.zero_grad()
+    input_ids, _, _, labels = batch_labels(batch)
+    logits = forward_rows(reference, input_ids).logits[..., :97]  # the head is padded past the shared vocabulary
+    targets = SparseTargets(batch[PREFIX + "topk_ids"], batch[PREFIX + "topk_logprobs"].double(),
+                            batch[PREFIX + "tail_mass"].double(), 1.0)
+    ref_ce, ref_kl = cross_entropy(logits, labels), logits_kl(logits, targets, labels, 1.0)
+    (ref_ce + 10.0 * ref_kl).backward()
+    assert math.isclose(ce, ref_ce.item(), rel_tol=1e-5) and math.isclose(kl, ref_kl.item(), rel_tol=1e-5)
+    for (name, p), r in zip(model.named_parameters(), reference.parameters()):
+        err = ((p.grad.double() - r.grad).norm() / r.grad.norm()).item()
+        assert err < 1e-5, f"{name}: gradient relative error {err:.2e}"
+    model.config.final_logit_softcapping = 30.0  # applied after the head: only the model's logits have it
+    assert fused_output_head(model) is None
+
+
+def test_activation_checkpointing_gives_the_same_gradients_for_ce_kl_and_the_relations():
+    """`training.activation_checkpointing` recomputes each layer in the backward pass: the gradients
+    of CE + KL + the Q/K/V relations (captured inside a recomputed layer) are those of the plain step."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_llama_config
+    from distillation.losses import QKV, LossWeights
+    from distillation.models import capture_qkv
+    from distillation.teachers.schema import PREFIX
+    from distillation.training.step import micro_step
+
+    torch.manual_seed(0)
+    plain = AutoModelForCausalLM.from_config(tiny_llama_config(vocab_size=97))
+    recomputed = copy.deepcopy(plain)
+    recomputed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert recomputed.is_gradient_checkpointing and not plain.is_gradient_checkpointing
+    batch = _response_rows()
+    generator = torch.Generator().manual_seed(1)
+    batch.update({PREFIX + key: torch.randn(4, 16, 64, generator=generator) for key in QKV})
+    weights = LossWeights(**{**WEIGHTS_CE_KL, "attention_weight": 100.0})
+    grads = []
+    for model in (plain, recomputed):
+        model.train()
+        with capture_qkv(model, 1) as states:
+            out = micro_step(model, batch, weights, 97, student_qkv=states)
+        assert out.attention > 0
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for g, r in zip(*grads):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-7)

@@ -1,12 +1,12 @@
 """L = ce_weight * CE + lambda * L_LD + gamma * L_AD, returning the total and every component."""
 
 from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Union
 
 import torch
 
 from distillation.losses.attention import attention_relation_loss
-from distillation.losses.logits import logit_losses
+from distillation.losses.logits import HeadInputs, logit_losses
 from distillation.losses.targets import Targets
 
 
@@ -45,16 +45,17 @@ class LossOutput:
                                           self.attention.item())))
 
 
-def bitdistill_loss(student_logits: torch.Tensor, labels: torch.Tensor, weights: LossWeights,
+def bitdistill_loss(student: Union[torch.Tensor, HeadInputs], labels: torch.Tensor, weights: LossWeights,
                     targets: Optional[Targets] = None,
                     teacher_qkv: Optional[Mapping[str, torch.Tensor]] = None,
                     student_qkv: Optional[Mapping[str, torch.Tensor]] = None,
                     mask: Optional[torch.Tensor] = None, segments: Optional[torch.Tensor] = None,
                     n_labels: Optional[float] = None) -> LossOutput:
-    """`mask` [B, T] marks real (non-padding) tokens for the attention relations, `segments` [B, T]
+    """`student`: its logits, or its final hidden states and output head (losses/logits.py); `mask`
+    [B, T] marks real (non-padding) tokens for the attention relations, `segments` [B, T]
     the document of each token in packed rows (labels already end at document boundaries);
     `n_labels` what CE and L_LD's means divide by (default: the labelled tokens of `labels`)."""
-    total, ce, kl = logit_losses(student_logits, labels, targets if weights.logits_weight > 0 else None,
+    total, ce, kl = logit_losses(student, labels, targets if weights.logits_weight > 0 else None,
                                  weights.temperature, weights.temperature_squared, weights.ce_weight,
                                  weights.logits_weight, weights.chunk_tokens, n_labels)
     attn = total.new_zeros(())

@@ -12,7 +12,8 @@ gradients written analytically into one buffer in the logits' dtype (see chunkin
 `kl_per_token` / `logits_kl` are the plain autograd versions, kept as the readable definition.
 """
 
-from typing import Optional, Tuple
+from dataclasses import dataclass
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -69,11 +70,94 @@ def logits_kl(student_logits: torch.Tensor, targets: Targets, labels: torch.Tens
     return scale * (per_token * mask).sum() / mask.sum().clamp(min=1.0)
 
 
-def logit_losses(student_logits: torch.Tensor, labels: torch.Tensor, targets: Optional[Targets] = None,
+@dataclass
+class HeadInputs:
+    """The student's final hidden states and its output head (an nn.Linear's weight and bias) in place
+    of its logits: the loss computes the logits one chunk at a time, so neither the [tokens, vocab]
+    logits nor their gradient ever exist whole (as `HiddenTargets` does for the teacher side). The
+    matmuls run in `dtype` (training's autocast dtype), the softmax statistics in fp32."""
+
+    hidden: torch.Tensor  # [B, T, H]
+    weight: torch.Tensor  # [V', H], V' >= vocab_size (a head padded beyond the shared vocabulary)
+    bias: Optional[torch.Tensor]
+    vocab_size: int
+    dtype: torch.dtype = torch.float32
+
+
+class _DenseLogits:
+    """Chunks of given logits [..., V]; their gradient goes into one buffer in the logits' dtype."""
+
+    def __init__(self, logits: torch.Tensor):
+        self.flat = logits.reshape(-1, logits.shape[-1])
+        self.inputs = [logits]
+        self.requires_grad = logits.requires_grad
+        self.grad: Optional[torch.Tensor] = None
+
+    def start_grad(self) -> None:
+        self.grad = torch.empty_like(self.flat)
+
+    def chunk(self, rows: slice) -> torch.Tensor:
+        return self.flat[rows].detach().float()
+
+    def chunk_grad(self, rows: slice, x: torch.Tensor) -> torch.Tensor:
+        assert self.grad is not None
+        # fp32 logits: accumulate straight into the buffer; else in an fp32 chunk
+        return self.grad[rows].zero_() if self.grad.dtype == torch.float32 else torch.zeros_like(x)
+
+    def put_grad(self, rows: slice, grad: torch.Tensor) -> None:
+        assert self.grad is not None
+        if grad.data_ptr() != self.grad[rows].data_ptr():
+            self.grad[rows] = grad.to(self.grad.dtype)
+
+    def grads(self) -> list:
+        assert self.grad is not None
+        return [self.grad.view_as(self.inputs[0])]
+
+
+class _FusedLogits:
+    """Chunks of hidden @ weight^T + bias, computed here; the gradient goes to the hidden states and
+    the head's parameters (weight rows past `vocab_size` get none, as when the logits are sliced)."""
+
+    def __init__(self, head: HeadInputs):
+        self.head = head
+        self.hidden = head.hidden.reshape(-1, head.hidden.shape[-1]).detach().to(head.dtype)
+        self.weight = head.weight[:head.vocab_size].detach().to(head.dtype)
+        self.bias = head.bias[:head.vocab_size].detach().to(head.dtype) if head.bias is not None else None
+        self.inputs = [head.hidden, head.weight] + ([head.bias] if head.bias is not None else [])
+        self.requires_grad = any(t.requires_grad for t in self.inputs)
+        self.grad_hidden: Optional[torch.Tensor] = None
+
+    def start_grad(self) -> None:
+        self.grad_hidden = torch.empty(self.hidden.shape, dtype=self.head.hidden.dtype, device=self.hidden.device)
+        self.grad_weight = torch.zeros_like(self.head.weight)
+        self.grad_bias = torch.zeros_like(self.head.bias) if self.head.bias is not None else None
+
+    def chunk(self, rows: slice) -> torch.Tensor:
+        return F.linear(self.hidden[rows], self.weight, self.bias).float()
+
+    def chunk_grad(self, rows: slice, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(x)
+
+    def put_grad(self, rows: slice, grad: torch.Tensor) -> None:
+        assert self.grad_hidden is not None
+        vocab, g = self.head.vocab_size, grad.to(self.weight.dtype)
+        self.grad_hidden[rows] = (g @ self.weight).to(self.grad_hidden.dtype)
+        self.grad_weight[:vocab] += (g.T @ self.hidden[rows]).to(self.grad_weight.dtype)
+        if self.grad_bias is not None:
+            self.grad_bias[:vocab] += grad.sum(0).to(self.grad_bias.dtype)
+
+    def grads(self) -> list:
+        assert self.grad_hidden is not None
+        return [self.grad_hidden.view_as(self.head.hidden), self.grad_weight] + (
+            [self.grad_bias] if self.grad_bias is not None else [])
+
+
+def logit_losses(student: Union[torch.Tensor, HeadInputs], labels: torch.Tensor, targets: Optional[Targets] = None,
                  temperature: float = 1.0, temperature_squared: bool = True, ce_weight: float = 1.0,
                  kl_weight: float = 1.0, chunk_tokens: int = DEFAULT_CHUNK_TOKENS, n_labels: Optional[float] = None
                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(ce_weight * CE + kl_weight * L_LD, CE, L_LD), chunked over tokens.
+    """(ce_weight * CE + kl_weight * L_LD, CE, L_LD), chunked over tokens. `student`: its logits, or
+    its final hidden states and output head (`HeadInputs`), which the training step passes.
 
     Only the weighted total carries a gradient (the components are for logging); it equals the
     gradient of the unchunked losses. The means divide by `n_labels`, by default this batch's
@@ -88,21 +172,20 @@ def logit_losses(student_logits: torch.Tensor, labels: torch.Tensor, targets: Op
     if chunk_tokens <= 0:
         raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
     scale = temperature**2 if temperature_squared else 1.0
-    vocab = student_logits.shape[-1]
-    flat, flat_labels = student_logits.reshape(-1, vocab), labels.reshape(-1)
+    source = _FusedLogits(student) if isinstance(student, HeadInputs) else _DenseLogits(student)
+    flat_labels = labels.reshape(-1)
     flat_targets = targets.flat() if targets is not None else None
     denominator = (flat_labels != IGNORE_INDEX).sum().clamp(min=1).float() if n_labels is None else max(n_labels, 1.0)
-    want_grad = flat.requires_grad and torch.is_grad_enabled()
-    grad = torch.empty_like(flat) if want_grad else None
-    ce_sum = flat.new_zeros((), dtype=torch.float32)
-    kl_sum = flat.new_zeros((), dtype=torch.float32)
-    for start in range(0, flat.shape[0], chunk_tokens):
+    want_grad = source.requires_grad and torch.is_grad_enabled()
+    if want_grad:
+        source.start_grad()
+    ce_sum = torch.zeros((), dtype=torch.float32, device=labels.device)
+    kl_sum = torch.zeros((), dtype=torch.float32, device=labels.device)
+    for start in range(0, flat_labels.shape[0], chunk_tokens):
         rows = slice(start, start + chunk_tokens)
-        x = flat[rows].detach().float()
+        x = source.chunk(rows)
         row_weight = (flat_labels[rows] != IGNORE_INDEX).float() / denominator  # masked mean, per row
-        chunk_grad: Optional[torch.Tensor] = None
-        if grad is not None:  # i.e. want_grad; fp32 logits: accumulate straight into the buffer; else in an fp32 chunk
-            chunk_grad = grad[rows].zero_() if grad.dtype == torch.float32 else torch.zeros_like(x)
+        chunk_grad = source.chunk_grad(rows, x) if want_grad else None
         if ce_weight:
             ce, ce_grad = _ce_chunk(x, flat_labels[rows], row_weight, want_grad)
             ce_sum += ce
@@ -116,11 +199,11 @@ def logit_losses(student_logits: torch.Tensor, labels: torch.Tensor, targets: Op
             if chunk_grad is not None:
                 chunk_grad.add_(kl_grad.mul_((kl_weight * scale / temperature * row_weight)[:, None]))
             del kl_grad
-        if grad is not None and chunk_grad is not None and chunk_grad.data_ptr() != grad[rows].data_ptr():
-            grad[rows] = chunk_grad.to(grad.dtype)
+        if chunk_grad is not None:
+            source.put_grad(rows, chunk_grad)
     total = ce_weight * ce_sum + kl_weight * kl_sum
     if want_grad:
-        total = attach_grad(total, [flat], [grad])
+        total = attach_grad(total, source.inputs, source.grads())
     return total, ce_sum, kl_sum
 
 

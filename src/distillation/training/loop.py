@@ -95,6 +95,8 @@ def setup(spec: WorkerSpec) -> Worker:
     else:
         student, state, optimizer_tensors = build_student(spec.student), {"step": 0, "tokens": 0, "nan_skipped": 0}, None
     device = ray.train.torch.get_device()
+    if t.activation_checkpointing:  # non-reentrant: the Q/K/V hooks' tensors keep their gradient path
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = distribute(student, t.parallelism, device)
     core = unwrapped(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay)
@@ -105,7 +107,8 @@ def setup(spec: WorkerSpec) -> Worker:
     weights = loss_weights(spec.distillation)
     head = None
     if spec.signal == "hidden" and weights.logits_weight > 0:
-        head = load_output_head(spec.teacher_model, spec.vocab_size, spec.trust_remote_code).to(device)
+        head = load_output_head(spec.teacher_model, spec.vocab_size, spec.trust_remote_code).to(
+            device, torch.bfloat16 if t.autocast == "bf16" else None)  # the matmul in the compute dtype
     return Worker(spec=spec, rank=rank, world=world, model=model, core=core, device=device, optimizer=optimizer,
                   scheduler=scheduler, guard=NanGuard(t.max_nan_steps, state["nan_skipped"]), weights=weights,
                   head=head, step=state["step"], tokens=state["tokens"], mixture=ray.get_actor(spec.feed.mixture),

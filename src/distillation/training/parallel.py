@@ -20,7 +20,6 @@ receives the whole), so a run saved under one parallelism resumes under the othe
 from contextlib import nullcontext
 from typing import Any, Dict, Optional, cast
 
-import ray.train.torch
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -43,6 +42,8 @@ WHOLE_ON_RANK_0 = StateDictOptions(full_state_dict=True, cpu_offload=True)  # ot
 def distribute(student: nn.Module, parallelism: str, device: torch.device) -> nn.Module:
     """The student on this worker's device, DDP-wrapped or sharded in place (FSDP)."""
     if parallelism == "ddp":
+        import ray.train.torch  # here, so the step (training/step.py) imports this module without Ray
+
         return ray.train.torch.prepare_model(student)
     if device.type == "cuda":  # as prepare_model does: NCCL's device, and where fully_shard moves each shard
         torch.cuda.set_device(device)

@@ -14,6 +14,7 @@ from distillation.errors import DistillError
 from distillation.losses import (
     IGNORE_INDEX,
     QKV,
+    HeadInputs,
     HiddenTargets,
     LossOutput,
     LossWeights,
@@ -23,8 +24,9 @@ from distillation.losses import (
     Targets,
     bitdistill_loss,
 )
-from distillation.models import forward_rows
+from distillation.models import forward_rows, output_head_skipped, plain_output_head
 from distillation.teachers.schema import PREFIX
+from distillation.training.parallel import is_sharded, unwrapped
 
 
 def targets_from_columns(batch: Mapping, head: Optional[OutputHead] = None) -> Optional[Targets]:
@@ -72,15 +74,30 @@ def micro_step(model, batch: Mapping, weights: LossWeights, vocab_size: int, hea
     `n_labels` is `labels_per_micro_batch` of the step (default: this batch's own labels)."""
     input_ids, lengths, positions, labels = batch_labels(batch)
     teacher_qkv = {key: batch[PREFIX + key] for key in QKV} if weights.uses_attention else None
-    with autocast():
-        logits = forward_rows(model, input_ids, positions).logits[..., :vocab_size]  # the shared real range (vocab.py)
+    student_head = fused_output_head(model)
+    device = input_ids.device.type
+    with autocast(), output_head_skipped(student_head):
+        out = forward_rows(model, input_ids, positions).logits  # hidden states where the head is skipped
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else out.dtype
+    student = (HeadInputs(out, student_head.weight, student_head.bias, vocab_size, dtype) if student_head is not None
+               else out[..., :vocab_size])  # the shared real range (vocab.py)
+    del out
     targets = targets_from_columns(batch, head) if weights.logits_weight > 0 else None
-    out = bitdistill_loss(logits, labels, weights, targets, teacher_qkv, student_qkv,
-                          mask=token_mask(lengths, input_ids.shape[1]),
-                          segments=None if positions is None else segment_ids(positions), n_labels=n_labels)
-    del logits  # the chunked loss keeps only its gradient buffer
-    (out.total * grad_scale).backward()
-    return out
+    loss = bitdistill_loss(student, labels, weights, targets, teacher_qkv, student_qkv,
+                           mask=token_mask(lengths, input_ids.shape[1]),
+                           segments=None if positions is None else segment_ids(positions), n_labels=n_labels)
+    del student  # the chunked loss keeps only its gradient buffers
+    (loss.total * grad_scale).backward()
+    return loss
+
+
+def fused_output_head(model) -> Optional[torch.nn.Linear]:
+    """The student's head that the loss applies itself (`losses.HeadInputs`), so its logits exist one
+    chunk at a time; None where the loss takes logits: a head that is not a plain matmul, or a sharded
+    (FSDP) student, whose head weight outside the forward pass is this rank's shard only."""
+    return None if is_sharded(model) else plain_output_head(unwrapped(model))
+
+
 
 
 def lr_lambda(tcfg: TrainingConfig) -> Callable[[int], float]:
