@@ -11,6 +11,9 @@
    autocast, the teacher on the same GPU: each gets half of it): tokens/s and held-out bits/byte;
 4. the pipeline table's arms (bench/bench_pipeline.py) on the GPU.
 
+For a GPU machine without Ray, vLLM or a registry, `bench/gpu_core.py` is the core part of this
+check (the student step's cost, with small wheels only; bench/README.md, "The GPU core check").
+
 It prints one table and writes bench/results/gpu.md (through `python -m bench`). Budget: under 10
 minutes with set-up on one H100/H200-class GPU, enforced: each step gets what is left of
 `--budget-s` (a step cut short is reported as `timeout`, and later steps are skipped). On a machine
