@@ -50,11 +50,23 @@ def _inputs(tokens, vocab, seq, k, device, seed=0):
             qkv(576), qkv(576))
 
 
+def _naive_relations(teacher, student, heads):
+    """L_AD by autograd on whole [B, heads, T, T] tensors (reference normalisation, no mask)."""
+    total = 0.0
+    for key in "qkv":
+        lps = []
+        for states in (teacher[key], student[key]):
+            b, n, width = states.shape
+            x = torch.nn.functional.normalize(states.view(b, n, heads, width // heads).transpose(1, 2), dim=-1)
+            lps.append(torch.log_softmax(x @ x.transpose(-1, -2), -1))
+        total = total + (lps[0].exp() * (lps[0] - lps[1])).sum() / (b * n * heads * heads)
+    return total
+
+
 def _run_one(variant, tokens, vocab, device, chunk_tokens):
     from distillation.losses import (
         HeadInputs,
         SparseTargets,
-        attention_relation_loss,
         bitdistill_loss,
         cross_entropy,
         logits_kl,
@@ -77,7 +89,7 @@ def _run_one(variant, tokens, vocab, device, chunk_tokens):
     else:
         logits = hidden @ head.T
         total = (w.ce_weight * cross_entropy(logits, labels) + w.logits_weight * logits_kl(logits, targets, labels, w.temperature)
-                 + w.attention_weight * attention_relation_loss(t_qkv, s_qkv, w.split_heads, chunk_sequences=10**6))
+                 + w.attention_weight * _naive_relations(t_qkv, s_qkv, w.split_heads))
     total.backward()
     if device == "cuda":
         torch.cuda.synchronize()

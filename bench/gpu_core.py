@@ -5,7 +5,8 @@ but torch, transformers and small pure-Python wheels (no Ray, no vLLM), from sou
 
 First it asserts that every fast path equals its reference on this device, values and gradients:
 the loss fused with the student's head (`losses.HeadInputs`, fp32 and bf16 matmuls) against the
-float64 loss of whole logits; compiled BitNet quantizers against eager ones (ternary and mid-warm-up);
+float64 loss of whole logits; the relation loss's analytic gradient (fp32 and bf16) against float64
+autograd; compiled BitNet quantizers against eager ones (ternary and mid-warm-up);
 Liger's fused linear distillation loss (where `liger_kernel` imports) against ours. Then, on random
 weights of the real shapes (SmolLM2-135M, Qwen3-1.7B; `--tiny`: a 2-layer model for a CPU test):
 tokens/s and peak memory of one optimizer step for a plain model with CE (the fine-tuning limit), the
@@ -101,6 +102,37 @@ def check_fused_loss(device, vocab=1000, width=64, tokens=300) -> dict:
         name = f"fused loss ({str(dtype)[6:]})"
         errors[name] = max(_close(name + " value", total.reshape(1), want.reshape(1), rtol),
                            *(_close(f"{name} grad {i}", a, b, rtol) for i, (a, b) in enumerate(zip(grads, want_grads))))
+    return errors
+
+
+def check_relations(device, width=64, length=96) -> dict:
+    """The relation loss's analytic gradient (fp32 and bf16 matmuls) against float64 autograd."""
+    from distillation.losses import attention_relation_loss
+
+    g = torch.Generator().manual_seed(3)
+    teacher = {k: torch.randn(2, length, width, generator=g) for k in "qkv"}
+    student = {k: teacher[k] + 0.5 * torch.randn(2, length, width, generator=g) for k in "qkv"}
+
+    def reference(states):
+        total = 0.0
+        for key in "qkv":
+            lps = []
+            for x in (teacher[key].double(), states[key]):
+                x = torch.nn.functional.normalize(x.view(2, length, 8, width // 8).transpose(1, 2), dim=-1)
+                lps.append(torch.log_softmax(x @ x.transpose(-1, -2), -1))
+            total = total + (lps[0].exp() * (lps[0] - lps[1])).sum() / (2 * length * 8 * 8)
+        return total
+    ref_leaves = {k: v.double().requires_grad_() for k, v in student.items()}
+    want = reference(ref_leaves)
+    want_grads = torch.autograd.grad(want, list(ref_leaves.values()))
+    errors = {}
+    for dtype, rtol in ((torch.float32, 1e-5), (torch.bfloat16, 5e-2)):
+        leaves = {k: v.to(device).requires_grad_() for k, v in student.items()}
+        got = attention_relation_loss({k: v.to(device) for k, v in teacher.items()}, leaves, 8, dtype=dtype)
+        grads = torch.autograd.grad(got, list(leaves.values()))
+        name = f"relations ({str(dtype)[6:]})"
+        errors[name] = max(_close(name + " value", got.reshape(1), want.reshape(1), rtol),
+                           *(_close(f"{name} grad", a, b, rtol) for a, b in zip(grads, want_grads)))
     return errors
 
 
@@ -307,7 +339,8 @@ def main(argv=None) -> dict:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     started = time.time()
-    checks = {**check_fused_loss(device), **check_compiled_quantizers(device), **check_liger(device)}
+    checks = {**check_fused_loss(device), **check_relations(device), **check_compiled_quantizers(device),
+              **check_liger(device)}
     memory = torch.cuda.get_device_properties(0).total_memory / 2**30 if device.type == "cuda" else 0
     steps = []
     for name, (config, batch, seq) in _shapes(args.tiny).items():

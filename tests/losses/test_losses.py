@@ -344,6 +344,21 @@ def test_attention_relation_loss_matches_float64_reference_across_widths(gen, ma
         _grad_close(g, rg)
 
 
+def test_attention_relations_with_bfloat16_matmuls_stay_within_its_rounding_of_fp32(gen):
+    """On a GPU the relation matmuls run in the autocast dtype: value and gradients within bf16
+    rounding of the fp32 loss (whose own reference is the test above), gradients in fp32."""
+    teacher = {k: torch.randn(2, 64, 32, generator=gen) for k in "qkv"}
+    student = {k: (teacher[k] + 0.5 * torch.randn(2, 64, 32, generator=gen)).requires_grad_() for k in "qkv"}
+    exact = attention_relation_loss(teacher, student, 4)
+    exact_grads = torch.autograd.grad(exact, list(student.values()))
+    fast = attention_relation_loss(teacher, student, 4, dtype=torch.bfloat16)
+    fast_grads = torch.autograd.grad(fast, list(student.values()))
+    torch.testing.assert_close(fast, exact, rtol=2e-2, atol=0)
+    for g, r in zip(fast_grads, exact_grads):
+        assert g.dtype == torch.float32
+        _grad_close(g, r, tol=5e-2)
+
+
 def test_attention_relation_loss_zero_for_identical_states_and_width_check(gen):
     states = {k: torch.randn(1, 5, 24, generator=gen) for k in "qkv"}
     assert attention_relation_loss(states, states, 4).abs() < 1e-6

@@ -3,10 +3,11 @@
 Keeping d(loss)/d(input) (the size of the input) instead of every intermediate tensor autograd would
 save is what bounds memory: the big temporaries (tokens x vocab log-probabilities, T x T relations)
 exist for one chunk at a time. The gradient is exact, the same as the unchunked loss's. torch has
-no such fused kernel for KL against sparse targets or for Q/K/V relations, hence this helper.
+no such fused kernel for KL against sparse targets or for Q/K/V relations, hence this helper; the
+losses (logits.py, attention.py) write their gradients analytically and attach them here.
 """
 
-from typing import Callable, Iterable, Sequence, Tuple
+from typing import Sequence
 
 import torch
 
@@ -32,29 +33,3 @@ class _PrecomputedGrad(torch.autograd.Function):
 def attach_grad(value: torch.Tensor, inputs: Sequence[torch.Tensor], grads: Sequence) -> torch.Tensor:
     """`value` as a differentiable function of `inputs` whose gradient is the precomputed `grads`."""
     return _PrecomputedGrad.apply(value, list(grads), *inputs)
-
-
-def chunked_loss(inputs: Sequence[torch.Tensor], chunks: Iterable[Tuple[slice, Callable]]) -> torch.Tensor:
-    """Sum over chunks of `fn(*inputs_rows)` where each chunk is (rows along dim 0, fn).
-
-    `fn` gets fp32 leaf copies of the inputs' rows (requiring grad where the input does) and returns
-    a scalar; its gradient is written into one buffer per input, in that input's dtype.
-    """
-    track = [x.requires_grad and torch.is_grad_enabled() for x in inputs]
-    grads = [torch.zeros_like(x) if t else None for x, t in zip(inputs, track)]
-    total = torch.zeros((), dtype=torch.float32, device=inputs[0].device)
-    for rows, fn in chunks:
-        leaves = [x[rows].detach().float().requires_grad_(t) for x, t in zip(inputs, track)]
-        with torch.enable_grad():
-            value = fn(*leaves)
-            wanted = [leaf for leaf, t in zip(leaves, track) if t]
-            parts = torch.autograd.grad(value, wanted, allow_unused=True) if wanted and value.requires_grad else []
-        remaining = iter(parts)
-        for grad, t in zip(grads, track):
-            if t:
-                part = next(remaining, None)
-                if part is not None:
-                    assert grad is not None  # a tracked input has a buffer
-                    grad[rows] = part.to(grad.dtype)
-        total += value.detach()
-    return attach_grad(total, inputs, grads) if any(track) else total

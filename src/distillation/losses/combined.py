@@ -50,11 +50,12 @@ def bitdistill_loss(student: Union[torch.Tensor, HeadInputs], labels: torch.Tens
                     teacher_qkv: Optional[Mapping[str, torch.Tensor]] = None,
                     student_qkv: Optional[Mapping[str, torch.Tensor]] = None,
                     mask: Optional[torch.Tensor] = None, segments: Optional[torch.Tensor] = None,
-                    n_labels: Optional[float] = None) -> LossOutput:
+                    n_labels: Optional[float] = None, dtype: torch.dtype = torch.float32) -> LossOutput:
     """`student`: its logits, or its final hidden states and output head (losses/logits.py); `mask`
     [B, T] marks real (non-padding) tokens for the attention relations, `segments` [B, T]
     the document of each token in packed rows (labels already end at document boundaries);
-    `n_labels` what CE and L_LD's means divide by (default: the labelled tokens of `labels`)."""
+    `n_labels` what CE and L_LD's means divide by (default: the labelled tokens of `labels`); `dtype`
+    the relation matmuls' (the autocast dtype; softmax statistics stay fp32)."""
     total, ce, kl = logit_losses(student, labels, targets if weights.logits_weight > 0 else None,
                                  weights.temperature, weights.temperature_squared, weights.ce_weight,
                                  weights.logits_weight, weights.chunk_tokens, n_labels)
@@ -64,6 +65,7 @@ def bitdistill_loss(student: Union[torch.Tensor, HeadInputs], labels: torch.Tens
             raise ValueError("attention_weight > 0 needs teacher and student Q/K/V states")
         attn = attention_relation_loss(teacher_qkv, student_qkv, weights.split_heads,
                                        weights.attention_temperature, mask,
-                                       normalization=weights.attention_normalization, segments=segments)
+                                       normalization=weights.attention_normalization, segments=segments,
+                                       dtype=dtype)
         total = total + weights.attention_weight * attn
     return LossOutput(total=total, ce=ce, logits_kl=kl, attention=attn.detach())

@@ -85,7 +85,8 @@ def micro_step(model, batch: Mapping, weights: LossWeights, vocab_size: int, hea
     targets = targets_from_columns(batch, head) if weights.logits_weight > 0 else None
     loss = bitdistill_loss(student, labels, weights, targets, teacher_qkv, student_qkv,
                            mask=token_mask(lengths, input_ids.shape[1]),
-                           segments=None if positions is None else segment_ids(positions), n_labels=n_labels)
+                           segments=None if positions is None else segment_ids(positions), n_labels=n_labels,
+                           dtype=dtype)
     del student  # the chunked loss keeps only its gradient buffers
     (loss.total * grad_scale).backward()
     return loss
