@@ -10,10 +10,10 @@ autograd; compiled BitNet quantizers against eager ones (ternary and mid-warm-up
 Liger's fused linear distillation loss (where `liger_kernel` imports) against ours. Then, on random
 weights of the real shapes (SmolLM2-135M, Qwen3-1.7B; `--tiny`: a 2-layer model for a CPU test):
 tokens/s and peak memory of one optimizer step for a plain model with CE (the fine-tuning limit), the
-BitNet student with CE, + KD (hidden-state teacher), + the attention relations, and with compiled
-quantizers; and the loss alone (16,384 tokens at 49k and 152k vocabularies): ours against naive dense
-logits and Liger. Under 5 minutes on an H100/H200. How to run it on an offline GPU machine (the wheels
-to bring): bench/README.md, "The GPU core check".
+BitNet student with CE, + KD (hidden-state teacher), + the attention relations, with compiled
+quantizers, and CE + KD with activation checkpointing; and the loss alone (16,384 tokens at 49k and
+152k vocabularies): ours against naive dense logits and Liger. Under 5 minutes on an H100/H200.
+How to run it on an offline GPU machine (the wheels to bring): bench/README.md, "The GPU core check".
 """
 
 import argparse
@@ -199,16 +199,17 @@ def check_liger(device, vocab=1000, width=64, tokens=256) -> dict:
 
 
 # -- the step ---------------------------------------------------------------------------------------
-ARMS = ("plain, CE", "BitNet, CE", "BitNet, CE + KD (hidden)", "+ attention relations", "BitNet CE, compiled quantizers")
+ARMS = ("plain, CE", "BitNet, CE", "BitNet, CE + KD (hidden)", "+ attention relations", "BitNet CE, compiled quantizers",
+        "BitNet, CE + KD, activation checkpointing")
 
 
 def _batch(config, batch, seq, device, arm):
     g = torch.Generator().manual_seed(0)
     columns = {"input_ids": torch.randint(0, config.vocab_size, (batch, seq), generator=g).to(device),
                "length": torch.full((batch,), seq, device=device)}
-    if "KD" in arm or "attention" in arm:
+    if "KD" in arm or "relations" in arm:
         columns[PREFIX + "hidden"] = torch.randn(batch, seq, config.hidden_size, generator=g).to(device, torch.bfloat16)
-    if "attention" in arm:
+    if "relations" in arm:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         for key, heads in (("q", config.num_attention_heads), ("k", config.num_key_value_heads),
                            ("v", config.num_key_value_heads)):
@@ -230,7 +231,7 @@ def step_arm(name, config, batch, seq, device, arm, reps, checkpointing) -> dict
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     set_compile("compiled" in arm)
-    kd, attention = "KD" in arm or "attention" in arm, "attention" in arm
+    kd, attention = "KD" in arm or "relations" in arm, "relations" in arm
     weights = loss_weights(logits_weight=10.0 if kd else 0.0, attention_weight=1e5 if attention else 0.0)
     head = OutputHead(torch.randn(config.vocab_size, config.hidden_size, device=device) * 0.02).to(
         device, torch.bfloat16 if device.type == "cuda" else None) if kd else None
@@ -346,7 +347,8 @@ def main(argv=None) -> dict:
     for name, (config, batch, seq) in _shapes(args.tiny).items():
         checkpointing = config.hidden_size >= 2048 and memory < 120  # the 1.7B step fits an 80 GB card only so
         for arm in ARMS:
-            steps.append(step_arm(name, config, batch, seq, device, arm, args.reps, checkpointing))
+            steps.append(step_arm(name, config, batch, seq, device, arm, args.reps,
+                                  checkpointing or "checkpointing" in arm))
             print(json.dumps(steps[-1]), file=sys.stderr, flush=True)
     loss_tokens = 512 if args.tiny else 16384
     losses = [loss_arm(vocab, loss_tokens, 64 if args.tiny else 576, device, variant, args.reps)
