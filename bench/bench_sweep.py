@@ -7,6 +7,9 @@ held-out split and on two English texts no run trains on (bench/unseen.py), so t
 tuned to the held-out split alone. `--budget 4` multiplies the steps (4x the tokens).
 
     python -m bench sweep [--arms NAME ...] [--budget 1] [--seeds 0]
+
+The stage-2 arms split the same steps between CE-only continued pre-training and distillation from
+its student (the recipe's stages 2 and 3), so every arm sees the same number of tokens.
 """
 
 import argparse
@@ -52,6 +55,10 @@ ARMS = {
     "defaults, tau 2": ["distillation.temperature=2"],
     "defaults, gamma 1e4": ["distillation.attention_weight=1e4"],
     "defaults, gamma 1e6": ["distillation.attention_weight=1e6"],
+    # Issue 25: stage 2 (CE only, the paper's continued pre-training) for a share of the steps, then
+    # the defaults from its student for the rest (recipe.stages=[pretrain, distill]): equal tokens.
+    "stage 2 for 25%, then the defaults": ["SPLIT=0.25"],
+    "stage 2 for 50%, then the defaults": ["SPLIT=0.5"],
 }
 DEFAULT_STEPS = 30  # the schema default (experiment=cpu_default)
 
@@ -63,9 +70,13 @@ def run_arm(name: str, overrides: list, seed: int, steps: int, out: str, unseen)
     from distillation.student import load_student
 
     overrides = [o.replace("WARMUP", str(steps // 3)) for o in overrides]
-    cfg = load_config(overrides + [f"training.seed={seed}", f"training.max_steps={steps}", "run.progress=false",
-                                   f"run.output_dir={out}", f"run.name=arm-{abs(hash((name, seed, steps)))}"])
-    summary = run(cfg)
+    common = [f"training.seed={seed}", "run.progress=false", f"run.output_dir={out}",
+              f"run.name=arm-{abs(hash((name, seed, steps)))}"]
+    split = next((float(o.split("=")[1]) for o in overrides if o.startswith("SPLIT=")), None)
+    if split is None:
+        summary = run(load_config(overrides + common + [f"training.max_steps={steps}"]))
+    else:
+        summary = _split_run(overrides, common, steps, split)
     student_dir = summary["student_checkpoint"]
     scores = unseen(load_student(student_dir), load_tokenizer(student_dir))
     first, last = summary["first"], summary["last"]
@@ -75,6 +86,21 @@ def run_arm(name: str, overrides: list, seed: int, steps: int, out: str, unseen)
             "unseen_bpb": scores, "wall_s": summary["wall_s"],
             "loss_terms_first": {k: first.get(k) for k in ("ce", "logits_kl", "attention")},
             "loss_terms_last": {k: last.get(k) for k in ("ce", "logits_kl", "attention")}}
+
+
+def _split_run(overrides: list, common: list, steps: int, split: float) -> dict:
+    """Stage 2 for `split` of the steps, stage 3 for the rest: stage 3's summary, with the tokens of both."""
+    from distillation.config import load_config
+    from distillation.recipe import run_recipe
+    from distillation.run import run
+
+    pretrain = round(steps * split)
+    report = run_recipe(load_config([o for o in overrides if not o.startswith("SPLIT=")] + common + [
+        "recipe.stages=[pretrain,distill]", f"recipe.pretrain_steps={pretrain}",
+        f"training.max_steps={steps - pretrain}"]), run)
+    root = Path(report["recipe_dir"])
+    first, last = (json.loads((root / stage / "summary.json").read_text()) for stage in ("pretrain", "distill"))
+    return {**last, "tokens_seen": first["tokens_seen"] + last["tokens_seen"]}
 
 
 def table(results: list, teacher: dict) -> str:
