@@ -3,7 +3,8 @@ targets (chunked over tokens), and MiniLMv2 Q/K/V relations."""
 
 from distillation.losses.attention import QKV, attention_relation_loss
 from distillation.losses.combined import LOSS_COMPONENTS, LossOutput, LossWeights, bitdistill_loss
-from distillation.losses.logits import IGNORE_INDEX, HeadInputs, cross_entropy, kl_per_token, logit_losses, logits_kl
+from distillation.losses.logits import IGNORE_INDEX, cross_entropy, kl_per_token, logit_losses, logits_kl
+from distillation.losses.student_logits import HeadInputs
 from distillation.losses.targets import (
                                          DenseTargets,
                                          HiddenTargets,

@@ -6,7 +6,8 @@ from typing import Mapping, Optional, Union
 import torch
 
 from distillation.losses.attention import attention_relation_loss
-from distillation.losses.logits import HeadInputs, logit_losses
+from distillation.losses.logits import logit_losses
+from distillation.losses.student_logits import HeadInputs
 from distillation.losses.targets import Targets
 
 
