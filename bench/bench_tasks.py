@@ -9,7 +9,11 @@ starts from the same student and learns from the same teacher. Every run is a re
 
     python -m bench tasks [--teacher miniature|smollm2-135m-instruct|PATH] [--tasks shakespeare_genre stdlib_docstring]
                           [--seeds 0 1 2] [--steps 60] [--pretrain-steps 60] [--teacher-sft-steps 120]
-                          [--teacher-sft-lr LR] [--records 200]
+                          [--teacher-sft-lr LR] [--records 200] [--out DIR] [--table-from-log]
+
+With `--out` a stopped bench loses nothing: the rerun skips every finished recipe stage and arm.
+`--table-from-log` assembles the table from `results/tasks-runs.jsonl` (every finished arm is
+logged at once), e.g. across invocations that each ran some seeds.
 
 The same script runs unchanged with SmolLM2 or a larger model on a GPU (`--teacher`, plus any
 override after `--`, e.g. `-- experiment=gpu`).
@@ -65,7 +69,8 @@ def one_seed(task: str, seed: int, common: list, args, out: str, log) -> list:
         overrides = base + choice + [f"student.checkpoint_path={stages['pretrain']['student']}",
                                      f"teacher.model={stages['teacher_sft']['student']}",
                                      f"run.name={name}-{len(rows)}"]
-        rows.append((arm, run(load_config(overrides))))
+        done = Path(out) / f"{name}-{len(rows)}" / "summary.json"  # a finished arm of an earlier invocation
+        rows.append((arm, json.loads(done.read_text()) if done.is_file() else run(load_config(overrides))))
     results = []
     for arm, summary in rows:
         row = {"task": task, "arm": arm, "seed": seed, "tokens": summary["tokens_seen"], **_metrics(summary),
@@ -110,6 +115,10 @@ def main(argv=None) -> dict:
                                                               "else recipe.teacher_sft_lr")
     parser.add_argument("--records", type=int, default=200, help="held-out records each metric is computed on")
     parser.add_argument("--log", default=str(Path(__file__).with_name("results") / "tasks-runs.jsonl"))
+    parser.add_argument("--out", help="keep the runs here (default: a temporary folder): a rerun skips the stages "
+                                      "and arms that finished")
+    parser.add_argument("--table-from-log", action="store_true",
+                        help="run nothing: the table of the latest logged row of each task, arm and seed")
     parser.add_argument("overrides", nargs="*", help="after --: any distill override for every run")
     args = parser.parse_args(argv)
 
@@ -120,10 +129,17 @@ def main(argv=None) -> dict:
         print(f"{row['task']} {row['arm']} seed {row['seed']}: "
               + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if isinstance(v, float)), flush=True)
 
+    if args.table_from_log:
+        latest = {(r["task"], r["arm"], r["seed"]): r for r in map(json.loads, Path(args.log).read_text().splitlines())}
+        results = [r for r in latest.values() if r["task"] in args.tasks and r["seed"] in args.seeds]
+        text = table(results)
+        print(text)
+        return {"table": text, "results": results, "teacher": args.teacher, "seeds": args.seeds, "from_log": args.log}
     sft_lr = args.teacher_sft_lr or (1e-3 if args.teacher == "miniature" else None)
     common = _teacher(args.teacher) + ([f"recipe.teacher_sft_lr={sft_lr}"] if sft_lr else []) + list(args.overrides)
     results = []
-    with tempfile.TemporaryDirectory() as out:
+    with tempfile.TemporaryDirectory() as scratch:
+        out = args.out or scratch
         for task in args.tasks:
             for seed in args.seeds:
                 results += one_seed(task, seed, common, args, out, log)
