@@ -124,11 +124,13 @@ def test_a_killed_worker_of_two_resumes_with_the_same_rows_and_one_influence_upd
 
 def test_fsdp_workers_train_evaluate_and_score_influence_as_ddp_workers_and_save_the_same_checkpoint(
         tiny_teacher, two_ddp_workers, tmp_path):
+    """Also with activation checkpointing, and with the logits whole (a sharded student's head is not
+    fused into the loss): the same updates as the DDP reference, which recomputes nothing and fuses."""
     from distillation.run import run
 
     ddp = two_ddp_workers.summary
     fsdp = run(load_config(_overrides(tiny_teacher, tmp_path, "fsdp", workers=2, influence=True) + EVAL
-                           + ["training.parallelism=fsdp"]))
+                           + ["training.parallelism=fsdp", "training.activation_checkpointing=true"]))
     assert _rows_per_step(tmp_path / "fsdp") == two_ddp_workers.rows
     # Sharded updates equal whole ones up to float rounding: held-out losses, in-loop evaluation (every
     # rank takes part in the sharded forward) and the influence update (scores summed over the shards).
