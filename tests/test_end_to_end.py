@@ -81,13 +81,40 @@ def _check_exports(student, student_dir: Path, exports: dict, tmp_path: Path) ->
     assert plain["class"] == "BitNetForCausalLM"
     torch.testing.assert_close(plain["logits"], expected, rtol=0, atol=0)
     assert exports == {"packed": str(student_dir.parent / "student-packed"), "gguf": str(student_dir.parent / "student.gguf")}
+    packed = load_student(exports["packed"]).eval()
+    _check_packed_layers(student, packed, ids)
     with torch.no_grad():
-        packed = load_student(exports["packed"]).eval()(input_ids=ids).logits
-    torch.testing.assert_close(packed, expected, rtol=0, atol=1e-4)
+        logits = packed(input_ids=ids).logits
+    # Whole-model logits agree up to an int8 activation that float noise upstream (another summation
+    # order) rounds the other way: rare, and one such flip moves the logits by ~1e-3, not by 1.
+    assert (logits - expected).abs().mean() < 1e-4 and (logits - expected).abs().max() < 5e-2
     llm = open_gguf(exports["gguf"])
     text = "Distillation keeps 1.58 bits per weight."
     assert llm.tokenize(text.encode(), add_bos=False) == load_tokenizer(student_dir)(text)["input_ids"]
     llm.close()
+
+
+def _check_packed_layers(student, packed, ids) -> None:
+    """Each packed layer, given the online layer's own input, gives its output (int8 activations
+    rounded alike, the 2-bit codes and scale exact): equal up to summation order."""
+    import torch
+
+    inputs, outputs = {}, {}
+
+    def keep(name):
+        def hook(_module, args, out):
+            inputs[name], outputs[name] = args[0].detach(), out.detach()
+        return hook
+    handles = [m.register_forward_hook(keep(n)) for n, m in student.named_modules() if hasattr(m, "online_quant")]
+    with torch.no_grad():
+        student(input_ids=ids)
+    for handle in handles:
+        handle.remove()
+    layers = dict(packed.named_modules())
+    assert len(inputs) == 14 and all(type(layers[n]).__name__ == "TernaryLinear" for n in inputs)
+    with torch.no_grad():
+        for name, x in inputs.items():
+            torch.testing.assert_close(layers[name](x), outputs[name], rtol=0, atol=1e-5, msg=name)
 
 
 def _chats(folder: Path, count: int = 60) -> Path:
