@@ -21,6 +21,7 @@ import json
 import statistics
 import sys
 import time
+from contextlib import nullcontext
 from functools import partial
 
 import torch
@@ -237,38 +238,32 @@ def step_arm(name, config, batch, seq, device, arm, reps, checkpointing) -> dict
         device, torch.bfloat16 if device.type == "cuda" else None) if kd else None
     columns = _batch(config, batch, seq, device, arm)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    autocast = partial(torch.autocast, "cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
+    autocast = partial(torch.autocast, "cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext
 
     def step():
         if attention:
             with capture_qkv(model, -2) as states:
-                micro_step(model, columns, weights, config.vocab_size, head, states, autocast or _null)
+                micro_step(model, columns, weights, config.vocab_size, head, states, autocast)
         else:
-            micro_step(model, columns, weights, config.vocab_size, head, None, autocast or _null)
+            micro_step(model, columns, weights, config.vocab_size, head, None, autocast)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    params = sum(p.numel() for p in model.parameters())
     try:
         seconds, spread, peak = _timed(step, device, reps, warm=2 if "compiled" in arm else 1)
     except torch.OutOfMemoryError:
-        return {"model": name, "arm": arm, "oom": True}
+        seconds = None
     finally:
         set_compile(False)
+        model = optimizer = None  # freed before the next arm  # noqa: F841
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if seconds is None:
+        return {"model": name, "arm": arm, "oom": True}
     tokens = batch * seq
-    params = sum(p.numel() for p in model.parameters())
-    model = optimizer = None  # freed before the next arm  # noqa: F841
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return {"model": name, "arm": arm, "tokens_per_s": tokens / seconds, "seconds": seconds, "spread": spread,
             "peak_gib": peak, "tflops": 6 * params * tokens / seconds / 1e12, "activation_checkpointing": checkpointing}
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 # -- the loss alone ---------------------------------------------------------------------------------
