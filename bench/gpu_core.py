@@ -11,7 +11,8 @@ Liger's fused linear distillation loss (where `liger_kernel` imports) against ou
 weights of the real shapes (SmolLM2-135M, Qwen3-1.7B; `--tiny`: a 2-layer model for a CPU test):
 tokens/s and peak memory of one optimizer step for a plain model with CE (the fine-tuning limit), the
 BitNet student with CE, + KD (hidden-state teacher), + the attention relations, with compiled
-quantizers, and CE + KD with activation checkpointing; and the loss alone (16,384 tokens at 49k and
+quantizers, all three compiled (quantizers and relations: what experiment=gpu runs), and CE + KD
+with activation checkpointing; and the loss alone (16,384 tokens at 49k and
 152k vocabularies): ours against naive dense logits and Liger. Under 5 minutes on an H100/H200.
 How to run it on an offline GPU machine (the wheels to bring): bench/README.md, "The GPU core check".
 """
@@ -201,7 +202,7 @@ def check_liger(device, vocab=1000, width=64, tokens=256) -> dict:
 
 # -- the step ---------------------------------------------------------------------------------------
 ARMS = ("plain, CE", "BitNet, CE", "BitNet, CE + KD (hidden)", "+ attention relations", "BitNet CE, compiled quantizers",
-        "BitNet, CE + KD, activation checkpointing")
+        "+ attention relations, compiled (experiment=gpu)", "BitNet, CE + KD, activation checkpointing")
 
 
 def _batch(config, batch, seq, device, arm):

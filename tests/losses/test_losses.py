@@ -359,6 +359,21 @@ def test_attention_relations_with_bfloat16_matmuls_stay_within_its_rounding_of_f
         _grad_close(g, r, tol=5e-2)
 
 
+def test_the_compiled_relation_loss_a_gpu_runs_equals_the_eager_one(gen):
+    """On a GPU with `student.compile` the per-key relation loss runs compiled (generated kernels);
+    here on CPU the same compiled function gives the eager value and gradient."""
+    from distillation.losses.attention import _key_loss, _key_loss_compiled
+
+    teacher, student = torch.randn(2, 24, 32, generator=gen), torch.randn(2, 24, 32, generator=gen)
+    allowed = torch.ones(2, 24, 24, dtype=torch.bool)
+    allowed[1, :, -5:] = False
+    weight = torch.rand(2, 24, generator=gen)
+    args = (teacher, student, 4, 1.0, allowed, weight, torch.float32, True, "q")
+    (value, grad), (ref_value, ref_grad) = _key_loss_compiled(*args), _key_loss(*args)
+    torch.testing.assert_close(value, ref_value, rtol=1e-5, atol=1e-7)
+    _grad_close(grad, ref_grad)
+
+
 def test_attention_relation_loss_zero_for_identical_states_and_width_check(gen):
     states = {k: torch.randn(1, 5, 24, generator=gen) for k in "qkv"}
     assert attention_relation_loss(states, states, 4).abs() < 1e-6

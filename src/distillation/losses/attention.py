@@ -78,6 +78,13 @@ def _key_loss(teacher: torch.Tensor, student: torch.Tensor, split_heads: int, te
     return value, du.transpose(1, 2).reshape(student.shape)
 
 
+# On a GPU, compiled where `student.compile` is on (experiment=gpu): generated kernels fuse the
+# elementwise runs (exp, subtract, weight, the KL's product) instead of a pass over memory per [T, T]
+# temporary; `student.build.set_compile(False)` holds it eager like every torch.compile'd function.
+# On CPU always eager: compiling gave the quantizers no gain there (README) and costs ~20 s a shape.
+_key_loss_compiled = torch.compile(_key_loss)
+
+
 def attention_relation_loss(teacher: Mapping[str, torch.Tensor], student: Mapping[str, torch.Tensor],
                             split_heads: int, temperature: float = 1.0, mask: Optional[torch.Tensor] = None,
                             chunk_sequences: int = 2, normalization: str = "reference",
@@ -115,9 +122,10 @@ def attention_relation_loss(teacher: Mapping[str, torch.Tensor], student: Mappin
             allowed = same if allowed is None else same & allowed
         real = chunk_mask.float() if chunk_mask is not None else torch.ones(inputs[0][rows].shape[:2], device=device)
         row_weight = real / rows_per_key
+        key_loss = _key_loss_compiled if device.type == "cuda" else _key_loss
         for key, s_states, grad in zip(QKV, inputs, grads):
-            value, du = _key_loss(teacher[key][rows].detach(), s_states[rows].detach(), split_heads, temperature,
-                                  allowed, row_weight, dtype, want_grad, key)
+            value, du = key_loss(teacher[key][rows].detach(), s_states[rows].detach(), split_heads, temperature,
+                                 allowed, row_weight, dtype, want_grad, key)
             total += value
             if grad is not None:
                 grad[rows] = du.to(grad.dtype)
