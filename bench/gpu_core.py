@@ -10,9 +10,9 @@ autograd; compiled BitNet quantizers against eager ones (ternary and mid-warm-up
 Liger's fused linear distillation loss (where `liger_kernel` imports) against ours. Then, on random
 weights of the real shapes (SmolLM2-135M, Qwen3-1.7B; `--tiny`: a 2-layer model for a CPU test):
 tokens/s and peak memory of one optimizer step for a plain model with CE (the fine-tuning limit), the
-BitNet student with CE, + KD (hidden-state teacher), + the attention relations, with compiled
-quantizers, all three compiled (quantizers and relations: what experiment=gpu runs), and CE + KD
-with activation checkpointing; and the loss alone (16,384 tokens at 49k and
+BitNet student with CE, + KD (hidden-state teacher), + the attention relations, CE compiled
+(quantizers and loss), all three compiled (what experiment=gpu runs), and CE + KD with activation
+checkpointing; and the loss alone (16,384 tokens at 49k and
 152k vocabularies): ours against naive dense logits and Liger. Under 5 minutes on an H100/H200.
 How to run it on an offline GPU machine (the wheels to bring): bench/README.md, "The GPU core check".
 """
@@ -201,7 +201,7 @@ def check_liger(device, vocab=1000, width=64, tokens=256) -> dict:
 
 
 # -- the step ---------------------------------------------------------------------------------------
-ARMS = ("plain, CE", "BitNet, CE", "BitNet, CE + KD (hidden)", "+ attention relations", "BitNet CE, compiled quantizers",
+ARMS = ("plain, CE", "BitNet, CE", "BitNet, CE + KD (hidden)", "+ attention relations", "BitNet CE, compiled (quantizers and loss)",
         "+ attention relations, compiled (experiment=gpu)", "BitNet, CE + KD, activation checkpointing")
 
 
@@ -284,7 +284,7 @@ def loss_arm(vocab, tokens, width, device, variant, reps) -> dict:
 
     def run():
         leaves = [h_in.detach().requires_grad_(), w_in.detach().requires_grad_()]
-        if variant == "ours (fused head)":
+        if variant.startswith("ours"):
             total = logit_losses(HeadInputs(leaves[0], leaves[1], None, vocab, dtype), labels,
                                  HiddenTargets(t_hidden, t_head), 1.0, True, 1.0, 10.0)[0]
         elif variant == "naive dense":
@@ -295,10 +295,13 @@ def loss_arm(vocab, tokens, width, device, variant, reps) -> dict:
             total = liger(leaves[0], leaves[1], t_hidden.to(dtype), t_weight.to(dtype), labels)
         total.backward()
 
+    set_compile("compiled" in variant)  # our chunk functions compile on a GPU only (losses/logits.py)
     try:
         seconds, spread, peak = _timed(run, device, reps, warm=2)
     except torch.OutOfMemoryError:
         return {"vocab": vocab, "variant": variant, "oom": True}
+    finally:
+        set_compile(False)
     return {"vocab": vocab, "variant": variant, "seconds": seconds, "spread": spread, "peak_gib": peak}
 
 
@@ -349,7 +352,7 @@ def main(argv=None) -> dict:
     loss_tokens = 512 if args.tiny else 16384
     losses = [loss_arm(vocab, loss_tokens, 64 if args.tiny else 576, device, variant, args.reps)
               for vocab in ((1000,) if args.tiny else (49152, 151936))
-              for variant in ("ours (fused head)", "naive dense", "Liger fused")]
+              for variant in ("ours (fused head)", "ours (fused head), compiled", "naive dense", "Liger fused")]
     versions = {"torch": torch.__version__, "transformers": __import__("transformers").__version__}
     result = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", "versions": versions,
               "checks": checks, "steps": steps, "losses": losses, "loss_tokens": loss_tokens,

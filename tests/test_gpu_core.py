@@ -23,9 +23,10 @@ def test_the_gpu_core_check_runs_without_ray_and_reports_every_arm(tmp_path):
     assert result["checks"]["fused loss (float32)"] < 1e-5
     arms = [r["arm"] for r in result["steps"]]
     assert arms == ["plain, CE", "BitNet, CE", "BitNet, CE + KD (hidden)", "+ attention relations",
-                    "BitNet CE, compiled quantizers", "+ attention relations, compiled (experiment=gpu)",
+                    "BitNet CE, compiled (quantizers and loss)", "+ attention relations, compiled (experiment=gpu)",
                     "BitNet, CE + KD, activation checkpointing"]
     assert [r["activation_checkpointing"] for r in result["steps"]] == [False] * 6 + [True]
     assert all(r["tokens_per_s"] > 0 for r in result["steps"])
-    assert {r["variant"] for r in result["losses"] if "seconds" in r} == {"ours (fused head)", "naive dense"}
+    assert {r["variant"] for r in result["losses"] if "seconds" in r} == {"ours (fused head)", "ours (fused head), compiled",
+                                                                          "naive dense"}
     assert "| tiny llama | BitNet, CE + KD (hidden) |" in result["table"]

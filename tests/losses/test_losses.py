@@ -265,6 +265,24 @@ def test_the_fused_loss_in_bfloat16_keeps_fp32_statistics_and_each_inputs_dtype(
     torch.testing.assert_close(logits, teacher_head(inputs[0]), rtol=2e-2, atol=5e-2)
 
 
+def test_the_compiled_chunk_functions_a_gpu_runs_equal_the_eager_ones(gen):
+    """On a GPU with `student.compile` each chunk's CE and KL (value and gradient) run compiled; here
+    on CPU the same compiled functions give the eager results for every target kind."""
+    from distillation.losses.logits import _COMPILED, _ce_chunk, _kl_chunk
+
+    (hidden, weight, bias), labels, _, tau, vocab, _ = _fused_case(gen, "dense")
+    x = (hidden @ weight[:vocab].T + bias[:vocab]).reshape(-1, vocab)
+    flat_labels, row_weight = labels.reshape(-1), torch.rand(x.shape[0], generator=gen)
+    pairs = [((_COMPILED[0], _ce_chunk), (flat_labels, row_weight, True))]
+    for kind in ("dense", "hidden", "topk", "sampled"):
+        targets = _fused_case(gen, kind)[2]
+        pairs.append(((_COMPILED[1], _kl_chunk), (targets.flat(), tau, True)))
+    for (compiled, eager), rest in pairs:
+        (value, grad), (ref_value, ref_grad) = compiled(x.clone(), *rest), eager(x.clone(), *rest)
+        torch.testing.assert_close(value, ref_value, rtol=1e-5, atol=1e-6)
+        _grad_close(grad, ref_grad)
+
+
 def test_identical_teacher_and_student_give_zero_and_different_ones_do_not(gen):
     t = torch.randn(1, 4, 30, generator=gen) * 3
     labels = _labels(1, 4, 30, gen)

@@ -97,6 +97,7 @@ def logit_losses(student: Union[torch.Tensor, HeadInputs], labels: torch.Tensor,
     flat_targets = targets.flat() if targets is not None else None
     denominator = (flat_labels != IGNORE_INDEX).sum().clamp(min=1).float() if n_labels is None else max(n_labels, 1.0)
     want_grad = source.requires_grad and torch.is_grad_enabled()
+    chunk_fns = _COMPILED if labels.device.type == "cuda" else (_ce_chunk, _kl_chunk)
     if want_grad:
         source.start_grad()
     ce_sum = torch.zeros((), dtype=torch.float32, device=labels.device)
@@ -107,14 +108,14 @@ def logit_losses(student: Union[torch.Tensor, HeadInputs], labels: torch.Tensor,
         row_weight = (flat_labels[rows] != IGNORE_INDEX).float() / denominator  # masked mean, per row
         chunk_grad = source.chunk_grad(rows, x) if want_grad else None
         if ce_weight:
-            ce, ce_grad = _ce_chunk(x, flat_labels[rows], row_weight, want_grad)
+            ce, ce_grad = chunk_fns[0](x, flat_labels[rows], row_weight, want_grad)
             ce_sum += ce
             if chunk_grad is not None:
                 chunk_grad.add_(ce_grad.mul_((ce_weight * row_weight)[:, None]))
             del ce_grad
         if kl_weight:
             assert flat_targets is not None  # kl_weight without targets was rejected above
-            kl, kl_grad = _kl_chunk(x, flat_targets.rows(rows), temperature, want_grad)
+            kl, kl_grad = chunk_fns[1](x, flat_targets.rows(rows), temperature, want_grad)
             kl_sum += scale * (kl * row_weight).sum()
             if chunk_grad is not None:
                 chunk_grad.add_(kl_grad.mul_((kl_weight * scale / temperature * row_weight)[:, None]))
@@ -189,3 +190,9 @@ def _sparse_teacher(targets: SparseTargets, vocab: int):
         tail = torch.zeros_like(tail)  # no id outside the top-k: a nonzero tail is rounding noise
     norm = p_top.sum(-1) + tail
     return p_top / norm[..., None], tail / norm
+
+
+# On a GPU, compiled where `student.compile` is on (experiment=gpu), as Liger's chunked losses are:
+# the softmax statistics and the gradient's elementwise runs fuse into generated kernels.
+# `student.build.set_compile(False)` holds them eager; on CPU they always are (as attention.py).
+_COMPILED = (torch.compile(_ce_chunk), torch.compile(_kl_chunk))
