@@ -83,7 +83,10 @@ def test_folders_written_before_the_layout_still_load():
     student = load_student(FIXTURES / "v1-student").eval()
     packed = load_student(FIXTURES / "v1-packed").eval()
     with torch.no_grad():
-        torch.testing.assert_close(student(input_ids=expected["input_ids"]).logits, expected["logits"], rtol=0, atol=0)
+        # equal up to the float summation order of this CPU's kernels (the fixture's logits came from
+        # another machine; 7e-8 apart on 2026-12-05's), far below what a wrong load would move
+        torch.testing.assert_close(student(input_ids=expected["input_ids"]).logits, expected["logits"], rtol=0,
+                                   atol=1e-6)
         # the packed kernel sums int8 x ternary products exactly, training sums fp32 products: rounding apart
         torch.testing.assert_close(packed(input_ids=expected["input_ids"]).logits, expected["logits"],
                                    rtol=0, atol=1e-4)
