@@ -157,9 +157,15 @@ def load_output_head(model: ModelSource, vocab_size: Optional[int] = None, trust
     weight = next((tensors[n] for n in candidates if n in tensors), None)
     if weight is None:
         raise DistillError(f"no output head weights ({' or '.join(candidates)}) in the safetensors files of {model_dir}")
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return OutputHead(weight, tensors.get(bias_name), scale=getattr(text_config, "logit_scale", None) or 1.0,
-                      softcap=getattr(text_config, "final_logit_softcapping", None), vocab_size=vocab_size)
+    scale, softcap = head_scale_and_softcap(config)
+    return OutputHead(weight, tensors.get(bias_name), scale=scale, softcap=softcap, vocab_size=vocab_size)
+
+
+def head_scale_and_softcap(config: Any) -> tuple:
+    """What a model does to its head's output before the logits (1.0 and None for Llama, Qwen,
+    SmolLM2): Cohere's logit_scale, Gemma's final_logit_softcapping."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text, "logit_scale", None) or 1.0, getattr(text, "final_logit_softcapping", None)
 
 
 def check_output_head(model: nn.Module, model_dir: ModelSource, input_ids, vocab_size: int) -> None:
@@ -195,12 +201,7 @@ def plain_output_head(model: nn.Module) -> Optional[nn.Linear]:
     nn.Linear (a ternary student keeps its head in full precision) with no logit scale or soft-capping
     after it. None otherwise: the loss then takes the model's logits."""
     head = model.get_output_embeddings()  # type: ignore[operator]  # nn.Module.__getattr__ is typed Tensor | Module
-    config: Any = model.config
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    if type(head) is not nn.Linear or (getattr(text, "logit_scale", None) or 1.0) != 1.0 \
-            or getattr(text, "final_logit_softcapping", None):
-        return None
-    return head
+    return head if type(head) is nn.Linear and head_scale_and_softcap(model.config) == (1.0, None) else None
 
 
 @contextlib.contextmanager

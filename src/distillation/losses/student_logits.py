@@ -67,6 +67,8 @@ class _FusedLogits:
         self.inputs = [head.hidden, head.weight] + ([head.bias] if head.bias is not None else [])
         self.requires_grad = any(t.requires_grad for t in self.inputs)
         self.grad_hidden: Optional[torch.Tensor] = None
+        self.grad_weight: Optional[torch.Tensor] = None
+        self.grad_bias: Optional[torch.Tensor] = None
 
     def start_grad(self) -> None:
         self.grad_hidden = torch.empty(self.hidden.shape, dtype=self.head.hidden.dtype, device=self.hidden.device)
@@ -80,7 +82,7 @@ class _FusedLogits:
         return torch.zeros_like(x)
 
     def put_grad(self, rows: slice, grad: torch.Tensor) -> None:
-        assert self.grad_hidden is not None
+        assert self.grad_hidden is not None and self.grad_weight is not None
         vocab, g = self.head.vocab_size, grad.to(self.weight.dtype)
         self.grad_hidden[rows] = (g @ self.weight).to(self.grad_hidden.dtype)
         self.grad_weight[:vocab] += (g.T @ self.hidden[rows]).to(self.grad_weight.dtype)
@@ -88,7 +90,7 @@ class _FusedLogits:
             self.grad_bias[:vocab] += grad.sum(0).to(self.grad_bias.dtype)
 
     def grads(self) -> list:
-        assert self.grad_hidden is not None
+        assert self.grad_hidden is not None and self.grad_weight is not None
         return [self.grad_hidden.view_as(self.head.hidden), self.grad_weight] + (
             [self.grad_bias] if self.grad_bias is not None else [])
 

@@ -26,6 +26,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
+from distillation.config.schema import TrainingConfig
 from distillation.data.packing import Packed
 from distillation.data.pipeline import read_batches
 from distillation.data.steps import samples_before, samples_per_step
@@ -78,6 +79,11 @@ class Worker:
         return is_sharded(self.core)
 
 
+def autocast_dtype(t: TrainingConfig) -> Optional[torch.dtype]:
+    """The forward pass's compute dtype under `training.autocast` (None: no autocast, fp32)."""
+    return torch.bfloat16 if t.autocast == "bf16" else None
+
+
 def setup(spec: WorkerSpec) -> Worker:
     """This worker's student (resumed from the latest checkpoint if there is one), optimizer, schedule,
     device and counters: everything the steps that follow need."""
@@ -108,7 +114,7 @@ def setup(spec: WorkerSpec) -> Worker:
     head = None
     if spec.signal == "hidden" and weights.logits_weight > 0:
         head = load_output_head(spec.teacher_model, spec.vocab_size, spec.trust_remote_code).to(
-            device, torch.bfloat16 if t.autocast == "bf16" else None)  # the matmul in the compute dtype
+            device, autocast_dtype(t))  # the matmul in the compute dtype
     return Worker(spec=spec, rank=rank, world=world, model=model, core=core, device=device, optimizer=optimizer,
                   scheduler=scheduler, guard=NanGuard(t.max_nan_steps, state["nan_skipped"]), weights=weights,
                   head=head, step=state["step"], tokens=state["tokens"], mixture=ray.get_actor(spec.feed.mixture),
@@ -221,8 +227,8 @@ def train_steps(w: Worker, stream) -> None:
     the optimizer step, the logging window and, on schedule, a checkpoint. A step's micro-batches
     are read first: the loss divides by the step's labelled tokens on every rank."""
     t = w.spec.training
-    autocast = (partial(torch.autocast, w.device.type, dtype=torch.bfloat16) if t.autocast == "bf16"
-                else nullcontext)
+    dtype = autocast_dtype(t)
+    autocast = partial(torch.autocast, w.device.type, dtype=dtype) if dtype else nullcontext
     window = LogWindow()
     with ExitStack() as hooks:
         student_qkv = (hooks.enter_context(capture_qkv(w.core, w.spec.distillation.student_layer))

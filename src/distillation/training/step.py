@@ -99,8 +99,6 @@ def fused_output_head(model) -> Optional[torch.nn.Linear]:
     return None if is_sharded(model) else plain_output_head(unwrapped(model))
 
 
-
-
 def lr_lambda(tcfg: TrainingConfig) -> Callable[[int], float]:
     """Linear warmup from lr / warmup_steps, then a cosine down to `min_lr_ratio`. Our own rather than
     transformers' `get_cosine_with_min_lr_schedule_with_warmup`, whose warmup starts at lr 0 and so
