@@ -8,7 +8,7 @@ import pytest
 import ray
 from ray import serve
 
-from conftest import in_background, jsonl_mixture_inputs, wait_for
+from conftest import in_background, jsonl_mixture_inputs, save_tiny_llama, wait_for
 from distillation.config import load_config
 from distillation.data.mixture import MixturePlan
 from distillation.models import pin_model
@@ -38,14 +38,22 @@ def _cluster_state():
     return f"free: {ray.available_resources()}; replicas: {serve.status().applications}"
 
 
-def test_pool_scales_out_under_load_and_back_in(tiny_dir_one_layer, ray_cluster):
+@pytest.fixture(scope="module")
+def busy_teacher_dir(tmp_path_factory):
+    """One layer, vocabulary 8192: ~75 ms per request of 2 x 512 tokens on one thread, so the replica
+    and not Serve's routing is the bottleneck. With vocabulary 128 (6 ms) CI once saw the requests
+    wait in the router of a busy driver while the replica idled (ongoing 0.85), so it never scaled out."""
+    return save_tiny_llama(tmp_path_factory.mktemp("busy-teacher"), layers=1, vocab_size=8192)
+
+
+def test_pool_scales_out_under_load_and_back_in(busy_teacher_dir, ray_cluster):
     cfg = load_config(["teacher.min_replicas=1", "teacher.max_replicas=2", "teacher.num_cpus=0.5",
                        "teacher.target_ongoing_requests=1", "teacher.upscale_delay_s=0.5",
                        "teacher.downscale_delay_s=2", "teacher.max_batch_size=1", "teacher.top_k=8"])
-    handle = _deploy(cfg, _pool_teacher(tiny_dir_one_layer, 128), "pool-autoscale")
+    handle = _deploy(cfg, _pool_teacher(busy_teacher_dir, 8192), "pool-autoscale")
     try:
         assert _running("pool-autoscale") == 1
-        ids = np.random.default_rng(0).integers(0, 128, (2, 512))
+        ids = np.random.default_rng(0).integers(0, 8192, (2, 512))
         stop, answered = threading.Event(), [0]
 
         def load():
@@ -55,7 +63,7 @@ def test_pool_scales_out_under_load_and_back_in(tiny_dir_one_layer, ray_cluster)
 
         workers = [in_background(load) for _ in range(2)]
 
-        def details():  # CI once saw no scale-out at all: say whether the load was really there
+        def details():  # say whether the load was really there
             return f"{_cluster_state()}; answered {answered[0]}; load errors {[w.errors for w in workers]}"
 
         # Generous: on two busy cores a new replica process needs a while to import torch and load.
