@@ -6,7 +6,11 @@ converted student, seed and rows, changed by its overrides only. Two metrics: bi
 held-out split and on two English texts no run trains on (bench/unseen.py), so the choice is not
 tuned to the held-out split alone. `--budget 4` multiplies the steps (4x the tokens).
 
-    python -m bench sweep [--arms NAME ...] [--budget 1] [--seeds 0]
+    python -m bench sweep [--arms NAME ...] [--budget 1] [--seeds 0] [--table-from-log]
+
+Every finished arm is appended to `results/sweep-runs.jsonl` at once; `--table-from-log` runs
+nothing and assembles the table of `--arms` at `--budget` from it (the rows scored on the same
+held-out set as the latest row), e.g. across invocations that each ran some seeds.
 
 The stage-2 arms split the same steps between CE-only continued pre-training and distillation from
 its student (the recipe's stages 2 and 3), so every arm sees the same number of tokens.
@@ -103,22 +107,48 @@ def _split_run(overrides: list, common: list, steps: int, split: float) -> dict:
     return {**last, "tokens_seen": first["tokens_seen"] + last["tokens_seen"]}
 
 
+def _fmt(values: list) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.median(values):.3f} [{min(values):.3f}, {max(values):.3f}]"
+
+
 def table(results: list, teacher: dict) -> str:
-    lines = ["| arm | steps | held-out bits/byte | unseen English bits/byte | L_AD per term, first -> last |",
-             "|---|---|---|---|---|",
-             f"| teacher SmolLM2-135M | - | {teacher['heldout']:.3f} | {teacher['unseen']:.3f} | - |"]
-    groups = {}
+    """One row per (arm, steps), median [min, max] over seeds. Gap closed per seed against the SFT arm
+    of the same seed and steps: (SFT - arm) / (SFT - teacher), on each metric."""
+    sft = {(r["seed"], r["steps"]): r for r in results if r["arm"] == "sft"}
+    lines = ["| arm | steps | seeds | held-out bits/byte | gap closed (held-out) | unseen English bits/byte | "
+             "gap closed (unseen) | L_AD per term, first -> last |",
+             "|---|---|---|---|---|---|---|---|",
+             f"| teacher SmolLM2-135M | - | - | {teacher['heldout']:.3f} | - | {teacher['unseen']:.3f} | - | - |"]
+    groups: dict = {}
     for r in results:
         groups.setdefault((r["arm"], r["steps"]), []).append(r)
     for (arm, steps), rows in groups.items():
-        def fmt(values):
-            return (f"{statistics.median(values):.3f}" if len(values) == 1 else
-                    f"{statistics.median(values):.3f} [{min(values):.3f}, {max(values):.3f}]")
+        gaps = {"heldout": [], "unseen": []}
+        for r in rows:
+            base = sft.get((r["seed"], steps))
+            if base is not None and arm != "sft":
+                gaps["heldout"].append((base["heldout_bpb"] - r["heldout_bpb"]) / (base["heldout_bpb"] - teacher["heldout"]))
+                gaps["unseen"].append((base["unseen_bpb"]["mean"] - r["unseen_bpb"]["mean"])
+                                      / (base["unseen_bpb"]["mean"] - teacher["unseen"]))
         attn = rows[0]["loss_terms_first"]["attention"], rows[0]["loss_terms_last"]["attention"]
         attn = f"{attn[0]:.4f} -> {attn[1]:.4f}" if attn[0] else "-"
-        lines.append(f"| {arm} | {steps} | {fmt([r['heldout_bpb'] for r in rows])} | "
-                     f"{fmt([r['unseen_bpb']['mean'] for r in rows])} | {attn} |")
+        lines.append(f"| {arm} | {steps} | {','.join(str(r['seed']) for r in rows)} | "
+                     f"{_fmt([r['heldout_bpb'] for r in rows])} | {_fmt(gaps['heldout']) if gaps['heldout'] else '-'} | "
+                     f"{_fmt([r['unseen_bpb']['mean'] for r in rows])} | {_fmt(gaps['unseen']) if gaps['unseen'] else '-'} | "
+                     f"{attn} |")
     return "\n".join(lines)
+
+
+def from_log(log: str, arms: list, steps: int, seeds: list) -> list:
+    """The latest logged row of each (arm, seed) at `steps`, among the rows scored on the same held-out
+    set as the log's last row (older rows came from an earlier data path, issue 14)."""
+    rows = [json.loads(line) for line in Path(log).read_text().splitlines()]
+    held_out = rows[-1]["teacher_heldout_bpb"]
+    latest = {(r["arm"], r["seed"]): r for r in rows
+              if r["steps"] == steps and r["seed"] in seeds and abs(r["teacher_heldout_bpb"] - held_out) < 1e-9}
+    return [latest[(arm, seed)] for arm in arms for seed in seeds if (arm, seed) in latest]
 
 
 def main(argv=None) -> dict:
@@ -128,6 +158,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--log", default=str(Path(__file__).with_name("results") / "sweep-runs.jsonl"),
                         help="every finished arm is appended here at once")
+    parser.add_argument("--table-from-log", action="store_true", help="run nothing: the table from --log")
     args = parser.parse_args(argv)
     unknown = [a for a in args.arms if a not in ARMS]
     if unknown:
@@ -139,6 +170,15 @@ def main(argv=None) -> dict:
     cache_dir = load_config().data.cache_dir
     teacher_dir = resolve_model(load_config().teacher.model, cache_dir)
     teacher_unseen = score_unseen(load_causal_lm(teacher_dir), load_tokenizer(teacher_dir), cache_dir)
+    if args.table_from_log:
+        results = from_log(args.log, args.arms, DEFAULT_STEPS * args.budget, args.seeds)
+        if not results:
+            parser.error(f"no rows of {args.arms} at budget {args.budget}x, seeds {args.seeds} in {args.log}")
+        teacher = {"heldout": results[0]["teacher_heldout_bpb"], "unseen": teacher_unseen["mean"]}
+        text = table(results, teacher)
+        print(text)
+        return {"table": text, "teacher": teacher, "teacher_unseen": teacher_unseen, "results": results,
+                "budget": args.budget, "seeds": args.seeds, "from_log": args.log}
 
     def unseen(model, tokenizer):
         return score_unseen(model, tokenizer, cache_dir)
