@@ -59,6 +59,8 @@ ARMS = {
     "defaults, tau 2": ["distillation.temperature=2"],
     "defaults, gamma 1e4": ["distillation.attention_weight=1e4"],
     "defaults, gamma 1e6": ["distillation.attention_weight=1e6"],
+    "defaults, gamma 1e3": ["distillation.attention_weight=1e3"],
+    "defaults, gamma 0": ["distillation.attention_weight=0"],
     # Issue 25: stage 2 (CE only, the paper's continued pre-training) for a share of the steps, then
     # the defaults from its student for the rest (recipe.stages=[pretrain, distill]): equal tokens.
     "stage 2 for 25%, then the defaults": ["SPLIT=0.25"],
@@ -143,11 +145,12 @@ def table(results: list, teacher: dict) -> str:
 
 def from_log(log: str, arms: list, steps: int, seeds: list) -> list:
     """The latest logged row of each (arm, seed) at `steps`, among the rows scored on the same held-out
-    set as the log's last row (older rows came from an earlier data path, issue 14)."""
+    set as the log's last row that scored the teacher (older rows came from an earlier data path,
+    issue 14); a stage-2 split arm scores no teacher and is kept."""
     rows = [json.loads(line) for line in Path(log).read_text().splitlines()]
-    held_out = rows[-1]["teacher_heldout_bpb"]
-    latest = {(r["arm"], r["seed"]): r for r in rows
-              if r["steps"] == steps and r["seed"] in seeds and abs(r["teacher_heldout_bpb"] - held_out) < 1e-9}
+    held_out = [r["teacher_heldout_bpb"] for r in rows if r["teacher_heldout_bpb"] is not None][-1]
+    latest = {(r["arm"], r["seed"]): r for r in rows if r["steps"] == steps and r["seed"] in seeds
+              and (r["teacher_heldout_bpb"] is None or abs(r["teacher_heldout_bpb"] - held_out) < 1e-9)}
     return [latest[(arm, seed)] for arm in arms for seed in seeds if (arm, seed) in latest]
 
 
@@ -174,7 +177,8 @@ def main(argv=None) -> dict:
         results = from_log(args.log, args.arms, DEFAULT_STEPS * args.budget, args.seeds)
         if not results:
             parser.error(f"no rows of {args.arms} at budget {args.budget}x, seeds {args.seeds} in {args.log}")
-        teacher = {"heldout": results[0]["teacher_heldout_bpb"], "unseen": teacher_unseen["mean"]}
+        teacher = {"heldout": next(r["teacher_heldout_bpb"] for r in results if r["teacher_heldout_bpb"]),
+                   "unseen": teacher_unseen["mean"]}
         text = table(results, teacher)
         print(text)
         return {"table": text, "teacher": teacher, "teacher_unseen": teacher_unseen, "results": results,
