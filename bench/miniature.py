@@ -7,8 +7,10 @@ nothing to distil: trained on 1.5M tokens (367 steps) it scored 5.06 nats/token 
 worse than its own ternary conversion after 0.56M tokens of stage 2 (4.91). It now trains on 6M
 tokens (about 3 passes over the 1M-token-per-source training split).
 
-Built once and cached under `<data.cache_dir>/miniature/<settings hash>/` (safetensors, tokenizer,
-`trained.json` with the loss curve), so later runs reuse it. Held-out and probe documents are never
+Built once and cached under `<data.cache_dir>/miniature/<key>/` (safetensors, tokenizer,
+`trained.json` with the loss curve), so later runs reuse it. The key covers what decides the teacher:
+its settings, the sources and splits, and the code that reads and cuts the rows (a change there,
+such as ending every document with EOS, made a teacher of other rows under the same key before). Held-out and probe documents are never
 seen: the tokenizer is trained on training documents and the teacher on the corpus's training rows.
 """
 
@@ -26,9 +28,17 @@ SETTINGS = {"vocab_size": 4096, "hidden_size": 192, "intermediate_size": 512, "n
             "batch_size": 16, "lr": 3e-3, "warmup_steps": 30, "seed": 0, "max_tokens_per_source": 1_000_000}
 
 
-def miniature_dir(cache_dir: str) -> Path:
-    digest = hashlib.sha256(json.dumps(SETTINGS, sort_keys=True).encode()).hexdigest()[:12]
-    return Path(cache_dir).expanduser() / "miniature" / digest
+def miniature_dir(data) -> Path:
+    """The cache folder for `data` (the run's `DataConfig`)."""
+    import inspect
+
+    from distillation.data import packing, rows, sources
+
+    key = {"settings": SETTINGS, "sources": [[s.name, s.kind, s.path] for s in data.sources],
+           "splits": [data.heldout_fraction, data.probe_fraction, data.seq_len],
+           "code": [hashlib.sha256(inspect.getsource(m).encode()).hexdigest() for m in (sources, rows, packing)]}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return Path(data.cache_dir).expanduser() / "miniature" / digest
 
 
 def _train_tokenizer(cfg, out: Path):
@@ -69,7 +79,7 @@ def build_miniature_teacher(cfg, say=print) -> Path:
 
     from distillation.data.packing import next_token_labels
 
-    out = miniature_dir(cfg.data.cache_dir)
+    out = miniature_dir(cfg.data)
     if (out / "trained.json").is_file():
         return out
     out.mkdir(parents=True, exist_ok=True)
