@@ -61,6 +61,10 @@ ARMS = {
     "defaults, gamma 1e6": ["distillation.attention_weight=1e6"],
     "defaults, gamma 1e3": ["distillation.attention_weight=1e3"],
     "defaults, gamma 0": ["distillation.attention_weight=0"],
+    # The depth-only reference: the same 8 layers in full precision, same tokens (what truncation alone
+    # costs); a full-precision model is usually fine-tuned at a smaller lr than a fresh ternary one.
+    "full precision, defaults": ["student.ternary=false"],
+    "full precision, defaults, lr 1e-4": ["student.ternary=false", "training.lr=1e-4"],
     # Issue 25: stage 2 (CE only, the paper's continued pre-training) for a share of the steps, then
     # the defaults from its student for the rest (recipe.stages=[pretrain, distill]): equal tokens.
     "stage 2 for 25%, then the defaults": ["SPLIT=0.25"],
@@ -84,7 +88,7 @@ def run_arm(name: str, overrides: list, seed: int, steps: int, out: str, unseen)
     else:
         summary = _split_run(overrides, common, steps, split)
     student_dir = summary["student_checkpoint"]
-    scores = unseen(load_student(student_dir), load_tokenizer(student_dir))
+    scores = unseen(load_student(student_dir, dense="student.ternary=false" in overrides), load_tokenizer(student_dir))
     first, last = summary["first"], summary["last"]
     return {"arm": name, "seed": seed, "steps": steps, "tokens": summary["tokens_seen"],
             "heldout_bpb": summary["heldout"]["student_after"]["bits_per_byte"],

@@ -297,8 +297,6 @@ LAST_LAYERS = ["distillation.teacher_layer=-1", "distillation.student_layer=-1"]
      "source weights must be finite, non-negative"),
     (lambda d, out: [f"data.sources=[{{name: latin1, kind: text, path: {d['latin1']}}}]"], "is not UTF-8"),
     (lambda d, out: [f"data.sources=[{{name: none, kind: jsonl, path: {d['empty']}}}]"], "holds no .jsonl/.json files"),
-    (lambda d, out: [f"teacher.model={d['teacher']}", "student.ternary=false", "student.num_layers=2", *LAST_LAYERS],
-     "student.ternary=false trains the model itself: student.num_layers must be null"),
     (lambda d, out: [f"teacher.model={d['teacher']}", "student.ternary=false", "student.num_layers=null",
                      "student.export=[gguf]", *LAST_LAYERS], "a full-precision model (student.ternary=false) is written only as hf"),
 ])

@@ -187,8 +187,6 @@ def check_exports(student: StudentConfig, trust_remote_code: bool, teacher: Reso
     from distillation.student.export import FORMATS, export_problem
     from distillation.student.gguf_export import read_tokenizer_json
 
-    if not student.ternary and student.num_layers is not None:
-        raise DistillError("student.ternary=false trains the model itself: student.num_layers must be null")
     if not student.export:
         return
     if not student.ternary and set(student.export) - {"hf"}:

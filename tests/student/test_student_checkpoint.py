@@ -79,3 +79,22 @@ def test_a_full_precision_model_trained_here_saves_as_transformers_does_and_load
         load_student(tmp_path / "trained")  # distill eval, export and generate take students only
     with pytest.raises(DistillError, match="does not match its config: missing \\['model.layers.\\d.mlp.down_proj.weight'\\]"):
         load_student(tmp_path / "trained", dense=True)
+
+
+def test_a_truncated_full_precision_student_keeps_the_first_layers_and_loads_as_plain_transformers(tiny_llama, tmp_path):
+    """student.ternary=false with num_layers: the depth-only reference (what truncation costs without
+    ternary weights), a plain Llama of the first layers, weights as the original's."""
+    from distillation.specs import StudentSpec
+    from distillation.student import build_student
+
+    tiny_llama.save_pretrained(tmp_path / "base")
+    model = build_student(StudentSpec(None, str(tmp_path / "base"), "paper", 1, False, ternary=False))
+    assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_hidden_layers == 1
+    assert len(model.model.layers) == 1
+    torch.testing.assert_close(model.model.layers[0].mlp.down_proj.weight, tiny_llama.model.layers[0].mlp.down_proj.weight,
+                               rtol=0, atol=0)
+    save_student(model, tmp_path / "trained")
+    ids = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(load_student(tmp_path / "trained", dense=True)(input_ids=ids).logits,
+                                   model(input_ids=ids).logits, rtol=0, atol=0)

@@ -93,7 +93,8 @@ class StudentConfig(Frozen):
     init_from: str = "${teacher.model}"  # the full-precision model converted in stage 1
     # false: train `init_from` itself in full precision (the paper's stage 0, FP16-SFT of the teacher on
     # the task, usually with distillation=ce_only); its student/ is a plain transformers model that
-    # teacher.model can name
+    # teacher.model can name; with num_layers, a full-precision truncated student (the reference for what
+    # the depth alone costs)
     ternary: bool = True
     checkpoint_path: Optional[str] = None  # start from a saved BitNet student instead
     subln: str = one_of("paper", "allnorm", "none")  # paper (before o_proj and down_proj) | allnorm (before every BitLinear) | none

@@ -77,7 +77,7 @@ def convert_to_bitnet(model: nn.Module, subln: str = "paper", num_layers: Option
     if subln not in choices(StudentConfig, "subln"):
         raise ValueError(f"subln must be one of {choices(StudentConfig, 'subln')}, not {subln!r}")
     if num_layers is not None:
-        _truncate_layers(model, num_layers)
+        truncate_layers(model, num_layers)
     eps = getattr(model.config, "rms_norm_eps", 1e-6)
     for name, module in list(model.named_modules()):
         if type(module) is nn.Linear and name.rsplit(".", 1)[-1] not in NOT_CONVERTED:
@@ -86,7 +86,8 @@ def convert_to_bitnet(model: nn.Module, subln: str = "paper", num_layers: Option
     return model
 
 
-def _truncate_layers(model: nn.Module, num_layers: int) -> None:
+def truncate_layers(model: nn.Module, num_layers: int) -> None:
+    """Keep the first `num_layers` decoder layers (a smaller student; its config says so)."""
     layers = model.get_decoder().layers  # type: ignore[operator]  # nn.Module.__getattr__ is typed Tensor | Module
     if not 0 < num_layers <= len(layers):
         raise ValueError(f"num_layers={num_layers} must be between 1 and the model's {len(layers)} layers")

@@ -5,7 +5,7 @@ from torch import nn
 
 from distillation.models import load_causal_lm
 from distillation.specs import StudentSpec
-from distillation.student.bitnet import convert_to_bitnet
+from distillation.student.bitnet import convert_to_bitnet, truncate_layers
 from distillation.student.checkpoint import load_student
 
 
@@ -19,10 +19,14 @@ def set_compile(enabled: bool) -> None:
 
 def build_student(spec: StudentSpec) -> nn.Module:
     """A saved student, else stage 1: `init_from` converted to BitNet (or, not `ternary`, as it is:
-    stage 0 fine-tunes the teacher in full precision)."""
+    stage 0 fine-tunes the teacher in full precision; `num_layers` truncates either)."""
     if spec.checkpoint_path:
         return load_student(spec.checkpoint_path, dense=not spec.ternary)
     if spec.init_from is None:
         raise ValueError("a StudentSpec without checkpoint_path needs init_from")
     model = load_causal_lm(spec.init_from, "float32", spec.trust_remote_code)
-    return convert_to_bitnet(model, spec.subln, spec.num_layers) if spec.ternary else model
+    if spec.ternary:
+        return convert_to_bitnet(model, spec.subln, spec.num_layers)
+    if spec.num_layers is not None:
+        truncate_layers(model, spec.num_layers)
+    return model
