@@ -11,7 +11,7 @@ def test_default_composes_with_the_measured_defaults_and_the_paper_presets_keep_
     assert cfg.teacher.kind == "hf" and cfg.student.init_from == cfg.teacher.model
     assert cfg.teacher.signal == "hidden" and cfg.student.num_layers == 8  # experiment=cpu_default
     d = cfg.distillation
-    assert (d.logits_weight, d.attention_weight, d.temperature, d.temperature_squared) == (10.0, 1e5, 1.0, True)
+    assert (d.logits_weight, d.attention_weight, d.temperature, d.temperature_squared) == (10.0, 1e4, 1.0, True)
     assert d.attention_normalization == "reference"
     paper = load_config(["distillation=classification"]).distillation
     assert (paper.logits_weight, paper.attention_weight, paper.temperature) == (10.0, 1e5, 5.0)
