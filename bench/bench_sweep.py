@@ -46,7 +46,8 @@ ARMS = {
     "hidden tau 1, lr 3e-3": LOGITS + ["teacher.signal=hidden", "distillation.temperature=1", "training.lr=3e-3"],
     "hidden tau 1, lr 3e-4": LOGITS + ["teacher.signal=hidden", "distillation.temperature=1", "training.lr=3e-4"],
     # Issue 25, one factor at a time from the current defaults (hidden, tau 1, lambda 10, + attention
-    # on the same layer, gamma 1e5, lr 1e-3); WARMUP is a third of the arm's steps.
+    # on the same layer, lr 1e-3); WARMUP is a third of the arm's steps. gamma was 1e5 for every
+    # "defaults" row in results/sweep-runs.jsonl; the sweep made it 1e4 (the "gamma 1e4" rows).
     "defaults": [],
     "defaults, quant warm-up linear": ["student.quant_warmup_steps=WARMUP"],
     "defaults, quant warm-up sigmoid": ["student.quant_warmup_steps=WARMUP", "student.quant_warmup_schedule=sigmoid"],
