@@ -10,8 +10,9 @@ tokens (about 3 passes over the 1M-token-per-source training split).
 Built once and cached under `<data.cache_dir>/miniature/<key>/` (safetensors, tokenizer,
 `trained.json` with the loss curve), so later runs reuse it. The key covers what decides the teacher:
 its settings, the sources and splits, and the code that reads and cuts the rows (a change there,
-such as ending every document with EOS, made a teacher of other rows under the same key before). Held-out and probe documents are never
-seen: the tokenizer is trained on training documents and the teacher on the corpus's training rows.
+such as ending every document with EOS, once made a teacher of other rows under the same key).
+Held-out and probe documents are never seen: the tokenizer is trained on training documents and the
+teacher on the corpus's training rows.
 """
 
 import hashlib
