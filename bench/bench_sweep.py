@@ -63,9 +63,8 @@ ARMS = {
     "defaults, gamma 1e3": ["distillation.attention_weight=1e3"],
     "defaults, gamma 0": ["distillation.attention_weight=0"],
     # The depth-only reference: the same 8 layers in full precision, same tokens (what truncation alone
-    # costs); a full-precision model is usually fine-tuned at a smaller lr than a fresh ternary one.
+    # costs), at the ternary arms' lr.
     "full precision, defaults": ["student.ternary=false"],
-    "full precision, defaults, lr 1e-4": ["student.ternary=false", "training.lr=1e-4"],
     # Issue 25: stage 2 (CE only, the paper's continued pre-training) for a share of the steps, then
     # the defaults from its student for the rest (recipe.stages=[pretrain, distill]): equal tokens.
     "stage 2 for 25%, then the defaults": ["SPLIT=0.25"],
