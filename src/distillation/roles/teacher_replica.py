@@ -109,8 +109,15 @@ def teacher_app(spec: ReplicaSpec, t: TeacherConfig) -> "serve.Application":
                                        "target_ongoing_requests": t.target_ongoing_requests,
                                        "upscale_delay_s": t.upscale_delay_s, "downscale_delay_s": t.downscale_delay_s}})
     bundle = replica_bundle(t)
+    actor = {"num_cpus": bundle.pop("CPU"), "num_gpus": bundle.pop("GPU"), "resources": bundle}
+    if "autoscaling_config" in scaling:
+        # Replicas count their own running requests. By default each handle does and pushes them
+        # to the controller; on Ray 2.60 one failed push (ObjectUnknownOwner) stops that handle's
+        # pushes for good, the controller then sees 0 and the pool never scales out again (CI saw
+        # it). The replica's count cannot go stale that way, and Ray plans it as the default.
+        actor["runtime_env"] = {"env_vars": {"RAY_SERVE_COLLECT_AUTOSCALING_METRICS_ON_HANDLE": "0"}}
     return TeacherDeployment.options(  # type: ignore[attr-defined]  # @serve.deployment: a Deployment
-        ray_actor_options={"num_cpus": bundle.pop("CPU"), "num_gpus": bundle.pop("GPU"), "resources": bundle},
+        ray_actor_options=actor,
         max_ongoing_requests=max(4, 2 * t.max_batch_size), health_check_period_s=t.health_check_period_s,
         **scaling,
         logging_config={"log_level": "WARNING", "enable_access_log": False},  # one line per request otherwise
