@@ -9,7 +9,8 @@ starts from the same student and learns from the same teacher. Every run is a re
 
     python -m bench tasks [--teacher miniature|smollm2-135m-instruct|PATH] [--tasks shakespeare_genre stdlib_docstring]
                           [--seeds 0 1 2] [--steps 60] [--pretrain-steps 60] [--teacher-sft-steps 120]
-                          [--teacher-sft-lr LR] [--records 200] [--out DIR] [--table-from-log]
+                          [--teacher-sft-lr LR] [--records 200] [--no-ablation] [--label TEXT] [--out DIR]
+                          [--table-from-log] [-- OVERRIDE ...]
 
 With `--out` a stopped bench loses nothing: the rerun skips every finished recipe stage and arm.
 `--table-from-log` assembles the table from `results/tasks-runs.jsonl` (every finished arm is
@@ -63,7 +64,7 @@ def one_seed(task: str, seed: int, common: list, args, out: str, log) -> list:
     rows = [("FP-SFT (teacher fine-tuned)", json.loads((root / "teacher_sft" / "summary.json").read_text())),
             ("BitDistill", json.loads((root / "distill" / "summary.json").read_text()))]
     arms = {"BitNet-SFT (CE only)": ["distillation=ce_only"]}
-    if task == args.tasks[0]:
+    if task == args.tasks[0] and args.ablation:
         arms.update(ABLATION)
     for arm, choice in arms.items():
         overrides = base + choice + [f"student.checkpoint_path={stages['pretrain']['student']}",
@@ -73,7 +74,7 @@ def one_seed(task: str, seed: int, common: list, args, out: str, log) -> list:
         rows.append((arm, json.loads(done.read_text()) if done.is_file() else run(load_config(overrides))))
     results = []
     for arm, summary in rows:
-        row = {"task": task, "arm": arm, "seed": seed, "tokens": summary["tokens_seen"], **_metrics(summary),
+        row = {"task": task, "arm": arm + args.label, "seed": seed, "tokens": summary["tokens_seen"], **_metrics(summary),
                "heldout_nats": summary["heldout"]["student_after"]["loss"]}
         results.append(row)
         log(row)
@@ -114,6 +115,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--teacher-sft-lr", type=float, help="default: 1e-3 for the miniature (trained at 3e-3), "
                                                               "else recipe.teacher_sft_lr")
     parser.add_argument("--records", type=int, default=200, help="held-out records each metric is computed on")
+    parser.add_argument("--ablation", action=argparse.BooleanOptionalAction, default=True,
+                        help="the loss ablation arms on the first task")
+    parser.add_argument("--label", default="", help="appended to every arm's name in the log and table, e.g. what "
+                                                     "the overrides after -- changed")
     parser.add_argument("--log", default=str(Path(__file__).with_name("results") / "tasks-runs.jsonl"))
     parser.add_argument("--out", help="keep the runs here (default: a temporary folder): a rerun skips the stages "
                                       "and arms that finished")
