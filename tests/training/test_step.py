@@ -141,38 +141,25 @@ def test_two_micro_batches_with_different_label_counts_give_the_full_batchs_grad
     assert not all(torch.allclose(g, r, rtol=1e-3) for g, r in zip(per_micro_mean, full))
 
 
-def _two_ranks(rank: int, port: int, full: list):
-    import os
-
-    import torch.distributed as dist
+def _two_ranks(rank: int, full: list):
     from transformers import AutoModelForCausalLM
 
     from conftest import tiny_llama_config
     from distillation.training.parallel import gradient_sync
     from distillation.training.step import labels_per_micro_batch
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    torch.set_num_threads(1)
-    try:
-        torch.manual_seed(0)
-        model = torch.nn.parallel.DistributedDataParallel(AutoModelForCausalLM.from_config(tiny_llama_config(vocab_size=97)))
-        batch = _response_rows()
-        mine = [_half(batch, [rank]), _half(batch, [rank + 2])]  # rank 0: 3 + 13 labels, rank 1: 10 + 4
-        n_labels = labels_per_micro_batch(mine, world=2)
-        assert n_labels == (3 + 13 + 10 + 4) / 4
-        model.zero_grad()
-        for micro, part in enumerate(mine):
-            with gradient_sync(model, sync=micro == 1):
-                _grads_into(model, part, n_labels)
-        for g, r in zip([p.grad for p in model.module.parameters()], full):
-            torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-7)
-        dist.barrier()  # both ranks are past their last collective
-    finally:
-        # DDP's reducer holds the process group: freed after the group was destroyed and the peer
-        # had exited, it hung one rank in a destructor at return (2 runs in 10), so free it first.
-        model = None
-        dist.destroy_process_group()
+    torch.manual_seed(0)
+    model = torch.nn.parallel.DistributedDataParallel(AutoModelForCausalLM.from_config(tiny_llama_config(vocab_size=97)))
+    batch = _response_rows()
+    mine = [_half(batch, [rank]), _half(batch, [rank + 2])]  # rank 0: 3 + 13 labels, rank 1: 10 + 4
+    n_labels = labels_per_micro_batch(mine, world=2)
+    assert n_labels == (3 + 13 + 10 + 4) / 4
+    model.zero_grad()
+    for micro, part in enumerate(mine):
+        with gradient_sync(model, sync=micro == 1):
+            _grads_into(model, part, n_labels)
+    for g, r in zip([p.grad for p in model.module.parameters()], full):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-7)
 
 
 def _grads_into(model, batch, n_labels):
@@ -184,14 +171,13 @@ def _grads_into(model, batch, n_labels):
 
 def test_two_workers_two_micro_batches_each_give_the_full_batchs_gradient():
     """As above across two DDP ranks (gloo): the step's label count is summed over the ranks."""
-    import torch.multiprocessing as mp
     from transformers import AutoModelForCausalLM
 
-    from conftest import free_port, tiny_llama_config
+    from conftest import spawn_gloo_ranks, tiny_llama_config
 
     torch.manual_seed(0)
     full = _grads(AutoModelForCausalLM.from_config(tiny_llama_config(vocab_size=97)), [_response_rows()], None, 1.0)
-    mp.spawn(_two_ranks, args=(free_port(), full), nprocs=2, join=True)
+    spawn_gloo_ranks(_two_ranks, full)
 
 
 @pytest.mark.parametrize("tied", [True, False])
