@@ -85,7 +85,10 @@ class _FusedLogits:
         assert self.grad_hidden is not None and self.grad_weight is not None
         vocab, g = self.head.vocab_size, grad.to(self.weight.dtype)
         self.grad_hidden[rows] = (g @ self.weight).to(self.grad_hidden.dtype)
-        self.grad_weight[:vocab] += (g.T @ self.hidden[rows]).to(self.grad_weight.dtype)
+        if self.grad_weight.dtype == g.dtype:  # in place: no [vocab, hidden] temporary per chunk
+            self.grad_weight[:vocab].addmm_(g.T, self.hidden[rows])
+        else:
+            self.grad_weight[:vocab] += (g.T @ self.hidden[rows]).to(self.grad_weight.dtype)
         if self.grad_bias is not None:
             self.grad_bias[:vocab] += grad.sum(0).to(self.grad_bias.dtype)
 
