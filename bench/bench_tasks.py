@@ -121,7 +121,8 @@ def main(argv=None) -> dict:
                                                      "the overrides after -- changed")
     parser.add_argument("--log", default=str(Path(__file__).with_name("results") / "tasks-runs.jsonl"))
     parser.add_argument("--out", help="keep the runs here (default: a temporary folder): a rerun skips the stages "
-                                      "and arms that finished")
+                                      "and arms that finished, whatever overrides they ran with, so give a run "
+                                      "under other overrides (--label) a DIR of its own")
     parser.add_argument("--table-from-log", action="store_true",
                         help="run nothing: the table of the latest logged row of each task, arm and seed")
     parser.add_argument("overrides", nargs="*", help="after --: any distill override for every run")
